@@ -1,0 +1,33 @@
+"""jaxpaged: paged KV caches for LLM inference in JAX, as pure functions on a pytree."""
+
+from jaxpaged._src.cache import PagedKVCache
+from jaxpaged._src.cache import check_extend
+from jaxpaged._src.cache import check_fork
+from jaxpaged._src.cache import extend
+from jaxpaged._src.cache import fork
+from jaxpaged._src.cache import gather_kv
+from jaxpaged._src.cache import init_cache
+from jaxpaged._src.cache import num_free_pages
+from jaxpaged._src.cache import num_used_pages
+from jaxpaged._src.cache import release
+from jaxpaged._src.spec import CacheSpec
+from jaxpaged._src.spec import JaxPagedError
+from jaxpaged._src.write_kv import write_kv
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "CacheSpec",
+    "JaxPagedError",
+    "PagedKVCache",
+    "check_extend",
+    "check_fork",
+    "extend",
+    "fork",
+    "gather_kv",
+    "init_cache",
+    "num_free_pages",
+    "num_used_pages",
+    "release",
+    "write_kv",
+)

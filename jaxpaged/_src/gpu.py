@@ -1,0 +1,43 @@
+"""Where every kernel picks its GPU backend and implementation (one place to change them).
+
+Backend: Pallas Triton (see `jaxpaged._src.write_kv` for why). JAX 0.11+ warns that it is
+deprecated; that warning is expected and silenced here for jaxpaged's own kernels only.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+
+from jaxpaged._src.spec import JaxPagedError
+
+IMPLS = ("auto", "xla", "pallas")
+
+# JAX >= 0.11 warns on every Triton lowering; the choice is deliberate and documented.
+warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
+
+
+def resolve_impl(impl: str) -> str:
+  """``"auto"`` means the Pallas kernel on GPU and the XLA path everywhere else."""
+  if impl not in IMPLS:
+    raise JaxPagedError(f"impl must be one of {IMPLS}, got {impl!r}.")
+  if impl == "auto":
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+  return impl
+
+
+def compiler_params(**kwargs):
+  """Triton compiler parameters (num_warps, num_stages) for `pl.pallas_call`."""
+  from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
+  return pltriton.CompilerParams(**kwargs)
+
+
+def pow2_chunks(n: int) -> list[tuple[int, int]]:
+  """Splits ``range(n)`` into power-of-two (start, size) pieces, largest first: 80 -> 64 + 16."""
+  chunks, start = [], 0
+  for bit in reversed(range(n.bit_length())):
+    if n >> bit & 1:
+      chunks.append((start, 1 << bit))
+      start += 1 << bit
+  return chunks

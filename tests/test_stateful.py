@@ -1,0 +1,241 @@
+"""Model-based test: long random runs of extend/write/fork/release against a pure-Python model.
+
+The model knows nothing of page tables or free stacks: a sequence is a list of page objects and a
+list of written token values; pages are shared only by forking, copied on write when a shared,
+partly filled page is appended to (rows in call order, the last sharer keeping the page), and
+counted as free when no sequence holds them. After every step the cache must agree with it.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import event
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import jaxpaged as jp
+
+SPEC = jp.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=2, page_size=3, num_pages=9,
+                    max_seqs=5, max_pages_per_seq=4)
+ROWS, NUM_SLOTS, FORK_ROWS, RELEASE_ROWS = 3, 8, 2, 2  # fixed call shapes: nothing recompiles
+# Head/dim offsets and a per-layer offset make a token written to the wrong head, element or layer
+# show up as a wrong value.
+OFFSETS = np.array([[0.25, 0.5], [0.75, 0.875]], np.float32)
+LAYER_STEP = 1000.0
+
+# Most calls are valid (distinct ids, small counts) so runs go deep: they grow sequences to
+# capacity, exhaust the pool and share pages. One call in four carries one kind of bad input.
+CORRUPTIONS = [None, None, None, "bad_id", "padding", "duplicate", "negative", "huge"]
+
+
+def _corrupt(data, ids, counts):
+  kind = data.draw(st.sampled_from(CORRUPTIONS))
+  row = data.draw(st.integers(0, len(ids) - 1))
+  if kind == "bad_id":
+    ids[row] = data.draw(st.sampled_from([-2, SPEC.max_seqs]))
+  elif kind == "padding":
+    ids[row] = -1
+  elif kind == "duplicate":
+    ids[row] = ids[(row + 1) % len(ids)]
+  elif kind == "negative" and counts is not None:
+    counts[row] = -1
+  elif kind == "huge" and counts is not None:
+    counts[row] = data.draw(st.sampled_from([NUM_SLOTS, SPEC.max_seq_len + 1]))
+  return ids, counts
+
+
+def _distinct_ids(data, n, pool=range(SPEC.max_seqs)):
+  return list(data.draw(st.permutations(list(pool)))[:n])
+
+
+class Page:
+  """A physical page as the model sees it: identity only."""
+
+
+class PagedCacheMachine(RuleBasedStateMachine):
+
+  def __init__(self):
+    super().__init__()
+    self.cache = jp.init_cache(SPEC)
+    self.pages = {s: [] for s in range(SPEC.max_seqs)}  # seq -> [Page] by logical index
+    self.tokens = {s: [] for s in range(SPEC.max_seqs)}  # seq -> [value] by position
+    self.next_value = 1.0
+
+  # --------------------------------------------------------------------------- model
+
+  def _used_pages(self, pages=None):
+    pages = self.pages if pages is None else pages
+    return {id(p) for held in pages.values() for p in held}
+
+  def _plan_extend(self, ids, counts):
+    """The model's answer: new page lists, or None if the call must be refused."""
+    live = [(s, n) for s, n in zip(ids, counts) if s != -1]
+    if any(not 0 <= s < SPEC.max_seqs for s, _ in live):
+      return None
+    if len({s for s, _ in live}) != len(live) or any(n < 0 for _, n in live):
+      return None
+    if any(len(self.tokens[s]) + n > SPEC.max_seq_len for s, n in live):
+      return None
+    if sum(n for _, n in live) > NUM_SLOTS:
+      return None
+    pages = {s: list(held) for s, held in self.pages.items()}
+    ps = SPEC.page_size
+    for s, n in live:
+      length = len(self.tokens[s])
+      if n and length % ps:
+        last = pages[s][-1]
+        if sum(p is last for held in pages.values() for p in held) > 1:
+          pages[s][-1] = Page()  # copy-on-write
+          event("copy-on-write")
+      pages[s] += [Page() for _ in range(-(-(length + n) // ps) - -(-length // ps))]
+    if len(self._used_pages(pages)) > SPEC.num_pages:
+      return None
+    return pages
+
+  def _snapshot(self):
+    return jax.tree.map(np.asarray, self.cache)
+
+  def _assert_unchanged(self, before):
+    jax.tree.map(np.testing.assert_array_equal, self._snapshot(), before)
+
+  # --------------------------------------------------------------------------- rules
+
+  @rule(data=st.data(), impl=st.sampled_from(["xla", "xla", "pallas"]))
+  def extend_and_write(self, data, impl):
+    ids = _distinct_ids(data, ROWS)
+    counts = data.draw(st.lists(st.integers(0, 4), min_size=ROWS, max_size=ROWS))
+    self._extend_and_write(*_corrupt(data, ids, counts), impl)
+
+  def _extend_and_write(self, ids, counts, impl):
+    planned = self._plan_extend(ids, counts)
+    before = self._snapshot()
+    self.cache, slots, ok = jp.extend(self.cache, jnp.array(ids, jnp.int32),
+                                      jnp.array(counts, jnp.int32), num_slots=NUM_SLOTS)
+    assert bool(ok) == (planned is not None), (ids, counts)
+    event(f"extend {'ok' if ok else 'refused'}")
+    if planned is None:
+      self._assert_unchanged(before)
+      assert (np.asarray(slots) == -1).all()
+      return
+    self.pages = planned
+    values = np.zeros(NUM_SLOTS, np.float32)
+    t = 0
+    for s, n in zip(ids, counts):
+      if s != -1:
+        for _ in range(n):
+          values[t] = self.next_value
+          self.tokens[s].append(self.next_value)
+          self.next_value += 1
+          t += 1
+    for layer in range(SPEC.num_layers):
+      k = values[:, None, None] + OFFSETS + layer * LAYER_STEP
+      self.cache = jp.write_kv(self.cache, layer, jnp.asarray(k), jnp.asarray(-k), slots,
+                               impl=impl, interpret=True)
+
+  @rule(data=st.data())
+  def fork(self, data):
+    # Usually live sources into distinct empty destinations.
+    busy = [s for s in range(SPEC.max_seqs) if self.tokens[s]] or [0]
+    empty = [s for s in range(SPEC.max_seqs) if not self.tokens[s]]
+    dst = (_distinct_ids(data, FORK_ROWS, empty) if len(empty) >= FORK_ROWS
+           else _distinct_ids(data, FORK_ROWS))
+    src = [data.draw(st.sampled_from(busy)) for _ in range(FORK_ROWS)]
+    if data.draw(st.booleans()):
+      dst, _ = _corrupt(data, dst, None)
+    if data.draw(st.integers(0, 7)) == 0:
+      src[0] = data.draw(st.sampled_from([-2, -1, SPEC.max_seqs]))
+    pairs = list(zip(src, dst))
+    live = [(src, dst) for src, dst in pairs if dst != -1]
+    valid = (all(0 <= src < SPEC.max_seqs and 0 <= dst < SPEC.max_seqs for src, dst in live)
+             and len({dst for _, dst in live}) == len(live)
+             and all(not self.tokens[dst] for _, dst in live))
+    before = self._snapshot()
+    self.cache, ok = jp.fork(self.cache, jnp.array([p[0] for p in pairs], jnp.int32),
+                             jnp.array([p[1] for p in pairs], jnp.int32))
+    assert bool(ok) == valid, pairs
+    event(f"fork {'ok' if ok else 'refused'}")
+    if not valid:
+      self._assert_unchanged(before)
+      return
+    # Every source is read before any destination is written (a row may fork from another
+    # row's destination and gets its state from before the call).
+    copies = [(dst, list(self.pages[src]), list(self.tokens[src])) for src, dst in live]
+    for dst, pages, tokens in copies:
+      self.pages[dst], self.tokens[dst] = pages, tokens
+
+  def _sharers_of_partial_pages(self):
+    """Groups of sequences whose last, partly filled page is one shared page."""
+    groups = {}
+    for s, held in self.pages.items():
+      if held and len(self.tokens[s]) % SPEC.page_size:
+        groups.setdefault(id(held[-1]), []).append(s)
+    return [g for g in groups.values() if len(g) > 1]
+
+  @precondition(lambda self: self._sharers_of_partial_pages())
+  @rule(data=st.data())
+  def sharers_append_together(self, data):
+    """All sequences sharing one partly filled page append in one call (copy-on-write race)."""
+    group = data.draw(st.sampled_from(self._sharers_of_partial_pages()))[:ROWS]
+    rows = [(s, data.draw(st.integers(1, 2))) for s in group]
+    rows += [(-1, 0)] * (ROWS - len(rows))
+    self._extend_and_write([r[0] for r in rows], [r[1] for r in rows], "xla")
+
+  @rule(ids=st.lists(st.integers(-2, SPEC.max_seqs), min_size=RELEASE_ROWS,
+                     max_size=RELEASE_ROWS))
+  def release(self, ids):
+    if any(len(self.pages[s]) and any(p in held for t, held in self.pages.items() if t != s
+                                      for p in self.pages[s]) for s in ids if 0 <= s < SPEC.max_seqs):
+      event("release of a sequence with shared pages")
+    self.cache = jp.release(self.cache, jnp.array(ids, jnp.int32))
+    for s in ids:
+      if 0 <= s < SPEC.max_seqs:
+        self.pages[s], self.tokens[s] = [], []
+
+  @precondition(lambda self: len(self._used_pages()) >= SPEC.num_pages - 1)
+  @rule()
+  def release_everything_leaks_nothing(self):
+    self.cache = jp.release(self.cache, jnp.arange(SPEC.max_seqs, dtype=jnp.int32))
+    self.pages = {s: [] for s in self.pages}
+    self.tokens = {s: [] for s in self.tokens}
+    assert int(jp.num_free_pages(self.cache)) == SPEC.num_pages
+    assert (np.asarray(self.cache.ref_counts) == 0).all()
+
+  # --------------------------------------------------------------------------- invariants
+
+  @invariant()
+  def pages_match_the_model(self):
+    table = np.asarray(self.cache.page_table)
+    ref_counts = np.asarray(self.cache.ref_counts)
+    lens = np.asarray(self.cache.seq_lens)
+    physical_of, model_of = {}, {}
+    for s in range(SPEC.max_seqs):
+      assert lens[s] == len(self.tokens[s])
+      held = self.pages[s]
+      assert (table[s, :len(held)] >= 0).all() and (table[s, len(held):] == -1).all()
+      for page, physical in zip(held, table[s]):
+        # One model page is one physical page and vice versa: no page is owned twice.
+        assert physical_of.setdefault(id(page), physical) == physical
+        assert model_of.setdefault(int(physical), id(page)) == id(page)
+    referring = np.bincount(table[table >= 0], minlength=SPEC.num_pages)
+    np.testing.assert_array_equal(ref_counts, referring)
+    num_free = int(self.cache.num_free)
+    free = np.asarray(self.cache.free_pages)[:num_free]
+    assert len(set(free.tolist())) == num_free  # no page on the free stack twice
+    assert set(free.tolist()) == set(np.flatnonzero(ref_counts == 0).tolist())
+    assert num_free + len(self._used_pages()) == SPEC.num_pages
+    assert int(jp.num_used_pages(self.cache)) == len(self._used_pages())
+
+  @invariant()
+  def gathered_kv_is_what_was_written(self):
+    for s in range(SPEC.max_seqs):
+      n = len(self.tokens[s])
+      for layer in range(SPEC.num_layers):
+        k, v = jp.gather_kv(self.cache, layer, s)
+        expected = (np.array(self.tokens[s], np.float32)[:, None, None] + OFFSETS
+                    + layer * LAYER_STEP)
+        np.testing.assert_array_equal(np.asarray(k)[:n], expected)
+        np.testing.assert_array_equal(np.asarray(v)[:n], -expected)
+
+
+
+TestPagedCache = PagedCacheMachine.TestCase
