@@ -1,5 +1,8 @@
 """jaxpaged: paged KV caches for LLM inference in JAX, as pure functions on a pytree."""
 
+from jaxpaged import ops
+from jaxpaged._src.attention import paged_attention
+from jaxpaged._src.attention import ragged_paged_attention
 from jaxpaged._src.cache import PagedKVCache
 from jaxpaged._src.cache import check_extend
 from jaxpaged._src.cache import check_fork
@@ -28,6 +31,9 @@ __all__ = (
     "init_cache",
     "num_free_pages",
     "num_used_pages",
+    "ops",
+    "paged_attention",
+    "ragged_paged_attention",
     "release",
     "write_kv",
 )

@@ -34,3 +34,56 @@ def lower_for_cuda(fn, *args, **kwargs) -> str:
 
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def random_cache(spec, lengths, seed=0, fill=None):
+  """A cache holding sequences 0..len(lengths)-1 of those lengths, on randomly permuted pages,
+  with random K/V (or `fill` everywhere)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jaxpaged as jp  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  cache = jp.init_cache(spec)
+  cache = dataclasses.replace(cache, free_pages=jnp.asarray(
+      rng.permutation(spec.num_pages).astype(np.int32)))
+  cache, _, ok = jp.extend(cache, jnp.arange(len(lengths)), jnp.asarray(lengths),
+                           num_slots=max(sum(lengths), 1))
+  assert bool(ok)
+
+  def pool():
+    values = rng.normal(size=spec.pages_shape) if fill is None else np.full(spec.pages_shape, fill)
+    return jnp.asarray(values, spec.dtype)
+
+  return dataclasses.replace(cache, k_pages=pool(), v_pages=pool())
+
+
+def numpy_attention(cache, layer, seq, q, positions, *, sm_scale=None, soft_cap=None,
+                    sliding_window=None):
+  """float64 oracle on the sequence's contiguous K/V (from gather_kv): q [n, Hq, D] at
+  `positions`, each attending causally to the sequence's tokens."""
+  import jaxpaged as jp  # pylint: disable=g-import-not-at-top
+  k, v = (np.asarray(x, np.float64) for x in jp.gather_kv(cache, layer, seq))
+  length = int(cache.seq_lens[seq])
+  num_kv_heads, head_dim = k.shape[1:]
+  scale = head_dim ** -0.5 if sm_scale is None else sm_scale
+  out = np.zeros(q.shape, np.float64)
+  for i, position in enumerate(positions):
+    keys = np.arange(length)
+    visible = keys <= position
+    if sliding_window:
+      visible &= keys > position - sliding_window
+    if position < 0 or not visible.any():
+      continue
+    qi = np.asarray(q[i], np.float64).reshape(num_kv_heads, -1, head_dim)
+    s = np.einsum("hgd,shd->hgs", qi, k[keys[visible]]) * scale
+    if soft_cap:
+      s = soft_cap * np.tanh(s / soft_cap)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    out[i] = np.einsum("hgs,shd->hgd", w, v[keys[visible]]).reshape(q.shape[1:])
+  return out
+
+
+# Tolerance per K/V dtype: outputs are averages of V rows, computed in float32 from inputs rounded
+# to the cache dtype (q is rounded the same way by the kernels).
+ATOL = {"float32": 2e-5, "bfloat16": 3e-2, "float16": 4e-3}

@@ -24,3 +24,22 @@ def test_write_kv_kernel_lowers_for_cuda(dtype, head_dim):
   write = functools.partial(jp.write_kv, impl="pallas")
   hlo = lower_for_cuda(write, cache, 1, kv, kv, slots, donate_argnums=0)
   assert TRITON_CALL in hlo
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_attention_kernel_lowers_for_cuda(dtype, head_dim, ragged):
+  spec = jp.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=head_dim, page_size=16,
+                      num_pages=128, max_seqs=4, max_pages_per_seq=64, dtype=dtype)
+  cache = jax.eval_shape(jp.init_cache, spec)
+  ids = jax.ShapeDtypeStruct((4,), jnp.int32)
+  if ragged:
+    q = jax.ShapeDtypeStruct((64, 8, head_dim), dtype)
+    attend = functools.partial(jp.ragged_paged_attention, impl="pallas", sliding_window=128,
+                               soft_cap=30.0)
+    hlo = lower_for_cuda(attend, q, cache, 1, ids, ids)
+  else:
+    q = jax.ShapeDtypeStruct((4, 8, head_dim), dtype)
+    hlo = lower_for_cuda(functools.partial(jp.paged_attention, impl="pallas"), q, cache, 1, ids)
+  assert TRITON_CALL in hlo

@@ -33,6 +33,12 @@ def compiler_params(**kwargs):
   return pltriton.CompilerParams(**kwargs)
 
 
+def dot(a, b, *, trans_b=False):
+  """A Triton dot (float32 result) without TF32 rounding of float32 inputs."""
+  from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
+  return pltriton.dot(a, b, trans_b=trans_b, allow_tf32=False)
+
+
 def pow2_chunks(n: int) -> list[tuple[int, int]]:
   """Splits ``range(n)`` into power-of-two (start, size) pieces, largest first: 80 -> 64 + 16."""
   chunks, start = [], 0

@@ -1,0 +1,480 @@
+"""Paged attention: decode and ragged (chunked-prefill) attention over the page pool.
+
+One formulation serves both: queries are grouped into **query blocks**, each holding up to
+``q_block`` consecutive new tokens of one sequence (decode: one token, one block per row). A
+block attends to its sequence's pages, causally: the query at position ``p`` sees keys at
+positions ``k <= p`` (and ``k > p - sliding_window``). Both implementations consume the same
+block description:
+
+- the XLA path (CPU, and GPU fallback) loops over chunks of KV pages with an online softmax.
+  The loop's trip count is the longest sequence in the batch, not ``max_pages_per_seq``. Each
+  step gathers one chunk of pages for every block into ``[kv_heads, blocks, tokens, head_dim]``
+  and contracts with ``einsum`` in the orientation measured fastest on XLA:CPU (see the README);
+- the Pallas GPU kernel (Triton, see `jaxpaged._src.gpu` for the backend choice) runs one
+  program per (query block, KV head, split) — flash-decoding: a long context is split across
+  programs whose partial softmax states are merged afterwards.
+
+Both mask values read from outside a sequence (pages that are not its own are never trusted:
+their scores are -inf and their V rows zero, so even NaN there cannot reach the output).
+Softmax and accumulation run in float32 whatever the K/V dtype.
+
+`attention_reference` is the plain-``jnp`` statement of the same math on contiguous K/V.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from jaxpaged._src import gpu
+from jaxpaged._src.cache import _check_cache, check_layer
+from jaxpaged._src.spec import JaxPagedError
+
+
+# ----------------------------------------------------------------------------- query blocks
+
+def _decode_blocks(kv_lens):
+  """Decode: block b is row b's single query, at the last cached position."""
+  num_rows = kv_lens.shape[0]
+  return dict(row=jnp.arange(num_rows, dtype=jnp.int32),
+              token=jnp.arange(num_rows, dtype=jnp.int32)[:, None],  # [NB, 1] index into q
+              position=(kv_lens - 1)[:, None])  # [NB, 1]; -1 = no query (empty sequence)
+
+
+def _ragged_blocks(kv_lens, q_lens, num_tokens: int, q_block: int):
+  """Splits each row's ``q_lens`` new tokens (rows concatenated in ``q``) into query blocks.
+
+  Returns ``row [NB]``, ``token [NB, q_block]`` (index into the flat q, or num_tokens for an
+  empty slot) and ``position [NB, q_block]`` (the token's position in its sequence, -1 if empty).
+  ``NB = cdiv(num_tokens, q_block) + num_rows`` bounds the blocks of any split.
+  """
+  num_rows = q_lens.shape[0]
+  num_blocks = -(-num_tokens // q_block) + num_rows
+  per_row = -(-q_lens // q_block)
+  block_end = jnp.cumsum(per_row)
+  block = jnp.arange(num_blocks)
+  row = jnp.minimum(jnp.searchsorted(block_end, block, side="right"), num_rows - 1)
+  in_row = block - (block_end[row] - per_row[row])  # block index within its row
+  offset = in_row[:, None] * q_block + jnp.arange(q_block)  # [NB, q_block] token within row
+  valid = (block < block_end[-1])[:, None] & (offset < q_lens[row][:, None])
+  row_start = (jnp.cumsum(q_lens) - q_lens)[row][:, None]
+  token = jnp.where(valid, row_start + offset, num_tokens)
+  position = jnp.where(valid, (kv_lens - q_lens)[row][:, None] + offset, -1)
+  return dict(row=row.astype(jnp.int32), token=token.astype(jnp.int32),
+              position=position.astype(jnp.int32))
+
+
+# ----------------------------------------------------------------------------- XLA path
+
+def _attention_xla(q, k_pages, v_pages, layer, page_table, kv_lens, blocks, *, sm_scale,
+                   soft_cap, sliding_window, kv_block_tokens):
+  """q: [NB, qb, Hq, D] gathered query blocks. Returns [NB, qb, Hq, D] float32."""
+  num_blocks, q_block, num_q_heads, head_dim = q.shape
+  _, num_kv_heads, num_pages, page_size, _ = k_pages.shape
+  group = num_q_heads // num_kv_heads
+  chunk_pages = max(1, min(kv_block_tokens // page_size, page_table.shape[1]))
+  chunk = chunk_pages * page_size
+  # [Hkv, NB, group * qb, D]: every query row of one KV head, for one dot per chunk.
+  q = q.reshape(num_blocks, q_block, num_kv_heads, group, head_dim).astype(jnp.float32)
+  q = jnp.transpose(q, (2, 0, 3, 1, 4)).reshape(num_kv_heads, num_blocks, group * q_block,
+                                                 head_dim) * sm_scale
+  position = jnp.tile(blocks["position"], (1, group))  # [NB, group * qb], head-major like q
+  rows = page_table[blocks["row"]]  # [NB, max_pages_per_seq]
+  block_kv_len = kv_lens[blocks["row"]]
+  last = jnp.max(position, axis=1)  # newest query of each block; -1: no query
+  first = jnp.min(jnp.where(position >= 0, position, jnp.iinfo(jnp.int32).max), axis=1)
+  seen_from = jnp.maximum(first - sliding_window + 1, 0) if sliding_window else 0
+  live = last >= 0
+  lo = jnp.min(jnp.where(live, seen_from // chunk, jnp.iinfo(jnp.int32).max))
+  hi = jnp.max(jnp.where(live, last // chunk + 1, 0))
+  padded = jnp.pad(rows, ((0, 0), (0, chunk_pages)), constant_values=-1)
+
+  def body(c, carry):
+    m, l, acc = carry
+    pages = jax.lax.dynamic_slice_in_dim(padded, c * chunk_pages, chunk_pages, axis=1)
+    safe = jnp.clip(pages, 0, num_pages - 1)
+    key_pos = c * chunk + jnp.arange(chunk)  # [chunk]
+    key_ok = (jnp.repeat(pages >= 0, page_size, axis=1)
+              & (key_pos[None] < block_kv_len[:, None]))  # [NB, chunk]
+    k = k_pages[layer][:, safe].reshape(num_kv_heads, num_blocks, chunk, head_dim)
+    v = v_pages[layer][:, safe].reshape(num_kv_heads, num_blocks, chunk, head_dim)
+    v = jnp.where(key_ok[None, :, :, None], v, 0).astype(jnp.float32)
+    s = jnp.einsum("hnqd,hnsd->hnqs", q, k.astype(jnp.float32))
+    if soft_cap is not None:
+      s = soft_cap * jnp.tanh(s / soft_cap)
+    visible = key_ok[:, None, :] & (key_pos[None, None, :] <= position[:, :, None])
+    if sliding_window:
+      visible &= key_pos[None, None, :] > position[:, :, None] - sliding_window
+    s = jnp.where(visible[None], s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that have seen nothing yet
+    p = jnp.exp(s - m_safe[..., None])
+    correction = jnp.exp(m - m_safe)
+    acc = acc * correction[..., None] + jnp.einsum("hnqs,hnsd->hnqd", p, v)
+    return m_new, l * correction + jnp.sum(p, axis=-1), acc
+
+  shape = (num_kv_heads, num_blocks, group * q_block)
+  init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+          jnp.zeros(shape + (head_dim,), jnp.float32))
+  _, l, acc = jax.lax.fori_loop(lo, jnp.maximum(hi, lo), body, init)
+  out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+  out = out.reshape(num_kv_heads, num_blocks, group, q_block, head_dim)
+  return jnp.transpose(out, (1, 3, 0, 2, 4)).reshape(num_blocks, q_block, num_q_heads, head_dim)
+
+
+# ----------------------------------------------------------------------------- Pallas kernel
+
+def _attention_kernel(
+    layer_ref,  # [1] int32
+    block_row_ref,  # [NB] int32: batch row of each query block
+    position_ref,  # [NB, R] int32: position of each query row, -1 for none
+    page_table_ref,  # [B, max_pages_per_seq] int32
+    kv_lens_ref,  # [B] int32
+    q_ref,  # [NB, Hkv, R, Dp]: R = group * q_block rows, padded; Dp = head_dim padded
+    k_pages_ref,  # [L, Hkv, P, page_size, head_dim]
+    v_pages_ref,  # [L, Hkv, P, page_size, head_dim]
+    acc_ref,  # [NB, Hkv, S, R, Dp] float32: unnormalised output of each split
+    m_ref,  # [NB, Hkv, S, R] float32: running max of each split
+    l_ref,  # [NB, Hkv, S, R] float32: softmax denominator of each split
+    *, pages_per_split: int, sm_scale: float, soft_cap: float | None,
+    sliding_window: int | None):
+  """Flash-decoding over one split of one block's pages, one page per step."""
+  n, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  _, _, num_pages, page_size, head_dim = k_pages_ref.shape
+  rows = q_ref.shape[2]
+  layer = layer_ref[0]
+  row = block_row_ref[n]
+  kv_len = kv_lens_ref[row]
+  position = position_ref[n, :]  # [R]
+  last = jnp.max(position)
+  first = jnp.min(jnp.where(position >= 0, position, jnp.iinfo(jnp.int32).max))
+  start = split * pages_per_split
+  lo = jnp.maximum(start, jnp.maximum(first - sliding_window + 1, 0) // page_size
+                   if sliding_window else start)
+  hi = jnp.minimum(start + pages_per_split, last // page_size + 1)
+  chunks = gpu.pow2_chunks(head_dim)
+  q = [q_ref[n, h, :, pl.ds(d0, dc)] for d0, dc in chunks]  # each [R, dc]
+
+  def body(j, carry):
+    m, l, acc = carry
+    page = jnp.clip(page_table_ref[row, j], 0, num_pages - 1)
+    page_ok = page_table_ref[row, j] >= 0
+    key_pos = j * page_size + jnp.arange(page_size)
+    key_ok = page_ok & (key_pos < kv_len)  # [ps]
+    s = jnp.zeros((rows, page_size), jnp.float32)
+    for qc, (d0, dc) in zip(q, chunks):
+      k = k_pages_ref[layer, h, page, :, pl.ds(d0, dc)]  # [ps, dc]
+      s += gpu.dot(qc.astype(k.dtype), k, trans_b=True)
+    s *= sm_scale
+    if soft_cap is not None:
+      s = soft_cap * jnp.tanh(s / soft_cap)
+    visible = key_ok[None, :] & (key_pos[None, :] <= position[:, None])
+    if sliding_window:
+      visible &= key_pos[None, :] > position[:, None] - sliding_window
+    s = jnp.where(visible, s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - m_safe[:, None])
+    correction = jnp.exp(m - m_safe)
+    new_acc = []
+    for a, (d0, dc) in zip(acc, chunks):
+      v = v_pages_ref[layer, h, page, :, pl.ds(d0, dc)]  # [ps, dc]
+      v = jnp.where(key_ok[:, None], v, jnp.zeros_like(v))  # foreign rows never reach the output
+      new_acc.append(a * correction[:, None]
+                     + gpu.dot(p.astype(v.dtype), v))
+    return m_new, l * correction + jnp.sum(p, axis=1), tuple(new_acc)
+
+  init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
+          tuple(jnp.zeros((rows, dc), jnp.float32) for _, dc in chunks))
+  m, l, acc = jax.lax.fori_loop(lo, jnp.maximum(hi, lo), body, init)
+  for a, (d0, dc) in zip(acc, chunks):
+    acc_ref[n, h, split, :, pl.ds(d0, dc)] = a
+  m_ref[n, h, split, :] = m
+  l_ref[n, h, split, :] = l
+
+
+def _pallas_supported(page_size: int, head_dim: int) -> str | None:
+  """Why the Triton kernel cannot take these shapes (Triton dots need power-of-two >= 16)."""
+  if page_size < 16 or page_size & (page_size - 1):
+    return f"page_size must be a power of two >= 16 for the Pallas kernel, got {page_size}"
+  if head_dim % 16:
+    return f"head_dim must be a multiple of 16 for the Pallas kernel, got {head_dim}"
+  return None
+
+
+def _attention_pallas(q, k_pages, v_pages, layer, page_table, kv_lens, blocks, *, sm_scale,
+                      soft_cap, sliding_window, num_splits, interpret):
+  """q: [NB, qb, Hq, D] query blocks. Returns [NB, qb, Hq, D] float32."""
+  num_blocks, q_block, num_q_heads, head_dim = q.shape
+  _, num_kv_heads, _, page_size, _ = k_pages.shape
+  group = num_q_heads // num_kv_heads
+  rows = max(16, 1 << (group * q_block - 1).bit_length())  # Triton dots need >= 16 rows
+  padded_dim = 1 << (head_dim - 1).bit_length()
+  q = q.reshape(num_blocks, q_block, num_kv_heads, group, head_dim)
+  q = jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(num_blocks, num_kv_heads, group * q_block,
+                                                 head_dim)
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - group * q_block), (0, padded_dim - head_dim)))
+  position = jnp.pad(jnp.tile(blocks["position"], (1, group)),
+                     ((0, 0), (0, rows - group * q_block)), constant_values=-1)
+  max_pages = page_table.shape[1]
+  pages_per_split = -(-max_pages // num_splits)
+  kernel = functools.partial(_attention_kernel, pages_per_split=pages_per_split,
+                             sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
+  partial_shape = (num_blocks, num_kv_heads, num_splits, rows)
+  acc, m, l = pl.pallas_call(
+      kernel,
+      grid=(num_blocks, num_kv_heads, num_splits),
+      out_shape=(jax.ShapeDtypeStruct(partial_shape + (padded_dim,), jnp.float32),
+                 jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+                 jax.ShapeDtypeStruct(partial_shape, jnp.float32)),
+      compiler_params=gpu.compiler_params(num_warps=4, num_stages=2),
+      interpret=interpret,
+      name="jaxpaged_paged_attention",
+  )(layer.reshape(1), blocks["row"], position, page_table, kv_lens, q, k_pages, v_pages)
+  # Merge the splits' partial softmax states.
+  m_max = jnp.max(m, axis=2, keepdims=True)
+  m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+  weight = jnp.exp(m - m_max)  # [NB, Hkv, S, R]
+  l = jnp.sum(l * weight, axis=2)
+  acc = jnp.sum(acc * weight[..., None], axis=2)
+  out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+  out = out[:, :, :group * q_block, :head_dim].reshape(num_blocks, num_kv_heads, group, q_block,
+                                                         head_dim)
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(num_blocks, q_block, num_q_heads, head_dim)
+
+
+# ----------------------------------------------------------------------------- reference
+
+def ragged_paged_attention_reference(q, k_pages, v_pages, page_table, kv_lens, q_lens, *,
+                                     sm_scale=None, soft_cap=None, sliding_window=None):
+  """Plain-``jnp`` ragged paged attention, one query token at a time on contiguous K/V.
+
+  Shapes as `jaxpaged.ops.ragged_paged_attention`; float32 math. For tests and small inputs.
+  """
+  num_tokens, num_q_heads, head_dim = q.shape
+  num_kv_heads, _, page_size, _ = k_pages.shape
+  group = num_q_heads // num_kv_heads
+  sm_scale = head_dim ** -0.5 if sm_scale is None else sm_scale
+  ends = jnp.cumsum(q_lens)
+  t = jnp.arange(num_tokens)
+  row = jnp.minimum(jnp.searchsorted(ends, t, side="right"), q_lens.shape[0] - 1)
+  position = kv_lens[row] - (ends[row] - t)
+  valid = t < ends[-1]
+
+  def one(q_t, row, position):
+    pages = jnp.clip(page_table[row], 0)
+    k = k_pages[:, pages].reshape(num_kv_heads, -1, head_dim)  # [H, S, D]
+    v = v_pages[:, pages].reshape(num_kv_heads, -1, head_dim)
+    key_pos = jnp.arange(k.shape[1])
+    visible = (key_pos <= position) & (key_pos < kv_lens[row])
+    visible &= jnp.repeat(page_table[row] >= 0, page_size)
+    if sliding_window:
+      visible &= key_pos > position - sliding_window
+    q_t = q_t.reshape(num_kv_heads, group, head_dim).astype(jnp.float32)
+    s = jnp.einsum("hgd,hsd->hgs", q_t, k.astype(jnp.float32)) * sm_scale
+    if soft_cap is not None:
+      s = soft_cap * jnp.tanh(s / soft_cap)
+    s = jnp.where(visible, s, -jnp.inf)
+    p = jnp.exp(s - jnp.max(jnp.where(visible, s, 0), axis=-1, keepdims=True))
+    p = jnp.where(visible, p, 0)
+    v = jnp.where(visible[:, None], v.astype(jnp.float32), 0)
+    out = jnp.einsum("hgs,hsd->hgd", p, v) / jnp.maximum(jnp.sum(p, -1), 1e-30)[..., None]
+    return out.reshape(num_q_heads, head_dim)
+
+  out = jax.vmap(one)(q, row, position)
+  return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- public wrappers
+
+def _check_attention_args(q, k_pages, v_pages, kind, sm_scale, soft_cap, sliding_window):
+  """Static checks shared by every entry point; returns the softmax scale."""
+  if k_pages.shape != v_pages.shape or k_pages.ndim != 5:
+    raise JaxPagedError(f"k_pages and v_pages must both be [num_kv_heads, num_pages, page_size, "
+                        f"head_dim], got {k_pages.shape[1:]} and {v_pages.shape[1:]}.")
+  _, num_kv_heads, _, _, head_dim = k_pages.shape
+  if getattr(q, "ndim", None) != 3 or q.shape[2] != head_dim or q.shape[1] % num_kv_heads:
+    raise JaxPagedError(
+        f"q must be [{'batch' if kind == 'decode' else 'tokens'}, num_q_heads, "
+        f"head_dim={head_dim}] with num_q_heads a multiple of num_kv_heads={num_kv_heads}, got "
+        f"{getattr(q, 'shape', type(q).__name__)}; for GQA/MQA give every query head (KV head i "
+        "serves query heads i*group ... (i+1)*group-1).")
+  if not jnp.issubdtype(q.dtype, jnp.floating):
+    raise JaxPagedError(f"q must be a float array, got {q.dtype}.")
+  if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+    raise JaxPagedError(f"sliding_window must be a positive int or None, got {sliding_window!r}.")
+  if soft_cap is not None and not (isinstance(soft_cap, (int, float)) and soft_cap > 0):
+    raise JaxPagedError(f"soft_cap must be a positive float or None, got {soft_cap!r}.")
+  if sm_scale is not None and not isinstance(sm_scale, (int, float)):
+    raise JaxPagedError(f"sm_scale must be a Python float or None, got {sm_scale!r}.")
+  return float(head_dim ** -0.5 if sm_scale is None else sm_scale)
+
+
+def _resolve_impl(impl, k_pages):
+  impl = gpu.resolve_impl(impl)
+  if impl == "pallas":
+    why = _pallas_supported(k_pages.shape[3], k_pages.shape[4])
+    if why:
+      raise JaxPagedError(f"{why}; use impl='xla' for these shapes.")
+  return impl
+
+
+def _default_splits(max_pages: int, page_size: int) -> int:
+  """Flash-decoding splits: about one per 1024 cached tokens, at most 16."""
+  return max(1, min(16, max_pages * page_size // 1024))
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "decode", "q_block", "sm_scale", "soft_cap", "sliding_window", "impl", "interpret",
+    "num_splits", "block_kv"))
+def _attention(q, k_pages, v_pages, layer, page_table, kv_lens, q_lens, *, decode, q_block,
+               sm_scale, soft_cap, sliding_window, impl, interpret, num_splits, block_kv):
+  num_tokens = q.shape[0]
+  if decode:
+    blocks = _decode_blocks(kv_lens)
+    q_blocks = q[:, None]
+  else:
+    blocks = _ragged_blocks(kv_lens, q_lens, num_tokens, q_block)
+    q_blocks = jnp.concatenate([q, jnp.zeros_like(q[:1])])[blocks["token"]]
+  options = dict(sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
+  if impl == "pallas":
+    out = _attention_pallas(q_blocks, k_pages, v_pages, layer, page_table, kv_lens, blocks,
+                            num_splits=num_splits or _default_splits(*page_table.shape[1:2],
+                                                                      k_pages.shape[3]),
+                            interpret=interpret, **options)
+  else:
+    out = _attention_xla(q_blocks, k_pages, v_pages, layer, page_table, kv_lens, blocks,
+                         kv_block_tokens=block_kv, **options)
+  if decode:
+    return out[:, 0].astype(q.dtype)
+  out = jnp.zeros((num_tokens + 1,) + q.shape[1:], out.dtype).at[blocks["token"]].set(out)
+  return out[:num_tokens].astype(q.dtype)
+
+
+def _default_q_block(num_tokens: int, num_rows: int) -> int:
+  """Query tokens per block: 1 for pure decode, up to 16 for prefill chunks."""
+  per_row = max(1, num_tokens // max(num_rows, 1))
+  return min(16, 1 << (per_row - 1).bit_length())
+
+
+def paged_attention_arrays(q, k_pages, v_pages, layer, page_table, kv_lens, *, sm_scale=None,
+                           soft_cap=None, sliding_window=None, impl="auto", interpret=False,
+                           num_splits=None, block_kv=64):
+  """Decode attention on arrays; k_pages/v_pages carry a leading layer axis. See `ops`."""
+  sm_scale = _check_attention_args(q, k_pages, v_pages, "decode", sm_scale, soft_cap,
+                                   sliding_window)
+  _check_tables(page_table, kv_lens, q.shape[0], "batch rows of q")
+  return _attention(q, k_pages, v_pages, layer, page_table, kv_lens, None, decode=True,
+                    q_block=1, sm_scale=sm_scale, soft_cap=soft_cap,
+                    sliding_window=sliding_window, impl=_resolve_impl(impl, k_pages),
+                    interpret=interpret, num_splits=num_splits, block_kv=block_kv)
+
+
+def ragged_paged_attention_arrays(q, k_pages, v_pages, layer, page_table, kv_lens, q_lens, *,
+                                  sm_scale=None, soft_cap=None, sliding_window=None,
+                                  impl="auto", interpret=False, q_block=None, num_splits=None,
+                                  block_kv=64):
+  """Ragged attention on arrays; k_pages/v_pages carry a leading layer axis. See `ops`."""
+  sm_scale = _check_attention_args(q, k_pages, v_pages, "ragged", sm_scale, soft_cap,
+                                   sliding_window)
+  num_rows = _check_tables(page_table, kv_lens, None, "")
+  q_lens = jnp.asarray(q_lens)
+  if q_lens.shape != (num_rows,) or not jnp.issubdtype(q_lens.dtype, jnp.integer):
+    raise JaxPagedError(f"q_lens must be int32[{num_rows}] (new tokens of each row, as given "
+                        f"to extend), got {q_lens.dtype}{list(q_lens.shape)}.")
+  q_block = q_block or _default_q_block(q.shape[0], num_rows)
+  return _attention(q, k_pages, v_pages, layer, page_table, kv_lens, q_lens.astype(jnp.int32),
+                    decode=False, q_block=q_block, sm_scale=sm_scale, soft_cap=soft_cap,
+                    sliding_window=sliding_window, impl=_resolve_impl(impl, k_pages),
+                    interpret=interpret, num_splits=num_splits, block_kv=block_kv)
+
+
+def _check_tables(page_table, kv_lens, num_rows, what):
+  if page_table.ndim != 2 or not jnp.issubdtype(page_table.dtype, jnp.integer):
+    raise JaxPagedError(f"block_tables must be int32[batch, pages_per_seq], got "
+                        f"{page_table.dtype}{list(page_table.shape)}.")
+  if num_rows is not None and page_table.shape[0] != num_rows:
+    raise JaxPagedError(f"block_tables has {page_table.shape[0]} rows but there are {num_rows} "
+                        f"{what}; give one page-table row per sequence.")
+  if kv_lens.shape != (page_table.shape[0],) or not jnp.issubdtype(kv_lens.dtype, jnp.integer):
+    raise JaxPagedError(f"lengths must be int32[{page_table.shape[0]}] (one per block_tables "
+                        f"row), got {kv_lens.dtype}{list(kv_lens.shape)}.")
+  return page_table.shape[0]
+
+
+# ----------------------------------------------------------------------------- on a cache
+
+def _rows_of(cache, seq_ids):
+  """Page-table rows and lengths of a batch's sequences; padding and bad ids see nothing."""
+  seq_ids = jnp.asarray(seq_ids)
+  if seq_ids.ndim != 1 or not jnp.issubdtype(seq_ids.dtype, jnp.integer):
+    raise JaxPagedError(f"seq_ids must be a 1-D integer array, got {seq_ids.dtype}"
+                        f"{list(seq_ids.shape)}.")
+  live = (seq_ids >= 0) & (seq_ids < cache.spec.max_seqs)
+  rows = jnp.where(live, seq_ids, 0)
+  page_table = jnp.where(live[:, None], cache.page_table[rows], -1)
+  return page_table, jnp.where(live, cache.seq_lens[rows], 0)
+
+
+def paged_attention(q, cache, layer, seq_ids, *, sm_scale=None, soft_cap=None,
+                    sliding_window=None, impl="auto", interpret=False, num_splits=None,
+                    block_kv=64):
+  """Decode attention: one query token per sequence over all of its cached tokens.
+
+  Args:
+    q: ``[B, num_q_heads, head_dim]``, the query of each row's newest token, whose K/V must
+      already be written (`extend` then `write_kv`): it sits at position ``seq_len - 1``.
+    cache: the `PagedKVCache`.
+    layer: layer index (Python int, or int32 scalar inside a scan over layers).
+    seq_ids: ``int32[B]``; -1 (padding) and out-of-range ids give zeros.
+    sm_scale: softmax scale, default ``head_dim ** -0.5``.
+    soft_cap: if set, scores become ``soft_cap * tanh(scores / soft_cap)`` (Gemma 2).
+    sliding_window: if set, a query at position ``p`` sees keys in ``(p - window, p]``.
+    impl: ``"auto"`` (Pallas on GPU, XLA elsewhere), ``"xla"`` or ``"pallas"``.
+    interpret: run the Pallas kernel in interpret mode (CPU tests).
+    num_splits: Pallas flash-decoding splits of the context (default: one per ~1k tokens).
+    block_kv: XLA path: KV tokens processed per loop step.
+
+  Returns:
+    ``[B, num_q_heads, head_dim]`` in q's dtype; softmax and accumulation are float32.
+  """
+  spec = _check_cache(cache)
+  layer = check_layer(spec, layer)
+  page_table, kv_lens = _rows_of(cache, seq_ids)
+  return paged_attention_arrays(q, cache.k_pages, cache.v_pages, layer, page_table, kv_lens,
+                                sm_scale=sm_scale, soft_cap=soft_cap,
+                                sliding_window=sliding_window, impl=impl, interpret=interpret,
+                                num_splits=num_splits, block_kv=block_kv)
+
+
+def ragged_paged_attention(q, cache, layer, seq_ids, q_lens, *, sm_scale=None, soft_cap=None,
+                           sliding_window=None, impl="auto", interpret=False, q_block=None,
+                           num_splits=None, block_kv=64):
+  """Attention for a mixed batch of prefill chunks and decode tokens (chunked prefill).
+
+  Row ``b`` brings ``q_lens[b]`` new tokens, already appended to the cache (`extend` with the
+  same counts, then `write_kv`): they are the last ``q_lens[b]`` of its ``seq_len`` tokens. Each
+  attends causally among the new tokens and fully to the sequence's earlier tokens.
+
+  Args:
+    q: ``[T, num_q_heads, head_dim]``, the new tokens of all rows concatenated in row order (the
+      order of `extend`'s slots); entries past ``sum(q_lens)`` are ignored and return zeros.
+    seq_ids, q_lens: ``int32[B]``; padding rows have id -1 and ``q_lens`` 0.
+    q_block: query tokens per block (default: 1 for pure decode, up to 16 for prefill).
+    Other arguments as `paged_attention`.
+
+  Returns:
+    ``[T, num_q_heads, head_dim]`` in q's dtype.
+  """
+  spec = _check_cache(cache)
+  layer = check_layer(spec, layer)
+  page_table, kv_lens = _rows_of(cache, seq_ids)
+  q_lens = jnp.where(jnp.asarray(seq_ids) >= 0, jnp.asarray(q_lens), 0)
+  return ragged_paged_attention_arrays(
+      q, cache.k_pages, cache.v_pages, layer, page_table, kv_lens, q_lens, sm_scale=sm_scale,
+      soft_cap=soft_cap, sliding_window=sliding_window, impl=impl, interpret=interpret,
+      q_block=q_block, num_splits=num_splits, block_kv=block_kv)
