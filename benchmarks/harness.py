@@ -97,15 +97,16 @@ def write_plot(rows: list[Row], path) -> bool:
   ratios = [r for r in rows if r.unit == "x"]
   if not ratios:
     return False
-  fig, ax = plt.subplots(figsize=(9, 0.45 * len(ratios) + 1.2))
+  fig, ax = plt.subplots(figsize=(14, 0.4 * len(ratios) + 1.5))
   labels = [f"{r.benchmark}: {r.name}" for r in ratios]
   colors = ["tab:gray" if r.passed is None else ("tab:green" if r.passed else "tab:red")
             for r in ratios]
   ax.barh(labels, [r.value for r in ratios], color=colors)
+  ax.tick_params(axis="y", labelsize=8)
   ax.axvline(1.0, color="black", lw=0.8)
   ax.set_xscale("log")
   ax.invert_yaxis()
-  ax.set_xlabel("ratio (log scale); green = meets its target, red = misses, gray = reported")
+  ax.set_xlabel("ratio (log scale): green meets its target, red misses it, gray is reported")
   ax.set_title(f"jaxpaged benchmarks (jax {jax.__version__}, {jax.default_backend()})")
   fig.tight_layout()
   fig.savefig(path, dpi=110)

@@ -11,11 +11,13 @@ import argparse
 import pathlib
 import sys
 
+from benchmarks import bench_attention
 from benchmarks import bench_cache
 from benchmarks import harness
 
 BENCHMARKS = {
     "cache": bench_cache.run,
+    "attention": bench_attention.run,
 }
 
 

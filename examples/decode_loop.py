@@ -36,13 +36,6 @@ def init_model(key):
   }
 
 
-def attend(q, k, v, length):
-  """q [H, D] over k, v [S, H, D]; positions >= length are masked."""
-  scores = jnp.einsum("hd,shd->hs", q, k) * HEAD_DIM ** -0.5
-  scores = jnp.where(jnp.arange(k.shape[0]) < length, scores, -jnp.inf)
-  return jnp.einsum("hs,shd->hd", jax.nn.softmax(scores, axis=-1), v)
-
-
 def logits_from(params, attended):
   return jnp.einsum("hd,hdm->m", attended, params["wo"]) @ params["unembed"]
 
@@ -65,9 +58,7 @@ def decode_one(params, cache, seq_ids, tokens):
   k = jnp.einsum("bm,mhd->bhd", x, params["wk"])
   v = jnp.einsum("bm,mhd->bhd", x, params["wv"])
   cache = jp.write_kv(cache, 0, k, v, slots)
-  # Reads through gather_kv; the paged attention kernels replace this in the attention issue.
-  keys, values = jax.vmap(lambda s: jp.gather_kv(cache, 0, s))(jnp.maximum(seq_ids, 0))
-  attended = jax.vmap(attend)(q, keys, values, cache.seq_lens[jnp.maximum(seq_ids, 0)])
+  attended = jp.paged_attention(q, cache, 0, seq_ids)  # [B, HEADS, HEAD_DIM]
   logits = jax.vmap(logits_from, in_axes=(None, 0))(params, attended)
   return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32), ok
 

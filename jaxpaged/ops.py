@@ -15,7 +15,7 @@ from jaxpaged._src.attention import ragged_paged_attention_reference
 
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_scale=None, soft_cap=None,
                     sliding_window=None, impl="auto", interpret=False, num_splits=None,
-                    block_kv=64):
+                    block_kv=None):
   """Decode attention: ``q [B, num_q_heads, head_dim]`` over each row's ``lengths[b]`` tokens.
 
   The query sits at position ``lengths[b] - 1``; rows with length 0 return zeros. Keyword
@@ -29,7 +29,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_scale=None
 
 def ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_lens, *, sm_scale=None,
                            soft_cap=None, sliding_window=None, impl="auto", interpret=False,
-                           q_block=None, num_splits=None, block_kv=64):
+                           q_block=None, num_splits=None, block_kv=None):
   """Mixed prefill/decode attention: ``q [T, num_q_heads, head_dim]`` holds ``q_lens[b]`` new
   tokens of each row, concatenated; they are the last ``q_lens[b]`` of the row's ``kv_lens[b]``
   tokens, causal among themselves. Keyword arguments as `jaxpaged.ragged_paged_attention`.

@@ -50,10 +50,12 @@ def _ragged_blocks(kv_lens, q_lens, num_tokens: int, q_block: int):
 
   Returns ``row [NB]``, ``token [NB, q_block]`` (index into the flat q, or num_tokens for an
   empty slot) and ``position [NB, q_block]`` (the token's position in its sequence, -1 if empty).
-  ``NB = cdiv(num_tokens, q_block) + num_rows`` bounds the blocks of any split.
+  ``NB = cdiv(num_tokens, q_block) + num_rows`` bounds the blocks of any split (each row adds at
+  most one partial block; none when ``q_block`` is 1). Empty blocks still cost a gather each
+  step, so the bound is kept tight.
   """
   num_rows = q_lens.shape[0]
-  num_blocks = -(-num_tokens // q_block) + num_rows
+  num_blocks = num_tokens if q_block == 1 else -(-num_tokens // q_block) + num_rows
   per_row = -(-q_lens // q_block)
   block_end = jnp.cumsum(per_row)
   block = jnp.arange(num_blocks)
@@ -70,18 +72,35 @@ def _ragged_blocks(kv_lens, q_lens, num_tokens: int, q_block: int):
 
 # ----------------------------------------------------------------------------- XLA path
 
+def _merge_splits(acc, m, l, axis):
+  """Merges partial softmax states computed over disjoint key ranges (flash-decoding)."""
+  m_max = jnp.max(m, axis=axis, keepdims=True)
+  m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)  # nothing seen anywhere
+  weight = jnp.exp(m - m_max)
+  l = jnp.sum(l * weight, axis=axis)
+  acc = jnp.sum(acc * jnp.expand_dims(weight, -1), axis=axis)
+  return jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+
+
 def _attention_xla(q, k_pages, v_pages, layer, page_table, kv_lens, blocks, *, sm_scale,
-                   soft_cap, sliding_window, kv_block_tokens):
+                   soft_cap, sliding_window, block_kv, num_splits):
   """q: [NB, qb, Hq, D] gathered query blocks. Returns [NB, qb, Hq, D] float32."""
   num_blocks, q_block, num_q_heads, head_dim = q.shape
   _, num_kv_heads, num_pages, page_size, _ = k_pages.shape
   group = num_q_heads // num_kv_heads
-  chunk_pages = max(1, min(kv_block_tokens // page_size, page_table.shape[1]))
+  if block_kv is None:  # about 512 token-rows a step: big enough dots, a chunk that stays cached
+    block_kv = min(1024, 512 // num_blocks)
+  chunk_pages = max(1, min(block_kv // page_size, page_table.shape[1]))
   chunk = chunk_pages * page_size
+  # Low-precision K/V meet a query rounded to their dtype; the dots accumulate in float32.
+  dot_dtype = jnp.promote_types(k_pages.dtype, jnp.float32 if q.dtype == jnp.float32 else
+                                k_pages.dtype)
+  f32 = dict(preferred_element_type=jnp.float32)
   # [Hkv, NB, group * qb, D]: every query row of one KV head, for one dot per chunk.
   q = q.reshape(num_blocks, q_block, num_kv_heads, group, head_dim).astype(jnp.float32)
   q = jnp.transpose(q, (2, 0, 3, 1, 4)).reshape(num_kv_heads, num_blocks, group * q_block,
                                                  head_dim) * sm_scale
+  q = q.astype(dot_dtype)
   position = jnp.tile(blocks["position"], (1, group))  # [NB, group * qb], head-major like q
   rows = page_table[blocks["row"]]  # [NB, max_pages_per_seq]
   block_kv_len = kv_lens[blocks["row"]]
@@ -90,7 +109,7 @@ def _attention_xla(q, k_pages, v_pages, layer, page_table, kv_lens, blocks, *, s
   seen_from = jnp.maximum(first - sliding_window + 1, 0) if sliding_window else 0
   live = last >= 0
   lo = jnp.min(jnp.where(live, seen_from // chunk, jnp.iinfo(jnp.int32).max))
-  hi = jnp.max(jnp.where(live, last // chunk + 1, 0))
+  hi = jnp.maximum(jnp.max(jnp.where(live, last // chunk + 1, 0)), lo)
   padded = jnp.pad(rows, ((0, 0), (0, chunk_pages)), constant_values=-1)
 
   def body(c, carry):
@@ -102,8 +121,8 @@ def _attention_xla(q, k_pages, v_pages, layer, page_table, kv_lens, blocks, *, s
               & (key_pos[None] < block_kv_len[:, None]))  # [NB, chunk]
     k = k_pages[layer][:, safe].reshape(num_kv_heads, num_blocks, chunk, head_dim)
     v = v_pages[layer][:, safe].reshape(num_kv_heads, num_blocks, chunk, head_dim)
-    v = jnp.where(key_ok[None, :, :, None], v, 0).astype(jnp.float32)
-    s = jnp.einsum("hnqd,hnsd->hnqs", q, k.astype(jnp.float32))
+    v = jnp.where(key_ok[None, :, :, None], v, 0).astype(dot_dtype)
+    s = jnp.einsum("hnqd,hnsd->hnqs", q, k.astype(dot_dtype), **f32)
     if soft_cap is not None:
       s = soft_cap * jnp.tanh(s / soft_cap)
     visible = key_ok[:, None, :] & (key_pos[None, None, :] <= position[:, :, None])
@@ -114,14 +133,20 @@ def _attention_xla(q, k_pages, v_pages, layer, page_table, kv_lens, blocks, *, s
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that have seen nothing yet
     p = jnp.exp(s - m_safe[..., None])
     correction = jnp.exp(m - m_safe)
-    acc = acc * correction[..., None] + jnp.einsum("hnqs,hnsd->hnqd", p, v)
+    acc = acc * correction[..., None] + jnp.einsum("hnqs,hnsd->hnqd", p.astype(dot_dtype), v,
+                                                   **f32)
     return m_new, l * correction + jnp.sum(p, axis=-1), acc
 
   shape = (num_kv_heads, num_blocks, group * q_block)
   init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
           jnp.zeros(shape + (head_dim,), jnp.float32))
-  _, l, acc = jax.lax.fori_loop(lo, jnp.maximum(hi, lo), body, init)
-  out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+  # Independent loops over disjoint chunk ranges: XLA:CPU runs them on different cores.
+  per_split = (hi - lo + num_splits - 1) // num_splits
+  parts = [jax.lax.fori_loop(jnp.minimum(lo + i * per_split, hi),
+                             jnp.minimum(lo + (i + 1) * per_split, hi), body, init)
+           for i in range(num_splits)]
+  m, l, acc = (jnp.stack(x, axis=0) for x in zip(*parts))
+  out = _merge_splits(acc, m, l, axis=0)  # [Hkv, NB, group * qb, D]
   out = out.reshape(num_kv_heads, num_blocks, group, q_block, head_dim)
   return jnp.transpose(out, (1, 3, 0, 2, 4)).reshape(num_blocks, q_block, num_q_heads, head_dim)
 
@@ -235,15 +260,8 @@ def _attention_pallas(q, k_pages, v_pages, layer, page_table, kv_lens, blocks, *
       interpret=interpret,
       name="jaxpaged_paged_attention",
   )(layer.reshape(1), blocks["row"], position, page_table, kv_lens, q, k_pages, v_pages)
-  # Merge the splits' partial softmax states.
-  m_max = jnp.max(m, axis=2, keepdims=True)
-  m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-  weight = jnp.exp(m - m_max)  # [NB, Hkv, S, R]
-  l = jnp.sum(l * weight, axis=2)
-  acc = jnp.sum(acc * weight[..., None], axis=2)
-  out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
-  out = out[:, :, :group * q_block, :head_dim].reshape(num_blocks, num_kv_heads, group, q_block,
-                                                         head_dim)
+  out = _merge_splits(acc, m, l, axis=2)[:, :, :group * q_block, :head_dim]
+  out = out.reshape(num_blocks, num_kv_heads, group, q_block, head_dim)
   return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(num_blocks, q_block, num_q_heads, head_dim)
 
 
@@ -324,7 +342,8 @@ def _resolve_impl(impl, k_pages):
 
 
 def _default_splits(max_pages: int, page_size: int) -> int:
-  """Flash-decoding splits: about one per 1024 cached tokens, at most 16."""
+  """Pallas flash-decoding splits: about one per 1024 cached tokens, at most 16. (The XLA path
+  defaults to 2: independent loops that XLA:CPU runs concurrently.)"""
   return max(1, min(16, max_pages * page_size // 1024))
 
 
@@ -343,12 +362,12 @@ def _attention(q, k_pages, v_pages, layer, page_table, kv_lens, q_lens, *, decod
   options = dict(sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
   if impl == "pallas":
     out = _attention_pallas(q_blocks, k_pages, v_pages, layer, page_table, kv_lens, blocks,
-                            num_splits=num_splits or _default_splits(*page_table.shape[1:2],
+                            num_splits=num_splits or _default_splits(page_table.shape[1],
                                                                       k_pages.shape[3]),
                             interpret=interpret, **options)
   else:
     out = _attention_xla(q_blocks, k_pages, v_pages, layer, page_table, kv_lens, blocks,
-                         kv_block_tokens=block_kv, **options)
+                         block_kv=block_kv, num_splits=num_splits or 2, **options)
   if decode:
     return out[:, 0].astype(q.dtype)
   out = jnp.zeros((num_tokens + 1,) + q.shape[1:], out.dtype).at[blocks["token"]].set(out)
@@ -363,7 +382,7 @@ def _default_q_block(num_tokens: int, num_rows: int) -> int:
 
 def paged_attention_arrays(q, k_pages, v_pages, layer, page_table, kv_lens, *, sm_scale=None,
                            soft_cap=None, sliding_window=None, impl="auto", interpret=False,
-                           num_splits=None, block_kv=64):
+                           num_splits=None, block_kv=None):
   """Decode attention on arrays; k_pages/v_pages carry a leading layer axis. See `ops`."""
   sm_scale = _check_attention_args(q, k_pages, v_pages, "decode", sm_scale, soft_cap,
                                    sliding_window)
@@ -377,7 +396,7 @@ def paged_attention_arrays(q, k_pages, v_pages, layer, page_table, kv_lens, *, s
 def ragged_paged_attention_arrays(q, k_pages, v_pages, layer, page_table, kv_lens, q_lens, *,
                                   sm_scale=None, soft_cap=None, sliding_window=None,
                                   impl="auto", interpret=False, q_block=None, num_splits=None,
-                                  block_kv=64):
+                                  block_kv=None):
   """Ragged attention on arrays; k_pages/v_pages carry a leading layer axis. See `ops`."""
   sm_scale = _check_attention_args(q, k_pages, v_pages, "ragged", sm_scale, soft_cap,
                                    sliding_window)
@@ -422,7 +441,7 @@ def _rows_of(cache, seq_ids):
 
 def paged_attention(q, cache, layer, seq_ids, *, sm_scale=None, soft_cap=None,
                     sliding_window=None, impl="auto", interpret=False, num_splits=None,
-                    block_kv=64):
+                    block_kv=None):
   """Decode attention: one query token per sequence over all of its cached tokens.
 
   Args:
@@ -436,8 +455,10 @@ def paged_attention(q, cache, layer, seq_ids, *, sm_scale=None, soft_cap=None,
     sliding_window: if set, a query at position ``p`` sees keys in ``(p - window, p]``.
     impl: ``"auto"`` (Pallas on GPU, XLA elsewhere), ``"xla"`` or ``"pallas"``.
     interpret: run the Pallas kernel in interpret mode (CPU tests).
-    num_splits: Pallas flash-decoding splits of the context (default: one per ~1k tokens).
-    block_kv: XLA path: KV tokens processed per loop step.
+    num_splits: the context is split into this many independent ranges whose partial softmax
+      states are merged (flash-decoding). Default: Pallas one per ~1k tokens, XLA 2.
+    block_kv: XLA path: KV tokens a loop step gathers per query block (default: about 512
+      token-rows a step, so ``512 // batch``).
 
   Returns:
     ``[B, num_q_heads, head_dim]`` in q's dtype; softmax and accumulation are float32.
@@ -453,7 +474,7 @@ def paged_attention(q, cache, layer, seq_ids, *, sm_scale=None, soft_cap=None,
 
 def ragged_paged_attention(q, cache, layer, seq_ids, q_lens, *, sm_scale=None, soft_cap=None,
                            sliding_window=None, impl="auto", interpret=False, q_block=None,
-                           num_splits=None, block_kv=64):
+                           num_splits=None, block_kv=None):
   """Attention for a mixed batch of prefill chunks and decode tokens (chunked prefill).
 
   Row ``b`` brings ``q_lens[b]`` new tokens, already appended to the cache (`extend` with the
