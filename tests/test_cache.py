@@ -26,20 +26,24 @@ def _extend(cache, ids, counts, num_slots=None):
 
 
 def _assert_slots_follow_page_table(cache, ids, counts, old_lens, slots):
-  """Token i of a row sits at position old_len + i: its slot is page_table[pos // ps] and offset."""
+  """Row b owns the next counts[b] entries; token i of a row sits at position old_len + i: its
+  slot is page_table[pos // ps] and offset. Padding rows' entries are -1."""
   ps = cache.spec.page_size
   t = 0
   for seq, n, old in zip(ids, counts, old_lens):
-    for pos in range(old, old + (n if seq >= 0 else 0)):
-      page = int(cache.page_table[seq, pos // ps])
-      assert page >= 0 and int(slots[t]) == page * ps + pos % ps
+    for pos in range(old, old + n):
+      if seq < 0:
+        assert int(slots[t]) == -1
+      else:
+        page = int(cache.page_table[seq, pos // ps])
+        assert page >= 0 and int(slots[t]) == page * ps + pos % ps
       t += 1
   assert np.all(np.asarray(slots[t:]) == -1)
 
 
 def test_extend_allocates_distinct_pages_and_returns_slots_in_row_order():
   cache = jp.init_cache(SPEC)
-  cache, slots, ok = _extend(cache, [2, -1, 0], [6, 3, 1], num_slots=9)
+  cache, slots, ok = _extend(cache, [2, -1, 0], [6, 3, 1], num_slots=11)
   assert bool(ok)
   _assert_slots_follow_page_table(cache, [2, -1, 0], [6, 3, 1], [0, 0, 0], slots)
   np.testing.assert_array_equal(cache.seq_lens, [1, 0, 6, 0])
@@ -77,7 +81,7 @@ def test_refused_extend_changes_nothing_and_check_extend_says_why(ids, counts, n
 
 def test_check_extend_accepts_what_extend_accepts():
   cache = jp.init_cache(SPEC)
-  assert jp.check_extend(cache, jnp.array([0, -1]), jnp.array([20, 99]), num_slots=20) is None
+  assert jp.check_extend(cache, jnp.array([0, -1]), jnp.array([20, 3]), num_slots=23) is None
 
 
 def test_extend_rejects_bad_argument_types_at_trace_time():

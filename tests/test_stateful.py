@@ -76,7 +76,7 @@ class PagedCacheMachine(RuleBasedStateMachine):
       return None
     if any(len(self.tokens[s]) + n > SPEC.max_seq_len for s, n in live):
       return None
-    if sum(n for _, n in live) > NUM_SLOTS:
+    if sum(max(n, 0) for n in counts) > NUM_SLOTS:  # padding rows keep their entries too
       return None
     pages = {s: list(held) for s, held in self.pages.items()}
     ps = SPEC.page_size
@@ -121,12 +121,12 @@ class PagedCacheMachine(RuleBasedStateMachine):
     values = np.zeros(NUM_SLOTS, np.float32)
     t = 0
     for s, n in zip(ids, counts):
-      if s != -1:
-        for _ in range(n):
+      for _ in range(n):  # a padding row's entries are skipped (slot -1), not removed
+        if s != -1:
           values[t] = self.next_value
           self.tokens[s].append(self.next_value)
           self.next_value += 1
-          t += 1
+        t += 1
     for layer in range(SPEC.num_layers):
       k = values[:, None, None] + OFFSETS + layer * LAYER_STEP
       self.cache = jp.write_kv(self.cache, layer, jnp.asarray(k), jnp.asarray(-k), slots,

@@ -483,8 +483,9 @@ def ragged_paged_attention(q, cache, layer, seq_ids, q_lens, *, sm_scale=None, s
 
   Args:
     q: ``[T, num_q_heads, head_dim]``, the new tokens of all rows concatenated in row order (the
-      order of `extend`'s slots); entries past ``sum(q_lens)`` are ignored and return zeros.
-    seq_ids, q_lens: ``int32[B]``; padding rows have id -1 and ``q_lens`` 0.
+      layout of `extend`'s slots); entries past ``sum(q_lens)`` are ignored and return zeros.
+    seq_ids, q_lens: ``int32[B]``; padding rows (id -1) keep their ``q_lens`` entries in the
+      layout and get zeros there.
     q_block: query tokens per block (default: 1 for pure decode, up to 16 for prefill).
     Other arguments as `paged_attention`.
 
@@ -494,7 +495,6 @@ def ragged_paged_attention(q, cache, layer, seq_ids, q_lens, *, sm_scale=None, s
   spec = _check_cache(cache)
   layer = check_layer(spec, layer)
   page_table, kv_lens = _rows_of(cache, seq_ids)
-  q_lens = jnp.where(jnp.asarray(seq_ids) >= 0, jnp.asarray(q_lens), 0)
   return ragged_paged_attention_arrays(
       q, cache.k_pages, cache.v_pages, layer, page_table, kv_lens, q_lens, sm_scale=sm_scale,
       soft_cap=soft_cap, sliding_window=sliding_window, impl=impl, interpret=interpret,

@@ -180,7 +180,9 @@ def _extend_plan(cache: PagedKVCache, seq_ids, num_new_tokens, num_slots: int):
       "too_long": n > spec.max_seq_len - old_len,  # no int32 overflow, unlike old_len + n
   }
   n = jnp.clip(n, 0, num_slots + 1)  # keeps the sums below from overflowing
-  problems["too_many_tokens"] = jnp.sum(n) > num_slots
+  # Padding rows keep their entries in the token layout (so a decode batch stays row-aligned).
+  layout = jnp.clip(num_new_tokens, 0, num_slots + 1)
+  problems["too_many_tokens"] = jnp.sum(layout) > num_slots
   new_len = old_len + n
   old_pages, new_pages = _cdiv(old_len, ps), _cdiv(new_len, ps)
   last_page = cache.page_table[rows, jnp.maximum(old_pages - 1, 0)]
@@ -193,7 +195,8 @@ def _extend_plan(cache: PagedKVCache, seq_ids, num_new_tokens, num_slots: int):
   need = new_pages - old_pages + cow
   problems["out_of_pages"] = jnp.sum(need) > cache.num_free
   ok = ~jnp.any(jnp.stack([jnp.any(m) for m in problems.values()]))
-  return dict(problems=problems, ok=ok, live=live, n=n, old_len=old_len, new_len=new_len,
+  return dict(problems=problems, ok=ok, live=live, n=n, layout=layout, old_len=old_len,
+              new_len=new_len,
               old_pages=old_pages, cow=cow & ok, last_page=last_page, need=need)
 
 
@@ -225,8 +228,11 @@ def extend(cache: PagedKVCache, seq_ids, num_new_tokens, *, num_slots: int | Non
 
   Returns:
     ``(cache, slots, ok)``: ``slots`` is ``int32[T]``, the cache slot (``page * page_size +
-    offset``) of every new token, rows in order, then -1 padding: it lines up with the ``[T, ...]``
-    K/V given to `write_kv`. If ``ok`` is False (bad ids, a sequence past its capacity, too few
+    offset``) of every new token. Row ``b`` owns entries ``[start_b, start_b +
+    num_new_tokens[b])`` with ``start`` the running sum of ``num_new_tokens``, rows in order;
+    padding rows keep their entries (slot -1), so a decode step with one token a row is
+    row-aligned. Entries past the last row are -1. This is the ``[T, ...]`` layout of the K/V
+    given to `write_kv` and of the queries given to `ragged_paged_attention`. If ``ok`` is False (bad ids, a sequence past its capacity, too few
     free pages), the returned cache equals the input and every slot is -1; `check_extend` says why.
     A new token landing in a partly filled page that other sequences share first gets a private
     copy of that page (copy-on-write).
@@ -281,18 +287,21 @@ def _extend(cache, seq_ids, num_new_tokens, *, num_slots):
                                   (cache.k_pages, cache.v_pages))
   cache = PagedKVCache(k_pages, v_pages, page_table, seq_lens, ref_counts, cache.free_pages,
                        num_free)
-  return cache, _token_slots(cache, seq_ids, plan["n"], plan["old_len"], ok, num_slots), ok
+  slots = _token_slots(cache, seq_ids, plan["layout"], plan["old_len"], ok & live, num_slots)
+  return cache, slots, ok
 
 
-def _token_slots(cache, seq_ids, n, old_len, ok, num_slots):
-  """``int32[T]`` slot of each new token, rows concatenated, -1 past the last one."""
+def _token_slots(cache, seq_ids, counts, old_len, row_ok, num_slots):
+  """``int32[T]``: row b's tokens fill entries ``[start_b, start_b + counts[b])``, rows in
+  order; the slot of each, or -1 for refused or padding rows and past the last entry."""
   ps = cache.spec.page_size
   t = jnp.arange(num_slots)
-  ends = jnp.cumsum(n)
-  row = jnp.minimum(jnp.searchsorted(ends, t, side="right"), n.shape[0] - 1)
-  position = old_len[row] + t - (ends[row] - n[row])
+  ends = jnp.cumsum(counts)
+  row = jnp.minimum(jnp.searchsorted(ends, t, side="right"), counts.shape[0] - 1)
+  position = old_len[row] + t - (ends[row] - counts[row])
   page = cache.page_table[jnp.clip(seq_ids[row], 0), position // ps]
-  return jnp.where(ok & (t < ends[-1]), page * ps + position % ps, -1).astype(jnp.int32)
+  valid = row_ok[row] & (t < ends[-1])
+  return jnp.where(valid, page * ps + position % ps, -1).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- release
