@@ -13,11 +13,13 @@ import sys
 
 from benchmarks import bench_attention
 from benchmarks import bench_cache
+from benchmarks import bench_model
 from benchmarks import harness
 
 BENCHMARKS = {
     "cache": bench_cache.run,
     "attention": bench_attention.run,
+    "model": bench_model.run,
 }
 
 

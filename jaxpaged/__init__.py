@@ -13,6 +13,7 @@ from jaxpaged._src.cache import init_cache
 from jaxpaged._src.cache import num_free_pages
 from jaxpaged._src.cache import num_used_pages
 from jaxpaged._src.cache import release
+from jaxpaged._src.cache import token_positions
 from jaxpaged._src.spec import CacheSpec
 from jaxpaged._src.spec import JaxPagedError
 from jaxpaged._src.write_kv import write_kv
@@ -35,5 +36,6 @@ __all__ = (
     "paged_attention",
     "ragged_paged_attention",
     "release",
+    "token_positions",
     "write_kv",
 )

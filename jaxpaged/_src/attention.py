@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jaxpaged._src import gpu
-from jaxpaged._src.cache import _check_cache, check_layer
+from jaxpaged._src.cache import _check_cache, check_layer, token_rows
 from jaxpaged._src.spec import JaxPagedError
 
 
@@ -88,10 +88,15 @@ def _attention_xla(q, k_pages, v_pages, layer, page_table, kv_lens, blocks, *, s
   num_blocks, q_block, num_q_heads, head_dim = q.shape
   _, num_kv_heads, num_pages, page_size, _ = k_pages.shape
   group = num_q_heads // num_kv_heads
-  if block_kv is None:  # about 512 token-rows a step: big enough dots, a chunk that stays cached
-    block_kv = min(1024, 512 // num_blocks)
-  chunk_pages = max(1, min(block_kv // page_size, page_table.shape[1]))
+  max_pages = page_table.shape[1]
+  if block_kv is None:  # measured on XLA:CPU: the whole context in one step when it is small,
+    # else >= 64 keys and about 512 token-rows a step
+    whole = max_pages * page_size
+    block_kv = whole if whole * num_blocks <= 8192 else min(1024, max(64, 512 // num_blocks))
+  chunk_pages = max(1, min(block_kv // page_size, max_pages))
   chunk = chunk_pages * page_size
+  if num_splits is None:  # two loops (two cores) pay off once a context spans 8+ chunks
+    num_splits = 2 if page_table.shape[1] >= 8 * chunk_pages else 1
   # Low-precision K/V meet a query rounded to their dtype; the dots accumulate in float32.
   dot_dtype = jnp.promote_types(k_pages.dtype, jnp.float32 if q.dtype == jnp.float32 else
                                 k_pages.dtype)
@@ -140,12 +145,14 @@ def _attention_xla(q, k_pages, v_pages, layer, page_table, kv_lens, blocks, *, s
   shape = (num_kv_heads, num_blocks, group * q_block)
   init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
           jnp.zeros(shape + (head_dim,), jnp.float32))
-  # Independent loops over disjoint chunk ranges: XLA:CPU runs them on different cores.
-  per_split = (hi - lo + num_splits - 1) // num_splits
-  parts = [jax.lax.fori_loop(jnp.minimum(lo + i * per_split, hi),
-                             jnp.minimum(lo + (i + 1) * per_split, hi), body, init)
-           for i in range(num_splits)]
-  m, l, acc = (jnp.stack(x, axis=0) for x in zip(*parts))
+  if chunk_pages == max_pages:  # one chunk holds every page: no loop
+    m, l, acc = (x[None] for x in body(0, init))
+  else:  # independent loops over disjoint chunk ranges: XLA:CPU runs them on different cores
+    per_split = (hi - lo + num_splits - 1) // num_splits
+    parts = [jax.lax.fori_loop(jnp.minimum(lo + i * per_split, hi),
+                               jnp.minimum(lo + (i + 1) * per_split, hi), body, init)
+             for i in range(num_splits)]
+    m, l, acc = (jnp.stack(x, axis=0) for x in zip(*parts))
   out = _merge_splits(acc, m, l, axis=0)  # [Hkv, NB, group * qb, D]
   out = out.reshape(num_kv_heads, num_blocks, group, q_block, head_dim)
   return jnp.transpose(out, (1, 3, 0, 2, 4)).reshape(num_blocks, q_block, num_q_heads, head_dim)
@@ -277,11 +284,8 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, page_table, kv_lens, q
   num_kv_heads, _, page_size, _ = k_pages.shape
   group = num_q_heads // num_kv_heads
   sm_scale = head_dim ** -0.5 if sm_scale is None else sm_scale
-  ends = jnp.cumsum(q_lens)
-  t = jnp.arange(num_tokens)
-  row = jnp.minimum(jnp.searchsorted(ends, t, side="right"), q_lens.shape[0] - 1)
-  position = kv_lens[row] - (ends[row] - t)
-  valid = t < ends[-1]
+  row, offset, valid = token_rows(q_lens, num_tokens)
+  position = kv_lens[row] - q_lens[row] + offset
 
   def one(q_t, row, position):
     pages = jnp.clip(page_table[row], 0)
@@ -342,8 +346,7 @@ def _resolve_impl(impl, k_pages):
 
 
 def _default_splits(max_pages: int, page_size: int) -> int:
-  """Pallas flash-decoding splits: about one per 1024 cached tokens, at most 16. (The XLA path
-  defaults to 2: independent loops that XLA:CPU runs concurrently.)"""
+  """Pallas flash-decoding splits: about one per 1024 cached tokens, at most 16."""
   return max(1, min(16, max_pages * page_size // 1024))
 
 
@@ -367,7 +370,7 @@ def _attention(q, k_pages, v_pages, layer, page_table, kv_lens, q_lens, *, decod
                             interpret=interpret, **options)
   else:
     out = _attention_xla(q_blocks, k_pages, v_pages, layer, page_table, kv_lens, blocks,
-                         block_kv=block_kv, num_splits=num_splits or 2, **options)
+                         block_kv=block_kv, num_splits=num_splits, **options)
   if decode:
     return out[:, 0].astype(q.dtype)
   out = jnp.zeros((num_tokens + 1,) + q.shape[1:], out.dtype).at[blocks["token"]].set(out)
@@ -456,9 +459,10 @@ def paged_attention(q, cache, layer, seq_ids, *, sm_scale=None, soft_cap=None,
     impl: ``"auto"`` (Pallas on GPU, XLA elsewhere), ``"xla"`` or ``"pallas"``.
     interpret: run the Pallas kernel in interpret mode (CPU tests).
     num_splits: the context is split into this many independent ranges whose partial softmax
-      states are merged (flash-decoding). Default: Pallas one per ~1k tokens, XLA 2.
-    block_kv: XLA path: KV tokens a loop step gathers per query block (default: about 512
-      token-rows a step, so ``512 // batch``).
+      states are merged (flash-decoding). Default: Pallas one per ~1k tokens; XLA 2 (two
+      loops XLA:CPU runs on two cores) when the context spans 8 or more steps, else 1.
+    block_kv: XLA path: KV tokens a loop step gathers per query block (default: at least 64,
+      and ``512 // batch`` for small batches).
 
   Returns:
     ``[B, num_q_heads, head_dim]`` in q's dtype; softmax and accumulation are float32.

@@ -291,17 +291,50 @@ def _extend(cache, seq_ids, num_new_tokens, *, num_slots):
   return cache, slots, ok
 
 
-def _token_slots(cache, seq_ids, counts, old_len, row_ok, num_slots):
-  """``int32[T]``: row b's tokens fill entries ``[start_b, start_b + counts[b])``, rows in
-  order; the slot of each, or -1 for refused or padding rows and past the last entry."""
-  ps = cache.spec.page_size
-  t = jnp.arange(num_slots)
+def token_rows(counts, num_tokens: int):
+  """The token layout shared by `extend`, `write_kv` and `ragged_paged_attention`: row b owns
+  entries ``[start_b, start_b + counts[b])``, ``start`` the running sum of ``counts``.
+
+  Returns ``(row, offset, valid)``, each ``[num_tokens]``: the row owning each entry, the entry's
+  index within that row, and whether the entry is before the end of the last row.
+  """
+  t = jnp.arange(num_tokens)
   ends = jnp.cumsum(counts)
   row = jnp.minimum(jnp.searchsorted(ends, t, side="right"), counts.shape[0] - 1)
-  position = old_len[row] + t - (ends[row] - counts[row])
+  return row, t - (ends[row] - counts[row]), t < ends[-1]
+
+
+def _token_slots(cache, seq_ids, counts, old_len, row_ok, num_slots):
+  """``int32[T]`` slot of each layout entry; -1 for refused or padding rows, past the end."""
+  ps = cache.spec.page_size
+  row, offset, valid = token_rows(counts, num_slots)
+  position = old_len[row] + offset
   page = cache.page_table[jnp.clip(seq_ids[row], 0), position // ps]
-  valid = row_ok[row] & (t < ends[-1])
-  return jnp.where(valid, page * ps + position % ps, -1).astype(jnp.int32)
+  return jnp.where(valid & row_ok[row], page * ps + position % ps, -1).astype(jnp.int32)
+
+
+def token_positions(cache: PagedKVCache, seq_ids, num_new_tokens, *,
+                    num_slots: int | None = None) -> jax.Array:
+  """Position within its sequence of every new token, in `extend`'s layout, for a cache that
+  `extend` has already grown (so for RoPE): ``seq_len - num_new_tokens + offset``; -1 for
+  padding rows and entries past the last row.
+
+  >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+  ...                  max_seqs=2, max_pages_per_seq=4)
+  >>> cache, _, _ = extend(init_cache(spec), jnp.array([0]), jnp.array([3]), num_slots=3)
+  >>> cache, _, _ = extend(cache, jnp.array([0, 1]), jnp.array([2, 1]), num_slots=4)
+  >>> token_positions(cache, jnp.array([0, 1]), jnp.array([2, 1]), num_slots=4).tolist()
+  [3, 4, 0, -1]
+  """
+  _check_cache(cache)
+  seq_ids = _as_index_vector("seq_ids", seq_ids)
+  counts = jnp.clip(_as_index_vector("num_new_tokens", num_new_tokens, seq_ids.shape[0]), 0)
+  num_slots = seq_ids.shape[0] if num_slots is None else num_slots
+  live = (seq_ids >= 0) & (seq_ids < cache.spec.max_seqs)
+  row, offset, valid = token_rows(counts, num_slots)
+  length = cache.seq_lens[jnp.where(live, seq_ids, 0)]
+  position = (length - counts)[row] + offset
+  return jnp.where(valid & live[row], position, -1).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- release

@@ -1,0 +1,172 @@
+"""A Llama-architecture model in plain JAX whose KV cache is jaxpaged's.
+
+RMSNorm, rotary position embeddings (GGUF's interleaved pairs), grouped-query attention, SwiGLU
+MLP, tied or separate output embeddings. One `forward` serves prefill chunks and decode steps
+for a ragged batch: tokens come in `jaxpaged.extend`'s layout (row b owns ``q_lens[b]``
+consecutive entries), layers run in a `lax.scan` over stacked weights (one compiled layer), and
+each layer writes its K/V with `jaxpaged.write_kv` and attends with jaxpaged's paged attention.
+
+`DenseKVCache` is the same model's cache as contiguous per-sequence buffers: the baseline the
+paged cache is compared against (same tokens, token for token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+import jaxpaged as jp
+from jaxpaged._src.cache import token_rows
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Static model shape; hashable, so it can be a static argument of jitted functions."""
+
+  vocab_size: int
+  hidden: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  ffn: int
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  max_position: int = 4096
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden // self.num_heads
+
+  def cache_spec(self, *, num_pages, max_seqs, max_seq_len, page_size=16,
+                 dtype=jnp.float32) -> jp.CacheSpec:
+    """A `jaxpaged.CacheSpec` for this model's K/V."""
+    return jp.CacheSpec(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
+                        head_dim=self.head_dim, page_size=page_size, num_pages=num_pages,
+                        max_seqs=max_seqs, max_pages_per_seq=-(-max_seq_len // page_size),
+                        dtype=dtype)
+
+
+def rms_norm(x, weight, eps):
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+          * weight).astype(x.dtype)
+
+
+def rope(x, positions, theta):
+  """Rotary embedding of ``x [T, heads, head_dim]`` at ``positions [T]``, rotating adjacent
+  pairs (2i, 2i+1): the layout GGUF files store Q and K weights in."""
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angle = positions.astype(jnp.float32)[:, None, None] * inv_freq  # [T, 1, D/2]
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  even, odd = x[..., 0::2].astype(jnp.float32), x[..., 1::2].astype(jnp.float32)
+  return jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1).reshape(
+      x.shape).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- dense baseline
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "seq_lens"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class DenseKVCache:
+  """Contiguous cache: ``k``, ``v`` ``[layers, max_seqs, max_seq_len, kv_heads, head_dim]``."""
+
+  k: jax.Array
+  v: jax.Array
+  seq_lens: jax.Array
+
+  @classmethod
+  def create(cls, config: LlamaConfig, max_seqs: int, max_seq_len: int, dtype=jnp.float32):
+    shape = (config.num_layers, max_seqs, max_seq_len, config.num_kv_heads, config.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+               jnp.zeros((max_seqs,), jnp.int32))
+
+
+def _dense_extend(cache: DenseKVCache, seq_ids, q_lens, num_tokens):
+  live = seq_ids >= 0
+  seq_lens = cache.seq_lens.at[jnp.where(live, seq_ids, cache.seq_lens.shape[0])].add(
+      q_lens, mode="drop")
+  ok = jnp.all(jnp.where(live, seq_lens[jnp.maximum(seq_ids, 0)] <= cache.k.shape[2], True))
+  return dataclasses.replace(cache, seq_lens=seq_lens), ok
+
+
+def _dense_write_and_attend(cache: DenseKVCache, layer, q, k, v, seq_ids, q_lens, positions):
+  row, _, valid = token_rows(q_lens, q.shape[0])
+  seq = jnp.where(valid & (seq_ids[row] >= 0), seq_ids[row], cache.k.shape[1])  # OOB: dropped
+  cache = dataclasses.replace(cache, k=cache.k.at[layer, seq, positions].set(k, mode="drop"),
+                              v=cache.v.at[layer, seq, positions].set(v, mode="drop"))
+  keys = cache.k[layer][jnp.clip(seq, 0, cache.k.shape[1] - 1)]  # [T, S, Hkv, D]
+  values = cache.v[layer][jnp.clip(seq, 0, cache.k.shape[1] - 1)]
+  num_tokens, num_heads, head_dim = q.shape
+  group = num_heads // keys.shape[2]
+  q = q.reshape(num_tokens, keys.shape[2], group, head_dim).astype(jnp.float32)
+  s = jnp.einsum("thgd,tshd->thgs", q, keys.astype(jnp.float32)) * head_dim ** -0.5
+  visible = jnp.arange(keys.shape[1])[None, :] <= positions[:, None]
+  p = jax.nn.softmax(jnp.where(visible[:, None, None], s, -jnp.inf), axis=-1)
+  out = jnp.einsum("thgs,tshd->thgd", p, values.astype(jnp.float32))
+  out = jnp.where((seq < cache.k.shape[1])[:, None, None, None], out, 0)
+  return cache, out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- the model
+
+def forward(params, cache, tokens, seq_ids, q_lens, *, config: LlamaConfig, decode: bool,
+            attention_impl: str = "auto"):
+  """Runs the model over a ragged batch of new tokens and appends their K/V to ``cache``.
+
+  Args:
+    params: weights from `jaxpaged.models.gguf.load` (as jnp arrays).
+    cache: a `jaxpaged.PagedKVCache` (or a `DenseKVCache`, the baseline).
+    tokens: ``int32[T]``, row b's new tokens at entries ``[start_b, start_b + q_lens[b])``.
+    seq_ids: ``int32[B]`` cache sequence of each row; -1 = padding.
+    q_lens: ``int32[B]`` new tokens of each row (decode: all ones, ``T == B``).
+    decode: static; one token per row (uses decode attention).
+
+  Returns:
+    ``(cache, logits, ok)``: ``logits [B, vocab]`` float32 at each row's last new token;
+    ``ok`` False if the cache refused the tokens (then nothing was appended).
+  """
+  num_tokens = tokens.shape[0]
+  paged = isinstance(cache, jp.PagedKVCache)
+  if paged:
+    cache, slots, ok = jp.extend(cache, seq_ids, q_lens, num_slots=num_tokens)
+    positions = jp.token_positions(cache, seq_ids, q_lens, num_slots=num_tokens)
+  else:
+    cache, ok = _dense_extend(cache, seq_ids, q_lens, num_tokens)
+    row, offset, _ = token_rows(q_lens, num_tokens)
+    positions = (cache.seq_lens[jnp.maximum(seq_ids, 0)] - q_lens)[row] + offset
+  positions = jnp.maximum(positions, 0)
+  head_dim, dtype = config.head_dim, params["embed"].dtype
+
+  def layer(carry, weights):
+    x, cache, index = carry
+    h = rms_norm(x, weights["attn_norm"], config.norm_eps)
+    q = (h @ weights["wq"]).reshape(num_tokens, config.num_heads, head_dim)
+    k = (h @ weights["wk"]).reshape(num_tokens, config.num_kv_heads, head_dim)
+    v = (h @ weights["wv"]).reshape(num_tokens, config.num_kv_heads, head_dim)
+    q, k = rope(q, positions, config.rope_theta), rope(k, positions, config.rope_theta)
+    if paged:
+      cache = jp.write_kv(cache, index, k.astype(cache.k_pages.dtype),
+                          v.astype(cache.v_pages.dtype), slots, impl=attention_impl)
+      if decode:
+        attn = jp.paged_attention(q, cache, index, seq_ids, impl=attention_impl)
+      else:
+        attn = jp.ragged_paged_attention(q, cache, index, seq_ids, q_lens, impl=attention_impl)
+    else:
+      cache, attn = _dense_write_and_attend(cache, index, q, k, v, seq_ids, q_lens, positions)
+    x = x + attn.reshape(num_tokens, -1).astype(dtype) @ weights["wo"]
+    h = rms_norm(x, weights["ffn_norm"], config.norm_eps)
+    x = x + (jax.nn.silu(h @ weights["w_gate"]) * (h @ weights["w_up"])) @ weights["w_down"]
+    return (x, cache, index + 1), None
+
+  x = params["embed"][tokens]
+  (x, cache, _), _ = jax.lax.scan(layer, (x, cache, jnp.int32(0)), params["layers"])
+  last = jnp.maximum(jnp.cumsum(q_lens) - 1, 0)  # each row's last entry
+  x = rms_norm(x[last], params["norm"], config.norm_eps)
+  unembed = params["unembed"] if "unembed" in params else params["embed"].T
+  return cache, (x @ unembed).astype(jnp.float32), ok
