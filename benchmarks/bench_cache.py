@@ -21,15 +21,17 @@ from benchmarks.harness import Row, block, median_time, median_times_interleaved
 PAGE_SIZE = 16
 
 
-def _spec(num_pages, *, batch, max_len, layers=2, heads=4, head_dim=64):
+def _spec(num_pages, *, batch, max_len, layers=2, heads=4, head_dim=64, prefix_caching=False):
   return jp.CacheSpec(num_layers=layers, num_kv_heads=heads, head_dim=head_dim,
                       page_size=PAGE_SIZE, num_pages=num_pages, max_seqs=batch,
-                      max_pages_per_seq=max_len // PAGE_SIZE)
+                      max_pages_per_seq=max_len // PAGE_SIZE, prefix_caching=prefix_caching)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
 def _decode_step(cache, seq_ids, k, v):
-  cache, slots, ok = jp.extend(cache, seq_ids, jnp.ones_like(seq_ids))
+  # Token ids go along: with prefix caching, blocks that fill are hashed and registered.
+  cache, slots, ok = jp.extend(cache, seq_ids, jnp.ones_like(seq_ids),
+                               tokens=jnp.arange(seq_ids.shape[0], dtype=jnp.int32))
   for layer in range(cache.spec.num_layers):
     cache = jp.write_kv(cache, layer, k, v, slots)
   return cache, ok
@@ -44,15 +46,17 @@ def _prefilled(spec, batch, prompt_len):
   return cache, ids
 
 
-def bench_pool_scaling(quick):
+def bench_pool_scaling(quick, prefix_caching=False):
   """(a): the step's cost at 1x/4x/16x pool size, live tokens fixed."""
   batch, prompt_len, steps = 16, 512, (40 if quick else 150)
+  label = "pool-scaling" + (" (prefix caching)" if prefix_caching else "")
   live_pages = batch * (prompt_len + steps) // PAGE_SIZE + batch
   key = jax.random.key(0)
   k = jax.random.normal(key, (batch, 4, 64))
   states, fns = {}, {}
   for scale in (1, 4, 16):
-    spec = _spec(live_pages * scale, batch=batch, max_len=prompt_len + 4 * steps + 64)
+    spec = _spec(live_pages * scale, batch=batch, max_len=prompt_len + 4 * steps + 64,
+                 prefix_caching=prefix_caching)
     states[scale] = _prefilled(spec, batch, prompt_len)
 
     def step(scale=scale):
@@ -63,11 +67,11 @@ def bench_pool_scaling(quick):
 
     fns[scale] = step
   times = median_times_interleaved(fns, repeats=steps)
-  rows = [Row("pool-scaling", f"decode step, {s}x pool ({states[s][0].spec.num_pages} pages)",
+  rows = [Row(label, f"decode step, {s}x pool ({states[s][0].spec.num_pages} pages)",
               times[s] * 1e6, "us") for s in (1, 4, 16)]
   for scale in (4, 16):
     ratio = times[scale] / times[1]
-    rows.append(Row("pool-scaling", f"{scale}x / 1x pool step time", ratio, "x",
+    rows.append(Row(label, f"{scale}x / 1x pool step time", ratio, "x",
                     "<= 1.1" if scale == 16 else "", ratio <= 1.1 if scale == 16 else None))
   return rows
 
@@ -214,4 +218,5 @@ def bench_allocator_throughput(quick):
 
 
 def run(quick: bool = False) -> list[Row]:
-  return bench_pool_scaling(quick) + bench_write_vs_dense(quick) + bench_allocator_throughput(quick)
+  return (bench_pool_scaling(quick) + bench_pool_scaling(quick, prefix_caching=True)
+          + bench_write_vs_dense(quick) + bench_allocator_throughput(quick))

@@ -14,12 +14,14 @@ import sys
 from benchmarks import bench_attention
 from benchmarks import bench_cache
 from benchmarks import bench_model
+from benchmarks import bench_prefix
 from benchmarks import harness
 
 BENCHMARKS = {
     "cache": bench_cache.run,
     "attention": bench_attention.run,
     "model": bench_model.run,
+    "prefix": bench_prefix.run,
 }
 
 

@@ -241,11 +241,21 @@ def test_decode_steps_with_changing_lengths_compile_once():
   assert int(cache.seq_lens[3]) == 9
 
 
-def test_donated_decode_step_never_copies_the_page_pool():
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_donated_decode_step_never_copies_the_page_pool(prefix_caching):
   """Structural check behind the benchmark: the compiled step updates the pool in place."""
   spec = jp.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=4, page_size=4, num_pages=1000,
-                      max_seqs=4, max_pages_per_seq=5)
-  step = jax.jit(_decode_step, donate_argnames=("cache",))
+                      max_seqs=4, max_pages_per_seq=5, prefix_caching=prefix_caching)
+
+  def step(cache, seq_ids, token_values):
+    cache, slots, ok = jp.extend(cache, seq_ids, jnp.ones_like(seq_ids),
+                                 tokens=token_values.astype(jnp.int32))
+    k = jnp.broadcast_to(token_values[:, None, None], (seq_ids.shape[0], 2, 4))
+    for layer in range(cache.spec.num_layers):
+      cache = jp.write_kv(cache, layer, k, -k, slots)
+    return cache, ok
+
+  step = jax.jit(step, donate_argnames=("cache",))
   hlo = step.lower(jp.init_cache(spec), jnp.array([0, 1]), jnp.array([1.0, 2.0])).compile()
   pool = r"f32\[2,2,1000,4,4\]"
   copies = re.findall(rf"= {pool}\{{[^}}]*\}} copy\(", hlo.as_text())

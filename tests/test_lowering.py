@@ -43,3 +43,13 @@ def test_attention_kernel_lowers_for_cuda(dtype, head_dim, ragged):
     q = jax.ShapeDtypeStruct((4, 8, head_dim), dtype)
     hlo = lower_for_cuda(functools.partial(jp.paged_attention, impl="pallas"), q, cache, 1, ids)
   assert TRITON_CALL in hlo
+
+
+@pytest.mark.parametrize("queries", [1, 300])
+def test_prefix_lookup_kernel_lowers_for_cuda(queries):
+  from jaxpaged._src import table  # pylint: disable=g-import-not-at-top
+  lanes = jax.ShapeDtypeStruct((1024,), jnp.int32)
+  hashes = jax.ShapeDtypeStruct((queries, 2), jnp.uint32)
+  lookup = functools.partial(table.lookup, impl="pallas")
+  hlo = lower_for_cuda(lookup, lanes, lanes, lanes, hashes)
+  assert TRITON_CALL in hlo

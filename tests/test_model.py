@@ -2,6 +2,7 @@
 implementation loading the same GGUF file), with a dense-cache run of the same model, and the
 CLI end to end."""
 
+import dataclasses
 import functools
 import pathlib
 import runpy
@@ -125,3 +126,22 @@ def test_generate_cli_runs_end_to_end(capsys):
 def test_loader_errors_say_how_to_fix_them(tmp_path):
   with pytest.raises(jp.JaxPagedError, match="no GGUF file at"):
     gguf.load(tmp_path / "missing.gguf")
+
+
+def test_prefix_cached_prefill_gives_the_same_logits(model, paged_run):
+  """Requests admitted after a first one reuse its cached blocks (the chat template's shared
+  system prompt, and a whole repeated prompt) and still get the same first-token logits."""
+  config, params, _, prompts = model
+  spec = dataclasses.replace(config.cache_spec(num_pages=64, max_seqs=6, max_seq_len=160),
+                             prefix_caching=True)
+  cache = jp.init_cache(spec)
+  cache, first, cached = generation.prefill(params, config, cache, [0], prompts[:1],
+                                            prefill_chunk=64)
+  assert cached.tolist() == [0]
+  cache, logits, cached = generation.prefill(params, config, cache, [1, 2, 3, 4],
+                                             [prompts[0]] + prompts[1:], prefill_chunk=64)
+  block = spec.page_size
+  assert cached[0] == (len(prompts[0]) - 1) // block * block  # all but the last partial block
+  assert all(c >= block for c in cached[1:])  # the system prompt's first block at least
+  np.testing.assert_allclose(logits, paged_run.first_logits, atol=1e-4)
+  assert int(jp.prefix_stats(cache)["hit_tokens"]) == int(cached.sum())

@@ -9,6 +9,7 @@ counted as free when no sequence holds them. After every step the cache must agr
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -239,3 +240,202 @@ class PagedCacheMachine(RuleBasedStateMachine):
 
 
 TestPagedCache = PagedCacheMachine.TestCase
+
+
+# ----------------------------------------------------------------------------- prefix caching
+
+PREFIX_SPEC = dict(num_layers=2, num_kv_heads=1, head_dim=2, page_size=4, num_pages=14,
+                   max_seqs=4, max_pages_per_seq=7, prefix_caching=True)
+PROMPT_WIDTH, EXTEND_ROWS, EXTEND_SLOTS = 24, 2, 6
+# Shared prefixes, and blocks that repeat within and across prompts after different prefixes.
+FAMILIES = [[7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5, 9, 0, 4, 5, 2, 3, 5, 3, 6],
+            [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4],
+            [7, 1, 8, 2, 6, 6, 6, 6, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3],
+            [5] * 20,
+            [6, 6, 6, 6, 5, 5, 5, 5, 1, 1, 1, 1, 5, 5, 5, 5, 6, 6, 6, 6]]
+
+
+def key_values(tokens):
+  """What a causal model stores for each token: a function of the whole prefix up to it."""
+  values, h = [], 0
+  for t in tokens:
+    h = (h * 31 + t + 1) % 65521
+    values.append(float(h))
+  return np.asarray(values, np.float32)
+
+
+class PrefixCacheMachine(RuleBasedStateMachine):
+  """Admission with prefix matching, chunked appends with token ids, forks, releases and
+  resets, against a content oracle and the prefix cache's structural invariants."""
+
+  block_hash = "mix64"
+
+  def __init__(self):
+    super().__init__()
+    self.spec = jp.CacheSpec(**PREFIX_SPEC, block_hash=self.block_hash)
+    self.cache = jp.init_cache(self.spec)
+    self.tokens = {s: [] for s in range(self.spec.max_seqs)}
+    self.salts = {s: 0 for s in range(self.spec.max_seqs)}
+
+  def _snapshot(self):
+    return jax.tree.map(np.asarray, self.cache)
+
+  def _write(self, seq, start, slots, count):
+    """Writes the K/V of tokens[start:start+count] of `seq` at `slots` (all layers)."""
+    values = key_values(self.tokens[seq])[start:start + count]
+    padded = np.zeros(slots.shape[0], np.float32)
+    padded[:count] = values
+    valid = np.where(np.arange(slots.shape[0]) < count, np.asarray(slots), -1)
+    for layer in range(self.spec.num_layers):
+      kv = jnp.broadcast_to(jnp.asarray(padded)[:, None, None] + 1000 * layer,
+                            (slots.shape[0], 1, 2))
+      self.cache = jp.write_kv(self.cache, layer, kv, -kv, jnp.asarray(valid, jnp.int32))
+
+  @rule(data=st.data())
+  def admit(self, data):
+    empty = [s for s in range(self.spec.max_seqs) if not self.tokens[s]]
+    seq = data.draw(st.sampled_from(empty or [0]))
+    family = data.draw(st.sampled_from(FAMILIES))
+    prompt = family[:data.draw(st.integers(1, 20))] + data.draw(
+        st.lists(st.integers(0, 9), max_size=4))
+    salt = data.draw(st.sampled_from([0, 0, 1]))
+    chunk = data.draw(st.sampled_from([None, 3, 9]))
+    tokens = np.zeros((1, PROMPT_WIDTH), np.int32)
+    tokens[0, :len(prompt)] = prompt
+    args = (jnp.array([seq], jnp.int32), jnp.asarray(tokens), jnp.array([len(prompt)]))
+    kwargs = dict(salts=jnp.array([salt]), num_slots=PROMPT_WIDTH,
+                  max_new_tokens=None if chunk is None else jnp.array([chunk]))
+    before = self._snapshot()
+    self.cache, match = jp.match_prefix(self.cache, *args, **kwargs)
+    event(f"admit {'ok' if match.ok else 'refused'}")
+    if not bool(match.ok):
+      jax.tree.map(np.testing.assert_array_equal, self._snapshot(), before)
+      if not self.tokens[seq]:  # a request for an empty slot is refused only for lack of pages
+        with pytest.raises(jp.JaxPagedError, match="^cache: has too few free pages"):
+          jp.check_match_prefix(jax.tree.map(jnp.asarray, before), *args, **kwargs)
+      return
+    cached, new = int(match.num_cached[0]), int(match.num_new[0])
+    assert not self.tokens[seq] and cached % self.spec.page_size == 0
+    assert cached <= len(prompt) - 1 and new == min(len(prompt) - cached, chunk or 99)
+    if cached:
+      event("prefix hit")
+    self.tokens[seq] = prompt[:cached + new]
+    self.salts[seq] = salt
+    self._write(seq, cached, match.slots, new)
+
+  @rule(data=st.data())
+  def append(self, data):
+    live = [s for s in range(self.spec.max_seqs) if self.tokens[s]]
+    if not live:
+      return
+    rows = data.draw(st.lists(st.sampled_from(live), min_size=1, max_size=EXTEND_ROWS,
+                              unique=True))
+    counts = [data.draw(st.integers(1, EXTEND_SLOTS // len(rows))) for _ in rows]
+    new = [data.draw(st.lists(st.integers(0, 9), min_size=n, max_size=n)) for n in counts]
+    ids = rows + [-1] * (EXTEND_ROWS - len(rows))
+    flat = sum(new, []) + [0] * (EXTEND_SLOTS - sum(counts))
+    need = self._pages_needed(rows, counts)
+    fits = need <= int(jp.num_free_pages(self.cache)) + int(jp.num_cached_free_pages(self.cache))
+    too_long = any(len(self.tokens[s]) + n > self.spec.max_seq_len for s, n in zip(rows, counts))
+    before = self._snapshot()
+    self.cache, slots, ok = jp.extend(
+        self.cache, jnp.array(ids, jnp.int32), jnp.array(counts + [0] * (EXTEND_ROWS - len(rows))),
+        num_slots=EXTEND_SLOTS, tokens=jnp.array(flat, jnp.int32))
+    assert bool(ok) == (fits and not too_long)
+    if not bool(ok):
+      jax.tree.map(np.testing.assert_array_equal, self._snapshot(), before)
+      return
+    start = 0
+    for seq, count, toks in zip(rows, counts, new):
+      old = len(self.tokens[seq])
+      self.tokens[seq] = self.tokens[seq] + toks
+      self._write(seq, old, slots[start:start + count], count)
+      start += count
+
+  def _pages_needed(self, rows, counts):
+    """New pages an append takes: page-boundary crossings plus copy-on-write copies."""
+    ps, table = self.spec.page_size, np.asarray(self.cache.page_table)
+    refs = np.asarray(self.cache.ref_counts).copy()
+    need = 0
+    for seq, n in zip(rows, counts):
+      length = len(self.tokens[seq])
+      if length % ps:
+        last = table[seq, length // ps]
+        if refs[last] > 1:
+          need += 1
+          refs[last] -= 1
+      need += -(-(length + n) // ps) - -(-length // ps)
+    return need
+
+  @rule(data=st.data())
+  def fork(self, data):
+    live = [s for s in range(self.spec.max_seqs) if self.tokens[s]]
+    empty = [s for s in range(self.spec.max_seqs) if not self.tokens[s]]
+    if not live or not empty:
+      return
+    src, dst = data.draw(st.sampled_from(live)), data.draw(st.sampled_from(empty))
+    self.cache, ok = jp.fork(self.cache, jnp.array([src]), jnp.array([dst]))
+    assert bool(ok)
+    self.tokens[dst], self.salts[dst] = list(self.tokens[src]), self.salts[src]
+
+  @rule(seq=st.integers(0, PREFIX_SPEC["max_seqs"] - 1))
+  def release(self, seq):
+    self.cache = jp.release(self.cache, jnp.array([seq]))
+    self.tokens[seq], self.salts[seq] = [], 0
+
+  @rule()
+  def reset(self):
+    before = self._snapshot()
+    self.cache, ok = jp.reset_prefix_cache(self.cache)
+    in_use = any(self.tokens.values())
+    assert bool(ok) == (not in_use)
+    if in_use:
+      jax.tree.map(np.testing.assert_array_equal, self._snapshot(), before)
+    else:
+      assert int(jp.num_free_pages(self.cache)) == self.spec.num_pages
+
+  @invariant()
+  def structure_holds(self):
+    c, p = self.cache, self.cache.prefix
+    table_, refs = np.asarray(c.page_table), np.asarray(c.ref_counts)
+    np.testing.assert_array_equal(refs, np.bincount(table_[table_ >= 0],
+                                                    minlength=self.spec.num_pages))
+    cached = np.asarray(p.page_cached)
+    free = np.asarray(c.free_pages)[:int(c.num_free)].tolist()
+    assert len(set(free)) == len(free)
+    assert set(free) == set(np.flatnonzero((refs == 0) & ~cached).tolist())
+    assert int(p.num_evictable) == int(np.sum(cached & (refs == 0)))
+    live_slots = np.asarray(p.table_pages)
+    entries = live_slots[live_slots >= 0]
+    assert sorted(entries.tolist()) == np.flatnonzero(cached).tolist()  # one entry each
+    assert int(p.num_cached) == len(entries)
+    used = int(np.sum(refs > 0))
+    assert int(c.num_free) + int(p.num_evictable) + used == self.spec.num_pages
+    salts = np.asarray(p.page_salt)
+    for s in range(self.spec.max_seqs):
+      assert int(c.seq_lens[s]) == len(self.tokens[s])
+      held = table_[s][table_[s] >= 0]
+      # Tenant isolation: every cached block a sequence holds was registered under its salt.
+      assert (salts[held][cached[held]] == self.salts[s]).all()
+
+  @invariant()
+  def every_sequence_holds_its_own_key_values(self):
+    for s, tokens in self.tokens.items():
+      k, v = jp.gather_kv(self.cache, 1, s)
+      np.testing.assert_array_equal(np.asarray(k)[:len(tokens), 0, 0], key_values(tokens) + 1000)
+      np.testing.assert_array_equal(np.asarray(v)[:len(tokens), 0, 1], -key_values(tokens) - 1000)
+
+
+class CollidingPrefixCacheMachine(PrefixCacheMachine):
+  """Every block hashes alike: only verification stands between a request and foreign K/V."""
+  block_hash = "constant"
+
+
+class UnchainedPrefixCacheMachine(PrefixCacheMachine):
+  """Equal blocks after different prefixes collide: the parent and generation checks decide."""
+  block_hash = "unchained"
+
+
+TestPrefixCache = PrefixCacheMachine.TestCase
+TestCollidingPrefixCache = CollidingPrefixCacheMachine.TestCase
+TestUnchainedPrefixCache = UnchainedPrefixCacheMachine.TestCase

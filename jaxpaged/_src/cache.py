@@ -21,17 +21,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpaged._src import prefix_state
+from jaxpaged._src.prefix_state import PrefixState, init_prefix_state
 from jaxpaged._src.spec import CacheSpec, JaxPagedError
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["k_pages", "v_pages", "page_table", "seq_lens", "ref_counts", "free_pages",
-                 "num_free"],
-    meta_fields=[])
+                 "num_free", "prefix"],
+    meta_fields=["spec"])
 @dataclasses.dataclass(frozen=True)
 class PagedKVCache:
-  """Paged KV cache state: arrays only. Create with `init_cache`, update with jaxpaged functions.
+  """Paged KV cache state: arrays, plus its static `CacheSpec`. Create with `init_cache`,
+  update with jaxpaged functions.
 
   Attributes:
     k_pages: ``[num_layers, num_kv_heads, num_pages, page_size, head_dim]`` keys.
@@ -40,8 +43,11 @@ class PagedKVCache:
       -1 where unmapped.
     seq_lens: ``int32[max_seqs]`` tokens held by each sequence (0 = empty slot).
     ref_counts: ``int32[num_pages]`` page-table entries referring to each page.
-    free_pages: ``int32[num_pages]`` stack of free page ids; entries ``[0, num_free)`` are valid.
-    num_free: ``int32[]`` free pages.
+    free_pages: ``int32[num_pages]`` stack of free, never-cached page ids; entries
+      ``[0, num_free)`` are valid.
+    num_free: ``int32[]`` pages on that stack.
+    prefix: the prefix cache's `PrefixState` (None unless ``spec.prefix_caching``).
+    spec: the static `CacheSpec` (pytree metadata, not a leaf).
   """
 
   k_pages: jax.Array
@@ -51,14 +57,8 @@ class PagedKVCache:
   ref_counts: jax.Array
   free_pages: jax.Array
   num_free: jax.Array
-
-  @property
-  def spec(self) -> CacheSpec:
-    """The `CacheSpec` this cache was built from (derived from the array shapes)."""
-    num_layers, num_kv_heads, num_pages, page_size, head_dim = self.k_pages.shape
-    max_seqs, max_pages_per_seq = self.page_table.shape
-    return CacheSpec(num_layers, num_kv_heads, head_dim, page_size, num_pages, max_seqs,
-                     max_pages_per_seq, self.k_pages.dtype)
+  prefix: PrefixState | None
+  spec: CacheSpec
 
 
 def init_cache(spec: CacheSpec) -> PagedKVCache:
@@ -81,17 +81,25 @@ def init_cache(spec: CacheSpec) -> PagedKVCache:
       # Popped from the top, so page 0 is handed out first.
       free_pages=jnp.arange(spec.num_pages - 1, -1, -1, dtype=jnp.int32),
       num_free=jnp.asarray(spec.num_pages, jnp.int32),
+      prefix=init_prefix_state(spec) if spec.prefix_caching else None,
+      spec=spec,
   )
 
 
 def num_free_pages(cache: PagedKVCache) -> jax.Array:
-  """``int32[]`` pages that no sequence refers to."""
+  """``int32[]`` pages holding nothing (cached blocks that could be evicted not included)."""
   return cache.num_free
+
+
+def num_cached_free_pages(cache: PagedKVCache) -> jax.Array:
+  """``int32[]`` unreferenced pages that keep a cached block until evicted (0 without prefix
+  caching)."""
+  return cache.prefix.num_evictable if cache.prefix is not None else jnp.int32(0)
 
 
 def num_used_pages(cache: PagedKVCache) -> jax.Array:
   """``int32[]`` pages referred to by at least one sequence."""
-  return cache.spec.num_pages - cache.num_free
+  return cache.spec.num_pages - cache.num_free - num_cached_free_pages(cache)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -193,7 +201,7 @@ def _extend_plan(cache: PagedKVCache, seq_ids, num_new_tokens, num_slots: int):
   earlier_copies = jnp.sum(jnp.tril(same, k=-1), axis=1)
   cow = appends_into & (cache.ref_counts[jnp.clip(last_page, 0)] - earlier_copies > 1)
   need = new_pages - old_pages + cow
-  problems["out_of_pages"] = jnp.sum(need) > cache.num_free
+  problems["out_of_pages"] = jnp.sum(need) > cache.num_free + num_cached_free_pages(cache)
   ok = ~jnp.any(jnp.stack([jnp.any(m) for m in problems.values()]))
   return dict(problems=problems, ok=ok, live=live, n=n, layout=layout, old_len=old_len,
               new_len=new_len,
@@ -215,7 +223,8 @@ def check_extend(cache: PagedKVCache, seq_ids, num_new_tokens, *, num_slots: int
                max_seq_len=spec.max_seq_len, num_slots=num_slots)
 
 
-def extend(cache: PagedKVCache, seq_ids, num_new_tokens, *, num_slots: int | None = None):
+def extend(cache: PagedKVCache, seq_ids, num_new_tokens, *, num_slots: int | None = None,
+           tokens=None):
   """Makes room for the new tokens of a ragged batch: atomic, vectorised, in-graph.
 
   Args:
@@ -225,6 +234,10 @@ def extend(cache: PagedKVCache, seq_ids, num_new_tokens, *, num_slots: int | Non
     num_new_tokens: ``int32[B]`` tokens each row appends.
     num_slots: static length ``T`` of the returned ``slots`` (default ``B``: one token a row, the
       decode case). Must be at least ``sum(num_new_tokens)``.
+    tokens: ``int32[T]`` the new tokens' ids, in the same layout (prefix caching only: blocks
+      that fill are hashed and registered for `match_prefix`). A sequence extended once without
+      ids is never registered again. Write the tokens' K/V (`write_kv`) before the next
+      `match_prefix` call: a registered block is served from then on.
 
   Returns:
     ``(cache, slots, ok)``: ``slots`` is ``int32[T]``, the cache slot (``page * page_size +
@@ -232,10 +245,12 @@ def extend(cache: PagedKVCache, seq_ids, num_new_tokens, *, num_slots: int | Non
     num_new_tokens[b])`` with ``start`` the running sum of ``num_new_tokens``, rows in order;
     padding rows keep their entries (slot -1), so a decode step with one token a row is
     row-aligned. Entries past the last row are -1. This is the ``[T, ...]`` layout of the K/V
-    given to `write_kv` and of the queries given to `ragged_paged_attention`. If ``ok`` is False (bad ids, a sequence past its capacity, too few
-    free pages), the returned cache equals the input and every slot is -1; `check_extend` says why.
-    A new token landing in a partly filled page that other sequences share first gets a private
-    copy of that page (copy-on-write).
+    given to `write_kv` and of the queries given to `ragged_paged_attention`. If ``ok`` is False
+    (bad ids, a sequence past its capacity, too few free pages), the returned cache equals the
+    input and every slot is -1; `check_extend` says why. A new token landing in a partly filled
+    page that other sequences share first gets a private copy of that page (copy-on-write).
+    With prefix caching, never-cached free pages are used first; cached blocks nobody uses are
+    evicted only when those run out (least recently used first, a chain's tail first).
 
   >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
   ...                  max_seqs=2, max_pages_per_seq=4)
@@ -251,44 +266,97 @@ def extend(cache: PagedKVCache, seq_ids, num_new_tokens, *, num_slots: int | Non
   if isinstance(num_slots, bool) or not isinstance(num_slots, (int, np.integer)) or num_slots < 0:
     raise JaxPagedError(f"num_slots must be a non-negative Python int, got {num_slots!r}; it is "
                         "the static length of the returned slots.")
-  del spec
-  return _extend(cache, seq_ids, num_new_tokens, num_slots=int(num_slots))
+  if tokens is not None:
+    tokens = _as_index_vector("tokens", tokens, int(num_slots))
+    if not spec.prefix_caching:
+      tokens = None  # only prefix caching keeps token ids
+  return _extend(cache, seq_ids, num_new_tokens, tokens, num_slots=int(num_slots))
 
 
 @functools.partial(jax.jit, static_argnames=("num_slots",), donate_argnames=("cache",))
-def _extend(cache, seq_ids, num_new_tokens, *, num_slots):
+def _extend(cache, seq_ids, num_new_tokens, tokens, *, num_slots):
   spec = cache.spec
   ps, num_pages = spec.page_size, spec.num_pages
   plan = _extend_plan(cache, seq_ids, num_new_tokens, num_slots)
   ok, live, cow = plan["ok"], plan["live"], plan["cow"]
+  prefix = cache.prefix
   # New pages per row, as a [B, K] grid: K bounds any row's new pages (plus a copy-on-write page).
   width = min(spec.max_pages_per_seq, _cdiv(num_slots, ps) + 1)
   k = jnp.arange(width)
   allocated = (k < plan["need"][:, None]) & ok
   alloc_index = (jnp.cumsum(plan["need"]) - plan["need"])[:, None] + k
-  stack_pos = jnp.clip(cache.num_free - 1 - alloc_index, 0, num_pages - 1)
-  new_page = cache.free_pages[stack_pos]  # [B, K]
+  new_page = cache.free_pages[jnp.clip(cache.num_free - 1 - alloc_index, 0, num_pages - 1)]
+  total = jnp.where(ok, jnp.sum(plan["need"]), 0)
+  if prefix is not None:
+    # Past the never-cached free pages, evict cached blocks nobody uses (only when needed: the
+    # choice sorts all pages).
+    max_victims = seq_ids.shape[0] * width
+    shortfall = jnp.maximum(total - cache.num_free, 0)
+    prefix, victims = jax.lax.cond(
+        shortfall > 0,
+        lambda p: prefix_state.select_victims(p, cache.ref_counts, shortfall, max_victims),
+        lambda p: (p, jnp.full((max_victims,), -1, jnp.int32)), prefix)
+    from_victims = alloc_index >= cache.num_free
+    new_page = jnp.where(
+        from_victims, victims[jnp.clip(alloc_index - cache.num_free, 0, max_victims - 1)],
+        new_page)
   logical = plan["old_pages"][:, None] - cow[:, None] + k  # [B, K]
   write_row = jnp.where(allocated, seq_ids[:, None], spec.max_seqs)  # out of bounds: dropped
+  handed_out = jnp.where(allocated, new_page, num_pages)
   page_table = cache.page_table.at[write_row, logical].set(new_page, mode="drop")
-  ref_counts = cache.ref_counts.at[jnp.where(allocated, new_page, num_pages)].add(1, mode="drop")
+  ref_counts = cache.ref_counts.at[handed_out].add(1, mode="drop")
   ref_counts = ref_counts.at[jnp.where(cow, plan["last_page"], num_pages)].add(-1, mode="drop")
   seq_lens = cache.seq_lens.at[jnp.where(live & ok, seq_ids, spec.max_seqs)].set(
       plan["new_len"], mode="drop")
-  num_free = cache.num_free - jnp.where(ok, jnp.sum(plan["need"]), 0)
+  num_free = cache.num_free - jnp.minimum(total, cache.num_free)
+
+  cow_dst = jnp.where(cow, new_page[:, 0], num_pages)
+  cow_src = jnp.clip(plan["last_page"], 0)
 
   def copy_shared_pages(pages):
-    dst = jnp.where(cow, new_page[:, 0], num_pages)
-    src = jnp.clip(plan["last_page"], 0)
-    return tuple(p.at[:, :, dst].set(p[:, :, src], mode="drop") for p in pages)
+    return tuple(p.at[:, :, cow_dst].set(p[:, :, cow_src], mode="drop") for p in pages)
 
   # The copy is skipped (no pool traffic at all) on the common steps that need none.
   k_pages, v_pages = jax.lax.cond(jnp.any(cow), copy_shared_pages, lambda pages: pages,
                                   (cache.k_pages, cache.v_pages))
-  cache = PagedKVCache(k_pages, v_pages, page_table, seq_lens, ref_counts, cache.free_pages,
-                       num_free)
-  slots = _token_slots(cache, seq_ids, plan["layout"], plan["old_len"], ok & live, num_slots)
+  cache = dataclasses.replace(cache, k_pages=k_pages, v_pages=v_pages, page_table=page_table,
+                              seq_lens=seq_lens, ref_counts=ref_counts, num_free=num_free)
+  row_ok = ok & live
+  slots = _token_slots(cache, seq_ids, plan["layout"], plan["old_len"], row_ok, num_slots)
+  if prefix is not None:
+    cache = dataclasses.replace(cache, prefix=_note_tokens(
+        prefix, cache, seq_ids, plan, row_ok, tokens, slots, cow_src, cow_dst, handed_out,
+        width))
   return cache, slots, ok
+
+
+def _note_tokens(prefix, cache, seq_ids, plan, row_ok, tokens, slots, cow_src, cow_dst,
+                 handed_out, width):
+  """Prefix bookkeeping of an `extend`: new pages get a new generation, token ids are stored,
+  copied pages keep theirs, and blocks that filled are hashed and registered."""
+  spec = cache.spec
+  ps, num_pages = spec.page_size, spec.num_pages
+  rows = jnp.where(row_ok, seq_ids, spec.max_seqs)
+  if tokens is None:
+    hashable = jnp.zeros(seq_ids.shape, bool)
+  else:  # a sequence stays hashable only while every token comes with its id
+    hashable = jnp.where(plan["old_len"] == 0, True,
+                         prefix.seq_hashable[jnp.clip(seq_ids, 0, spec.max_seqs - 1)])
+  page_tokens = prefix.page_tokens.at[cow_dst].set(prefix.page_tokens[cow_src], mode="drop")
+  if tokens is not None:
+    at = jnp.where(slots >= 0, slots // ps, num_pages)
+    page_tokens = page_tokens.at[at, slots % ps].set(tokens, mode="drop")
+  prefix = dataclasses.replace(
+      prefix, page_tokens=page_tokens,
+      page_gen=prefix.page_gen.at[handed_out].add(1, mode="drop"),
+      seq_hashable=prefix.seq_hashable.at[rows].set(hashable, mode="drop"),
+      clock=prefix.clock + jnp.any(row_ok))  # a refused call changes nothing, the clock neither
+  if tokens is None:
+    return prefix
+  return prefix_state.register_blocks(
+      prefix, cache.page_table, seq_ids, plan["old_len"], plan["new_len"], row_ok,
+      page_size=ps, max_blocks=width, hash_fn=spec.block_hash,
+      max_cached=spec.max_cached_blocks)
 
 
 def token_rows(counts, num_tokens: int):
@@ -364,20 +432,33 @@ def _release(cache, seq_ids):
   pages = cache.page_table[jnp.where(live, seq_ids, 0)]  # [R, max_pages_per_seq]
   held = jnp.where(live[:, None] & (pages >= 0), pages, num_pages).reshape(-1)
   ref_counts = cache.ref_counts.at[held].add(-1, mode="drop")
-  # A page shared by two released sequences appears twice: sort so it is pushed once.
+  # A page shared by two released sequences appears twice: sort so it is freed once.
   held = jnp.sort(held)
   first = jnp.concatenate([jnp.ones((1,), bool), held[1:] != held[:-1]])
-  freed = first & (held < num_pages) & (ref_counts[jnp.clip(held, 0, num_pages - 1)] == 0)
-  push_to = jnp.where(freed, cache.num_free + jnp.cumsum(freed) - 1, num_pages)
-  free_pages = cache.free_pages.at[push_to].set(held, mode="drop")
+  safe = jnp.clip(held, 0, num_pages - 1)
+  freed = first & (held < num_pages) & (ref_counts[safe] == 0)
+  prefix = cache.prefix
   rows = jnp.where(live, seq_ids, spec.max_seqs)
+  if prefix is not None:  # cached blocks stay, evictable, for later prompts
+    kept = freed & prefix.page_cached[safe]
+    freed &= ~kept
+    prefix = dataclasses.replace(
+        prefix,
+        page_last_use=prefix.page_last_use.at[jnp.where(kept, held, num_pages)].set(
+            prefix.clock, mode="drop"),
+        num_evictable=prefix.num_evictable + jnp.sum(kept, dtype=jnp.int32),
+        seq_salt=prefix.seq_salt.at[rows].set(0, mode="drop"),
+        seq_hashable=prefix.seq_hashable.at[rows].set(False, mode="drop"),
+        clock=prefix.clock + 1)
+  push_to = jnp.where(freed, cache.num_free + jnp.cumsum(freed) - 1, num_pages)
   return dataclasses.replace(
       cache,
       page_table=cache.page_table.at[rows].set(-1, mode="drop"),
       seq_lens=cache.seq_lens.at[rows].set(0, mode="drop"),
       ref_counts=ref_counts,
-      free_pages=free_pages,
+      free_pages=cache.free_pages.at[push_to].set(held, mode="drop"),
       num_free=cache.num_free + jnp.sum(freed, dtype=jnp.int32),
+      prefix=prefix,
   )
 
 
@@ -435,11 +516,17 @@ def _fork(cache, src_ids, dst_ids):
   rows = cache.page_table[src]  # [N, max_pages_per_seq]
   dst = jnp.where(live, dst_ids, spec.max_seqs)
   shared = jnp.where(live[:, None] & (rows >= 0), rows, spec.num_pages)
+  prefix = cache.prefix
+  if prefix is not None:  # a fork continues its source's chain, salt included
+    prefix = dataclasses.replace(
+        prefix, seq_salt=prefix.seq_salt.at[dst].set(prefix.seq_salt[src], mode="drop"),
+        seq_hashable=prefix.seq_hashable.at[dst].set(prefix.seq_hashable[src], mode="drop"))
   return dataclasses.replace(
       cache,
       page_table=cache.page_table.at[dst].set(rows, mode="drop"),
       seq_lens=cache.seq_lens.at[dst].set(cache.seq_lens[src], mode="drop"),
       ref_counts=cache.ref_counts.at[shared].add(1, mode="drop"),
+      prefix=prefix,
   ), ok
 
 

@@ -28,6 +28,10 @@ def _check_positive_int(name: str, value: Any) -> None:
         f"every size in a CacheSpec is a count of at least 1.")
 
 
+_SIZES = ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages", "max_seqs",
+          "max_pages_per_seq")
+
+
 @jax.tree_util.register_static  # a pytree with no leaves: passes through jit/eval_shape as static
 @dataclasses.dataclass(frozen=True)
 class CacheSpec:
@@ -43,6 +47,13 @@ class CacheSpec:
     max_pages_per_seq: page-table width, so a sequence holds at most
       ``max_pages_per_seq * page_size`` tokens.
     dtype: K/V element type: float32, bfloat16 or float16.
+    prefix_caching: keep full blocks cached after their sequences end, for `match_prefix`.
+    table_capacity: prefix hash-table slots, a power of two (default: the smallest power of
+      two >= 2 * num_pages).
+    max_cached_blocks: at most this many pages hold registered blocks (default: num_pages).
+    min_prefix_tokens: `match_prefix` takes a hit only if it covers at least this many tokens.
+    block_hash: ``"mix64"``; ``"constant"`` (every block collides) and ``"unchained"`` (equal
+      blocks after different prefixes collide) exist to test that collisions are harmless.
 
   >>> spec = CacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, page_size=16,
   ...                  num_pages=64, max_seqs=4, max_pages_per_seq=8)
@@ -58,12 +69,35 @@ class CacheSpec:
   max_seqs: int
   max_pages_per_seq: int
   dtype: Any = jnp.float32
+  prefix_caching: bool = False
+  table_capacity: int | None = None
+  max_cached_blocks: int | None = None
+  min_prefix_tokens: int = 0
+  block_hash: str = "mix64"
 
   def __post_init__(self):
-    for field in dataclasses.fields(self):
-      if field.name != "dtype":
-        _check_positive_int(field.name, getattr(self, field.name))
-        object.__setattr__(self, field.name, int(getattr(self, field.name)))
+    for name in _SIZES:
+      _check_positive_int(name, getattr(self, name))
+      object.__setattr__(self, name, int(getattr(self, name)))
+    if not isinstance(self.prefix_caching, bool):
+      raise JaxPagedError(f"CacheSpec.prefix_caching must be True or False, got "
+                          f"{self.prefix_caching!r}.")
+    if self.table_capacity is None:
+      object.__setattr__(self, "table_capacity", 1 << (2 * self.num_pages - 1).bit_length())
+    _check_positive_int("table_capacity", self.table_capacity)
+    if self.table_capacity & (self.table_capacity - 1):
+      raise JaxPagedError(f"CacheSpec.table_capacity must be a power of two, got "
+                          f"{self.table_capacity}; e.g. {1 << self.table_capacity.bit_length()}.")
+    if self.max_cached_blocks is None:
+      object.__setattr__(self, "max_cached_blocks", self.num_pages)
+    _check_positive_int("max_cached_blocks", self.max_cached_blocks)
+    if isinstance(self.min_prefix_tokens, bool) or not isinstance(
+        self.min_prefix_tokens, (int, np.integer)) or self.min_prefix_tokens < 0:
+      raise JaxPagedError(f"CacheSpec.min_prefix_tokens must be an int >= 0, got "
+                          f"{self.min_prefix_tokens!r}.")
+    if self.block_hash not in ("mix64", "constant", "unchained"):
+      raise JaxPagedError(f"CacheSpec.block_hash must be 'mix64' (or 'constant' / 'unchained', "
+                          f"for testing), got {self.block_hash!r}.")
     try:
       dtype = jnp.dtype(self.dtype)
     except TypeError as e:

@@ -13,6 +13,7 @@ The XLA path is a single scatter and is also the reference: there is no simpler 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -123,5 +124,4 @@ def _write_kv(cache, layer, k, v, slots, *, impl, interpret):
                                         interpret=interpret)
   else:
     k_pages, v_pages = _write_kv_xla(cache.k_pages, cache.v_pages, layer, k, v, slots)
-  return PagedKVCache(k_pages, v_pages, cache.page_table, cache.seq_lens, cache.ref_counts,
-                      cache.free_pages, cache.num_free)
+  return dataclasses.replace(cache, k_pages=k_pages, v_pages=v_pages)

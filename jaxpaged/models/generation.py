@@ -76,16 +76,68 @@ class Generation:
   peak_pages: int
   num_pages: int
   peak_sequences: int
+  cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache
 
   @property
   def decode_tokens_per_second(self) -> float:
     return self.decode_tokens / max(self.decode_seconds, 1e-9)
 
 
+def prefill(params, config: LlamaConfig, cache, seq_ids: list[int], prompts: list[list[int]], *,
+            prefill_chunk: int = 256, impl: str = "auto", progress=None):
+  """Admits new sequences and computes their prompts in chunks of ``prefill_chunk`` tokens.
+
+  On a `jaxpaged.PagedKVCache`, `jaxpaged.match_prefix` first attaches each prompt's cached
+  prefix (with prefix caching enabled), so only the rest is computed.
+
+  Returns:
+    ``(cache, first_logits [B, vocab], cached_tokens [B])``: logits at each prompt's last token.
+  """
+  batch = len(prompts)
+  ids = jnp.asarray(seq_ids, jnp.int32)
+  fed = [0] * batch
+  if isinstance(cache, jp.PagedKVCache):
+    width = max(map(len, prompts))
+    padded = np.zeros((batch, width), np.int32)
+    for row, prompt in enumerate(prompts):
+      padded[row, :len(prompt)] = prompt
+    cache, match = jp.match_prefix(cache, ids, jnp.asarray(padded),
+                                   jnp.asarray([len(p) for p in prompts], jnp.int32),
+                                   max_new_tokens=jnp.zeros(batch, jnp.int32), num_slots=batch)
+    if not bool(match.ok):
+      raise RuntimeError("the cache refused to admit the prompts (slots in use?)")
+    fed = [int(n) for n in match.num_cached]
+  cached = list(fed)
+  first_logits = np.zeros((batch, config.vocab_size), np.float32)
+  say = progress or (lambda message: None)
+  while any(f < len(p) for f, p in zip(fed, prompts)):
+    budget, chunk, q_lens = prefill_chunk, [], []
+    for row, prompt in enumerate(prompts):  # fill the chunk with the next tokens, row by row
+      take = min(len(prompt) - fed[row], budget)
+      chunk += prompt[fed[row]:fed[row] + take]
+      q_lens.append(take)
+      budget -= take
+    tokens = np.zeros(prefill_chunk, np.int32)
+    tokens[:len(chunk)] = chunk
+    cache, logits, ok = _prefill_step(params, cache, jnp.asarray(tokens), ids,
+                                      jnp.asarray(q_lens, jnp.int32), config=config, impl=impl)
+    if not bool(ok):
+      raise RuntimeError("the cache refused a prefill chunk: it is too small for the prompts")
+    logits = np.asarray(logits)
+    for row, take in enumerate(q_lens):
+      fed[row] += take
+      if take and fed[row] == len(prompts[row]):
+        first_logits[row] = logits[row]
+    say(f"prefill: {sum(fed)}/{sum(map(len, prompts))} prompt tokens "
+        f"({sum(cached)} from the prefix cache)")
+  return cache, first_logits, np.asarray(cached)
+
+
 def generate(params, config: LlamaConfig, prompts: list[list[int]], *, max_new_tokens: int,
              eos_id: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              page_size: int = 16, prefill_chunk: int = 256, steps_per_call: int = 8,
              cache_dtype=jnp.float32, impl: str = "auto", dense_cache: bool = False,
+             prefix_caching: bool = False,
              progress: Callable[[str], None] | None = None) -> Generation:
   """Generates up to ``max_new_tokens`` tokens for every prompt, batched on one paged cache.
 
@@ -96,13 +148,18 @@ def generate(params, config: LlamaConfig, prompts: list[list[int]], *, max_new_t
     page_size, prefill_chunk, steps_per_call: cache page size, prefill tokens per call (static
       shape) and decode steps per jitted call.
     dense_cache: run on `DenseKVCache` (contiguous per-sequence buffers) instead: the baseline.
+    prefix_caching: rows whose prompts share full blocks compute them once (within one call the
+      blocks of earlier rows are registered only as they are computed, so batch-mates share
+      nothing; see `prefill` for admitting requests in waves).
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise jp.JaxPagedError("every prompt needs at least one token.")
   batch = len(prompts)
   lengths = [len(p) + max_new_tokens for p in prompts]
-  spec = config.cache_spec(num_pages=sum(-(-n // page_size) for n in lengths), max_seqs=batch,
-                           max_seq_len=max(lengths), page_size=page_size, dtype=cache_dtype)
+  spec = dataclasses.replace(
+      config.cache_spec(num_pages=sum(-(-n // page_size) for n in lengths), max_seqs=batch,
+                        max_seq_len=max(lengths), page_size=page_size, dtype=cache_dtype),
+      prefix_caching=prefix_caching)
   if dense_cache:
     cache = DenseKVCache.create(config, batch, spec.max_seq_len, cache_dtype)
     used_pages = lambda cache: 0
@@ -112,28 +169,9 @@ def generate(params, config: LlamaConfig, prompts: list[list[int]], *, max_new_t
   seq_ids = jnp.arange(batch, dtype=jnp.int32)
   say = progress or (lambda message: None)
 
-  # Prefill: fill each chunk with the next prompt tokens, row after row.
   start = time.perf_counter()
-  fed, first_logits = [0] * batch, np.zeros((batch, config.vocab_size), np.float32)
-  while any(f < len(p) for f, p in zip(fed, prompts)):
-    budget, chunk, q_lens = prefill_chunk, [], []
-    for row, prompt in enumerate(prompts):
-      take = min(len(prompt) - fed[row], budget)
-      chunk += prompt[fed[row]:fed[row] + take]
-      q_lens.append(take)
-      budget -= take
-    tokens = np.zeros(prefill_chunk, np.int32)
-    tokens[:len(chunk)] = chunk
-    cache, logits, ok = _prefill_step(params, cache, jnp.asarray(tokens), seq_ids,
-                                      jnp.asarray(q_lens, jnp.int32), config=config, impl=impl)
-    if not bool(ok):
-      raise RuntimeError("the cache refused a prefill chunk: jaxpaged sized it too small.")
-    logits = np.asarray(logits)
-    for row, take in enumerate(q_lens):
-      fed[row] += take
-      if take and fed[row] == len(prompts[row]):
-        first_logits[row] = logits[row]
-    say(f"prefill: {sum(fed)}/{sum(map(len, prompts))} prompt tokens")
+  cache, first_logits, cached = prefill(params, config, cache, list(range(batch)), prompts,
+                                        prefill_chunk=prefill_chunk, impl=impl, progress=say)
   key = jax.random.key(seed)
   key, subkey = jax.random.split(key)
   tokens = sample(jnp.asarray(first_logits), subkey, temperature=temperature, top_p=top_p)
@@ -158,4 +196,5 @@ def generate(params, config: LlamaConfig, prompts: list[list[int]], *, max_new_t
   decode_seconds = time.perf_counter() - start
   rows = [p[:p.index(eos_id)] if eos_id in p else p for p in produced]
   return Generation(rows, first_logits, prefill_seconds, decode_seconds,
-                    sum(len(p) for p in produced) - batch, peak_pages, spec.num_pages, batch)
+                    sum(len(p) for p in produced) - batch, peak_pages, spec.num_pages, batch,
+                    int(cached.sum()))

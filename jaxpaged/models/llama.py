@@ -134,7 +134,8 @@ def forward(params, cache, tokens, seq_ids, q_lens, *, config: LlamaConfig, deco
   num_tokens = tokens.shape[0]
   paged = isinstance(cache, jp.PagedKVCache)
   if paged:
-    cache, slots, ok = jp.extend(cache, seq_ids, q_lens, num_slots=num_tokens)
+    # Token ids go along, so a prefix-caching cache registers the blocks they fill.
+    cache, slots, ok = jp.extend(cache, seq_ids, q_lens, num_slots=num_tokens, tokens=tokens)
     positions = jp.token_positions(cache, seq_ids, q_lens, num_slots=num_tokens)
   else:
     cache, ok = _dense_extend(cache, seq_ids, q_lens, num_tokens)

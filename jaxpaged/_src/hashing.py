@@ -1,0 +1,132 @@
+"""Chained block hashes, bit-identical on the host (NumPy) and on device (jnp).
+
+A block's hash is 64 bits held as two uint32 lanes (JAX runs without 64-bit integers by
+default). Each block's token ids are first absorbed, in order, into a 64-bit digest of the block
+alone (all blocks in parallel); the chain then links digests: block i's hash absorbs block i's
+digest into block i-1's hash, and block 0 starts from fixed seeds mixed with the request's salt. Mixing uses the
+murmur3 32-bit finalizer with the lanes cross-fed, so every bit of the state depends on every
+token. The hash only spreads blocks over the table: a hit is always verified against the
+block's stored token ids, salt and parent (`jaxpaged._src.prefix`), so even a forced collision
+cannot serve another prompt's K/V.
+
+Two degenerate functions exist to test that collisions are harmless: ``"constant"`` hashes
+every block alike; ``"unchained"`` ignores the parent, so equal blocks after different prefixes
+collide (what the parent and generation checks guard against). The table keeps one block per
+key, so a colliding block is not cached: collisions cost hits, never correctness.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+HASH_FUNCTIONS = ("mix64", "constant", "unchained")
+_SEED = (0x9E3779B9, 0x7F4A7C15)
+_M1, _M2, _GOLDEN = 0x85EBCA6B, 0xC2B2AE35, 0x9E3779B1
+
+
+def _u32(xp, value):
+  return xp.asarray(value, dtype=xp.uint32)
+
+
+def _fmix(xp, h):
+  """murmur3's 32-bit finalizer: every input bit flips about half the output bits."""
+  h = h ^ (h >> _u32(xp, 16))
+  h = h * _u32(xp, _M1)
+  h = h ^ (h >> _u32(xp, 13))
+  h = h * _u32(xp, _M2)
+  return h ^ (h >> _u32(xp, 16))
+
+
+def _rotl(xp, h, r):
+  return (h << _u32(xp, r)) | (h >> _u32(xp, 32 - r))
+
+
+def _absorb(xp, h1, h2, word):
+  h1 = _fmix(xp, h1 ^ word) ^ _rotl(xp, h2, 13)
+  h2 = _fmix(xp, h2 + word * _u32(xp, _GOLDEN)) + h1
+  return h1, h2
+
+
+def _digest(xp, blocks):
+  """Per-block digest of ``blocks [..., page_size]`` token ids: two uint32 lanes, every block
+  independently (so all blocks are digested at once)."""
+  blocks = xp.asarray(blocks).astype(xp.uint32)
+  h1 = xp.broadcast_to(_u32(xp, _SEED[0]), blocks.shape[:-1])
+  h2 = xp.broadcast_to(_u32(xp, _SEED[1]), blocks.shape[:-1])
+  for i in range(blocks.shape[-1]):
+    h1, h2 = _absorb(xp, h1, h2, blocks[..., i])
+  return _absorb(xp, h1, h2, _u32(xp, blocks.shape[-1]))  # ends the block
+
+
+def _link(xp, parent1, parent2, digest):
+  """Chains a block's digest onto its parent's hash."""
+  h1, h2 = _absorb(xp, parent1, parent2, digest[0])
+  return _absorb(xp, h1, h2, digest[1])
+
+
+def _start(xp, salts):
+  """Where a first block's chain starts: the seeds, mixed with the request's salt."""
+  h1 = _fmix(xp, _u32(xp, _SEED[1]) ^ xp.asarray(salts).astype(xp.uint32))
+  return h1, xp.broadcast_to(_u32(xp, _SEED[0]), h1.shape)
+
+
+def chain_block_hashes(xp, tokens, salts, page_size: int, hash_fn: str = "mix64"):
+  """Hashes of the full blocks of each row, each chaining the previous block's hash.
+
+  Args:
+    xp: ``numpy`` or ``jax.numpy`` (both give the same bits).
+    tokens: ``int32[B, n * page_size]`` token ids; every block is hashed (callers mask blocks
+      past a row's length).
+    salts: ``int32[B]`` per-request salt (0 = none); different salts give unrelated chains.
+
+  Returns:
+    ``uint32[B, n, 2]``.
+  """
+  if hash_fn not in HASH_FUNCTIONS:
+    raise ValueError(f"hash_fn must be one of {HASH_FUNCTIONS}, got {hash_fn!r}")
+  tokens = xp.asarray(tokens)
+  rows, width = tokens.shape
+  num_blocks = width // page_size
+  if hash_fn == "constant" or num_blocks == 0:
+    return xp.zeros((rows, num_blocks, 2), xp.uint32)
+  d1, d2 = _digest(xp, tokens[:, :num_blocks * page_size].reshape(rows, num_blocks, page_size))
+  start = _start(xp, salts)
+  if hash_fn == "unchained":
+    h1, h2 = _link(xp, start[0][:, None], start[1][:, None], (d1, d2))
+    return xp.stack([h1, h2], axis=-1)
+  if xp is np:  # the host walks the chain block by block
+    out, parent = [], start
+    for block in range(num_blocks):
+      parent = _link(xp, *parent, (d1[:, block], d2[:, block]))
+      out.append(xp.stack(parent, axis=-1))
+    return np.stack(out, axis=1)
+  import jax  # pylint: disable=g-import-not-at-top  # on device, one compiled link, scanned
+
+  def step(parent, digest):
+    h = _link(xp, *parent, digest)
+    return h, xp.stack(h, axis=-1)
+
+  _, out = jax.lax.scan(step, start, (d1.T, d2.T))
+  return xp.swapaxes(out, 0, 1)
+
+
+def next_block_hash(xp, parent_hash, block_tokens, salts, is_first, hash_fn: str = "mix64"):
+  """One chain step for a batch of blocks: ``parent_hash uint32[N, 2]`` (ignored where
+  ``is_first``), ``block_tokens int32[N, page_size]``. Equals the corresponding column of
+  `chain_block_hashes`."""
+  if hash_fn == "constant":
+    return xp.zeros((xp.asarray(block_tokens).shape[0], 2), xp.uint32)
+  start = _start(xp, salts)
+  if hash_fn != "unchained":
+    start = (xp.where(is_first, start[0], parent_hash[:, 0]),
+             xp.where(is_first, start[1], parent_hash[:, 1]))
+  return xp.stack(_link(xp, *start, _digest(xp, block_tokens)), axis=-1)
+
+
+def block_hashes_numpy(tokens, page_size: int, salt: int = 0, hash_fn: str = "mix64"):
+  """Host version for one token list (the RAM tier keys blocks with it): ``uint32[n, 2]`` for
+  its ``len(tokens) // page_size`` full blocks."""
+  full = len(tokens) // page_size * page_size
+  with np.errstate(over="ignore"):
+    return chain_block_hashes(np, np.asarray(tokens[:full], np.int64).reshape(1, full),
+                              np.asarray([salt]), page_size, hash_fn)[0]

@@ -1,0 +1,270 @@
+"""Prefix caching: admitting new sequences onto cached blocks, resetting, statistics.
+
+`match_prefix` starts new sequences: for each prompt it finds the longest run of cached full
+blocks that verifiably hold that prompt's prefix, attaches them (reference count +1, no copy)
+and, in the same atomic call, makes room for the prompt tokens that remain to be computed. If
+that allocation cannot be satisfied nothing changes at all: no reference count, no statistic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpaged._src import hashing, table
+from jaxpaged._src.cache import (PagedKVCache, _as_index_vector, _check_cache, _duplicated,
+                                 _extend, _extend_plan, _raise_first, _EXTEND_REASONS,
+                                 token_rows)
+from jaxpaged._src.prefix_state import STATS, bump, init_prefix_state
+from jaxpaged._src.spec import JaxPagedError
+
+
+class PrefixMatch(NamedTuple):
+  """What `match_prefix` did for each row.
+
+  Attributes:
+    num_cached: ``int32[B]`` prompt tokens served from the cache (a multiple of page_size, at
+      most ``length - 1``: the last prompt token is always computed).
+    num_new: ``int32[B]`` tokens appended after them, to be computed now: row b's are
+      ``tokens[b, num_cached[b] : num_cached[b] + num_new[b]]``.
+    slots: ``int32[T]`` their cache slots, in `jaxpaged.extend`'s layout with counts ``num_new``.
+    ok: ``bool[]`` False if the call was refused (then nothing changed).
+  """
+  num_cached: jax.Array
+  num_new: jax.Array
+  slots: jax.Array
+  ok: jax.Array
+
+
+_MATCH_REASONS = {
+    "bad_id": ("seq_ids", "is out of range [-1, {max_seqs}) (use -1 for padding rows)"),
+    "duplicate": ("seq_ids", "appears twice; give each sequence one row per call"),
+    "in_use": ("seq_ids", "is a sequence that holds tokens; match_prefix starts new sequences "
+               "(release it first, or extend it)"),
+    "bad_length": ("lengths", "must be in [1, tokens.shape[1]] for live rows"),
+}
+
+
+def _match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots, impl,
+                interpret):
+  spec = cache.spec
+  ps = spec.page_size
+  rows_count, width = tokens.shape
+  live = seq_ids >= 0
+  in_range = seq_ids < spec.max_seqs
+  rows = jnp.where(live & in_range, seq_ids, 0)
+  problems = {
+      "bad_id": (seq_ids < -1) | ~in_range,
+      "duplicate": _duplicated(seq_ids, live),
+      "in_use": live & in_range & (cache.seq_lens[rows] > 0),
+      "bad_length": live & ((lengths < 1) | (lengths > width)),
+  }
+  prefix = cache.prefix
+  num_blocks = width // ps
+  if prefix is not None and num_blocks:
+    usable = jnp.where(live, (jnp.clip(lengths, 1) - 1) // ps, 0)  # the last token is computed
+    hashes = hashing.chain_block_hashes(jnp, tokens[:, :num_blocks * ps], salts, ps,
+                                        spec.block_hash)
+    pages = table.lookup(prefix.table_lo, prefix.table_hi, prefix.table_pages, hashes,
+                         impl=impl, interpret=interpret)  # [B, n]
+    safe = jnp.clip(pages, 0)
+    parent = jnp.concatenate([jnp.full((rows_count, 1), -1, jnp.int32), pages[:, :-1]], axis=1)
+    j = jnp.arange(num_blocks)
+    verified = ((pages >= 0) & prefix.page_cached[safe]
+                & jnp.all(prefix.page_hash[safe] == hashes, axis=-1)
+                & (prefix.page_salt[safe] == salts[:, None])
+                & jnp.all(prefix.page_tokens[safe] == tokens[:, :num_blocks * ps].reshape(
+                    rows_count, num_blocks, ps), axis=-1)
+                & (prefix.page_parent[safe] == parent)
+                & ((j == 0) | (prefix.page_parent_gen[safe]
+                               == prefix.page_gen[jnp.clip(parent, 0)]))
+                & (j < usable[:, None]))
+    matched = jnp.sum(jnp.cumprod(verified, axis=1), axis=1)  # the leading verified run
+    matched = jnp.where(matched * ps >= spec.min_prefix_tokens, matched, 0)
+  else:
+    usable = jnp.zeros((rows_count,), jnp.int32)
+    pages = jnp.full((rows_count, max(num_blocks, 1)), -1, jnp.int32)
+    matched = jnp.zeros((rows_count,), jnp.int32)
+  num_cached = matched * ps
+  num_new = jnp.where(live, lengths - num_cached, 0)
+  if max_new_tokens is not None:
+    num_new = jnp.minimum(num_new, max_new_tokens)
+  ok = ~jnp.any(jnp.stack([jnp.any(m) for m in problems.values()]))
+  return dict(problems=problems, ok=ok, live=live & ok, rows=rows, pages=pages,
+              matched=jnp.where(live & ok, matched, 0), usable=usable, num_cached=num_cached,
+              num_new=jnp.clip(num_new, 0))
+
+
+def _attach(cache, seq_ids, plan, salts):
+  """Puts each row's verified cached blocks in its page table (reference +1, no copy)."""
+  spec = cache.spec
+  prefix = cache.prefix
+  num_blocks = plan["pages"].shape[1]
+  j = jnp.arange(num_blocks)
+  attach = plan["live"][:, None] & (j < plan["matched"][:, None])
+  at_page = jnp.where(attach, plan["pages"], spec.num_pages)
+  seq = jnp.where(plan["live"], seq_ids, spec.max_seqs)
+  page_table = cache.page_table.at[jnp.where(attach, seq_ids[:, None], spec.max_seqs),
+                                   j].set(plan["pages"], mode="drop")
+  # Pages nobody referred to leave the evictable set (once, even if two rows take them).
+  revived = jnp.sort(jnp.where(attach & (cache.ref_counts[jnp.clip(plan["pages"], 0)] == 0),
+                               plan["pages"], spec.num_pages).reshape(-1))
+  distinct = (revived < spec.num_pages) & jnp.concatenate(
+      [jnp.ones((1,), bool), revived[1:] != revived[:-1]])
+  cache = dataclasses.replace(
+      cache, page_table=page_table,
+      ref_counts=cache.ref_counts.at[at_page].add(1, mode="drop"),
+      seq_lens=cache.seq_lens.at[seq].set(plan["num_cached"], mode="drop"))
+  if prefix is None:
+    return cache
+  return dataclasses.replace(cache, prefix=dataclasses.replace(
+      prefix,
+      num_evictable=prefix.num_evictable - jnp.sum(distinct, dtype=jnp.int32),
+      page_last_use=prefix.page_last_use.at[at_page].set(prefix.clock, mode="drop"),
+      seq_salt=prefix.seq_salt.at[seq].set(salts, mode="drop"),
+      seq_hashable=prefix.seq_hashable.at[seq].set(True, mode="drop"),
+      stats=_count(prefix.stats, plan)))
+
+
+def _count(stats, plan):
+  stats = bump(stats, "lookup_blocks", jnp.sum(plan["usable"]))
+  stats = bump(stats, "hit_blocks", jnp.sum(plan["matched"]))
+  stats = bump(stats, "lookup_tokens", jnp.sum(jnp.where(plan["live"], plan["num_new"]
+                                                          + plan["num_cached"], 0)))
+  return bump(stats, "hit_tokens", jnp.sum(jnp.where(plan["live"], plan["num_cached"], 0)))
+
+
+def _prepare(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots):
+  spec = _check_cache(cache)
+  seq_ids = _as_index_vector("seq_ids", seq_ids)
+  rows = seq_ids.shape[0]
+  tokens = jnp.asarray(tokens)
+  if tokens.ndim != 2 or tokens.shape[0] != rows or not jnp.issubdtype(tokens.dtype,
+                                                                        jnp.integer):
+    raise JaxPagedError(f"tokens must be int32[{rows}, max_prompt_len] (each row's prompt, "
+                        f"padded), got {tokens.dtype}{list(tokens.shape)}.")
+  lengths = _as_index_vector("lengths", lengths, rows)
+  salts = (jnp.zeros((rows,), jnp.int32) if salts is None
+           else _as_index_vector("salts", salts, rows))
+  if max_new_tokens is not None:
+    max_new_tokens = _as_index_vector("max_new_tokens", max_new_tokens, rows)
+  num_slots = rows * tokens.shape[1] if num_slots is None else num_slots
+  if isinstance(num_slots, bool) or not isinstance(num_slots, (int, np.integer)) or num_slots < 0:
+    raise JaxPagedError(f"num_slots must be a non-negative Python int, got {num_slots!r}.")
+  return spec, seq_ids, tokens.astype(jnp.int32), lengths, salts, max_new_tokens, int(num_slots)
+
+
+def check_match_prefix(cache: PagedKVCache, seq_ids, tokens, lengths, *, salts=None,
+                       max_new_tokens=None, num_slots=None, impl="auto", interpret=False):
+  """Eagerly explains why `match_prefix` would refuse these arguments; None if it would not."""
+  spec, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots = _prepare(
+      cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots)
+  plan = _match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots, impl,
+                     interpret)
+  _raise_first(_MATCH_REASONS, plan["problems"], max_seqs=spec.max_seqs)
+  attached = _attach(cache, seq_ids, plan, salts)
+  extension = _extend_plan(attached, seq_ids, plan["num_new"], num_slots)
+  _raise_first(_EXTEND_REASONS, extension["problems"], max_seqs=spec.max_seqs,
+               max_seq_len=spec.max_seq_len, num_slots=num_slots)
+
+
+def match_prefix(cache: PagedKVCache, seq_ids, tokens, lengths, *, salts=None,
+                 max_new_tokens=None, num_slots=None, impl="auto", interpret=False):
+  """Starts new sequences on the longest verified run of cached blocks of their prompts.
+
+  Args:
+    cache: the cache (donated when called outside jit).
+    seq_ids: ``int32[B]`` empty sequence slots to start; -1 = padding.
+    tokens: ``int32[B, L]`` each row's prompt token ids (padded past ``lengths``).
+    lengths: ``int32[B]`` prompt lengths, 1..L.
+    salts: ``int32[B]`` per-request salt (tenant isolation): blocks are shared only between
+      requests with the same salt. Default 0.
+    max_new_tokens: ``int32[B]`` at most this many of the remaining prompt tokens are appended
+      now (chunked prefill; continue with `extend`). Default: all of them.
+    num_slots: static length of the returned slots (default ``B * L``).
+    impl, interpret: the hash-table lookup's implementation (Pallas kernel or XLA).
+
+  Returns:
+    ``(cache, PrefixMatch)``. Without prefix caching in the spec nothing is ever cached and this
+    is `extend` of the prompts (with their ids). Refused calls (bad ids, a slot in use, too few
+    pages for the tokens to append) change nothing; `check_match_prefix` says why.
+  """
+  _, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots = _prepare(
+      cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots)
+  return _match_prefix(cache, seq_ids, tokens, lengths, salts, max_new_tokens,
+                       num_slots=num_slots, impl=impl, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("num_slots", "impl", "interpret"),
+                   donate_argnames=("cache",))
+def _match_prefix(cache, seq_ids, tokens, lengths, salts, max_new_tokens, *, num_slots, impl,
+                  interpret):
+  plan = _match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots, impl,
+                     interpret)
+  attached = _attach(cache, seq_ids, plan, salts)
+  row, offset, valid = token_rows(plan["num_new"], num_slots)
+  new_tokens = jnp.where(valid, tokens[row, jnp.clip(plan["num_cached"][row] + offset, 0,
+                                                     tokens.shape[1] - 1)], 0)
+  # Refused here: extend sees only padding, so the pools are untouched either way.
+  extended, slots, ok = _extend(attached, jnp.where(plan["ok"], seq_ids, -1), plan["num_new"],
+                                new_tokens, num_slots=num_slots)
+  ok = ok & plan["ok"]
+  keep = lambda new, old: jnp.where(ok, new, old)
+  result = dataclasses.replace(
+      jax.tree.map(keep, dataclasses.replace(extended, k_pages=None, v_pages=None),
+                   dataclasses.replace(cache, k_pages=None, v_pages=None)),
+      k_pages=extended.k_pages, v_pages=extended.v_pages)
+  zero = lambda x: jnp.where(ok, x, jnp.zeros_like(x))
+  return result, PrefixMatch(zero(plan["num_cached"]), zero(plan["num_new"]),
+                             jnp.where(ok, slots, -1), ok)
+
+
+def reset_prefix_cache(cache: PagedKVCache):
+  """Forgets every cached block (statistics are kept). Refused while any page is in use.
+
+  Returns ``(cache, ok)``.
+  """
+  _check_cache(cache)
+  return _reset(cache)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _reset(cache):
+  spec, prefix = cache.spec, cache.prefix
+  ok = jnp.all(cache.ref_counts == 0)
+  if prefix is None:
+    return cache, ok
+  fresh = init_prefix_state(spec)
+  reset = dataclasses.replace(
+      cache,
+      free_pages=jnp.arange(spec.num_pages - 1, -1, -1, dtype=jnp.int32),
+      num_free=jnp.int32(spec.num_pages),
+      prefix=dataclasses.replace(fresh, page_gen=prefix.page_gen + 1, clock=prefix.clock,
+                                 stats=prefix.stats))
+  keep = lambda new, old: jnp.where(ok, new, old)
+  return dataclasses.replace(
+      jax.tree.map(keep, dataclasses.replace(reset, k_pages=None, v_pages=None),
+                   dataclasses.replace(cache, k_pages=None, v_pages=None)),
+      k_pages=cache.k_pages, v_pages=cache.v_pages), ok
+
+
+def prefix_stats(cache: PagedKVCache) -> dict:
+  """Prefix-cache counters as int32/float32 scalars (usable in jit): ``lookup_blocks``,
+  ``hit_blocks``, ``hit_rate`` (hit / lookup blocks), ``lookup_tokens``, ``hit_tokens``,
+  ``evictions``, ``registered``, ``not_registered`` (table full, duplicate or over
+  ``max_cached_blocks``), ``cached_blocks`` and ``cached_free_pages``."""
+  _check_cache(cache)
+  prefix = cache.prefix
+  if prefix is None:
+    stats = {name: jnp.int32(0) for name in STATS}
+    stats.update(cached_blocks=jnp.int32(0), cached_free_pages=jnp.int32(0))
+  else:
+    stats = {name: prefix.stats[i] for i, name in enumerate(STATS)}
+    stats.update(cached_blocks=prefix.num_cached, cached_free_pages=prefix.num_evictable)
+  stats["hit_rate"] = stats["hit_blocks"] / jnp.maximum(stats["lookup_blocks"], 1)
+  return stats
