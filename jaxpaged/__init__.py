@@ -21,21 +21,51 @@ from jaxpaged._src.prefix import check_match_prefix
 from jaxpaged._src.prefix import match_prefix
 from jaxpaged._src.prefix import prefix_stats
 from jaxpaged._src.prefix import reset_prefix_cache
+from jaxpaged._src.manager import Admission
+from jaxpaged._src.manager import CacheManager
+from jaxpaged._src.manager import MemoryPressure
 from jaxpaged._src.spec import CacheSpec
+from jaxpaged._src.swap import CachedBlock
+from jaxpaged._src.swap import SwappedSequence
+from jaxpaged._src.swap import block_key
+from jaxpaged._src.swap import demote_blocks
+from jaxpaged._src.swap import promote_blocks
+from jaxpaged._src.swap import swap_in
+from jaxpaged._src.swap import swap_out
 from jaxpaged._src.spec import JaxPagedError
+from jaxpaged._src.tier import AccessStats
+from jaxpaged._src.tier import LFUPolicy
+from jaxpaged._src.tier import LRUPolicy
+from jaxpaged._src.tier import Tier
+from jaxpaged._src.tier import TieredStore
+from jaxpaged._src.tier import TierError
+from jaxpaged._src.tier import TierPolicy
 from jaxpaged._src.write_kv import write_kv
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "AccessStats",
+    "Admission",
+    "CacheManager",
     "CacheSpec",
+    "CachedBlock",
     "JaxPagedError",
+    "LFUPolicy",
+    "LRUPolicy",
+    "MemoryPressure",
     "PagedKVCache",
     "PrefixMatch",
-    "block_hashes",
-    "check_match_prefix",
+    "SwappedSequence",
+    "Tier",
+    "TierError",
+    "TierPolicy",
+    "TieredStore",
+    "block_key",
     "check_extend",
     "check_fork",
+    "check_match_prefix",
+    "demote_blocks",
     "extend",
     "fork",
     "gather_kv",
@@ -47,9 +77,12 @@ __all__ = (
     "ops",
     "paged_attention",
     "prefix_stats",
+    "promote_blocks",
     "ragged_paged_attention",
     "release",
     "reset_prefix_cache",
+    "swap_in",
+    "swap_out",
     "token_positions",
     "write_kv",
 )

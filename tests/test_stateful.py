@@ -61,6 +61,7 @@ class PagedCacheMachine(RuleBasedStateMachine):
     self.pages = {s: [] for s in range(SPEC.max_seqs)}  # seq -> [Page] by logical index
     self.tokens = {s: [] for s in range(SPEC.max_seqs)}  # seq -> [value] by position
     self.next_value = 1.0
+    self.host = []  # (SwappedSequence, its token values), as swap_out returned them
 
   # --------------------------------------------------------------------------- model
 
@@ -192,6 +193,44 @@ class PagedCacheMachine(RuleBasedStateMachine):
       if 0 <= s < SPEC.max_seqs:
         self.pages[s], self.tokens[s] = [], []
 
+  @rule(data=st.data())
+  def swap_out(self, data):
+    live = [s for s in range(SPEC.max_seqs) if self.tokens[s]]
+    if not live or len(self.host) >= 4:
+      return
+    ids = data.draw(st.lists(st.sampled_from(live), min_size=1, max_size=2, unique=True))
+    self.cache, swapped = jp.swap_out(self.cache, ids)
+    for s, out in zip(ids, swapped):
+      assert (out.seq_id, out.length) == (s, len(self.tokens[s]))
+      self.host.append((out, self.tokens[s]))
+      self.pages[s], self.tokens[s] = [], []
+    event("swap out")
+
+  @precondition(lambda self: self.host)
+  @rule(data=st.data())
+  def swap_in(self, data):
+    index = data.draw(st.integers(0, len(self.host) - 1))
+    swapped, tokens = self.host[index]
+    target = swapped.seq_id
+    if self.tokens[target]:  # the slot was reused meanwhile: another empty one, if any
+      with pytest.raises(jp.JaxPagedError, match="holds tokens; swap in into an empty slot"):
+        jp.swap_in(self.cache, swapped)
+      empty = [s for s in range(SPEC.max_seqs) if not self.tokens[s]]
+      if not empty:
+        return
+      target = data.draw(st.sampled_from(empty))
+    pages = -(-len(tokens) // SPEC.page_size)
+    fits = len(self._used_pages()) + pages <= SPEC.num_pages
+    before = self._snapshot()
+    self.cache, ok = jp.swap_in(self.cache, swapped, seq_id=target)
+    assert bool(ok) == fits
+    event(f"swap in {'ok' if ok else 'refused'}")
+    if not fits:
+      self._assert_unchanged(before)
+      return
+    self.host.pop(index)
+    self.pages[target], self.tokens[target] = [Page() for _ in range(pages)], list(tokens)
+
   @precondition(lambda self: len(self._used_pages()) >= SPEC.num_pages - 1)
   @rule()
   def release_everything_leaks_nothing(self):
@@ -247,6 +286,7 @@ TestPagedCache = PagedCacheMachine.TestCase
 PREFIX_SPEC = dict(num_layers=2, num_kv_heads=1, head_dim=2, page_size=4, num_pages=14,
                    max_seqs=4, max_pages_per_seq=7, prefix_caching=True)
 PROMPT_WIDTH, EXTEND_ROWS, EXTEND_SLOTS = 24, 2, 6
+HOST_BLOCKS = 6  # the host tier of demoted blocks holds this many
 # Shared prefixes, and blocks that repeat within and across prompts after different prefixes.
 FAMILIES = [[7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5, 9, 0, 4, 5, 2, 3, 5, 3, 6],
             [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4],
@@ -276,9 +316,19 @@ class PrefixCacheMachine(RuleBasedStateMachine):
     self.cache = jp.init_cache(self.spec)
     self.tokens = {s: [] for s in range(self.spec.max_seqs)}
     self.salts = {s: 0 for s in range(self.spec.max_seqs)}
+    self.swapped = []  # (SwappedSequence, tokens, salt)
+    # Demoted blocks live in a small host tier: it must stay within its capacity.
+    self.host = jp.TieredStore([jp.Tier("host", HOST_BLOCKS * self._block_bytes())])
+
+  def _block_bytes(self):
+    spec = self.spec
+    return spec.page_bytes + 4 * spec.page_size * spec.max_pages_per_seq
 
   def _snapshot(self):
     return jax.tree.map(np.asarray, self.cache)
+
+  def _reclaimable(self):
+    return int(jp.num_free_pages(self.cache)) + int(jp.num_cached_free_pages(self.cache))
 
   def _write(self, seq, start, slots, count):
     """Writes the K/V of tokens[start:start+count] of `seq` at `slots` (all layers)."""
@@ -393,6 +443,93 @@ class PrefixCacheMachine(RuleBasedStateMachine):
       jax.tree.map(np.testing.assert_array_equal, self._snapshot(), before)
     else:
       assert int(jp.num_free_pages(self.cache)) == self.spec.num_pages
+
+  @rule(data=st.data())
+  def swap_out(self, data):
+    live = [s for s in range(self.spec.max_seqs) if self.tokens[s]]
+    if not live or len(self.swapped) >= 3:
+      return
+    seq = data.draw(st.sampled_from(live))
+    self.cache, (swapped,) = jp.swap_out(self.cache, [seq])
+    np.testing.assert_array_equal(np.asarray(swapped.tokens)[:swapped.length], self.tokens[seq])
+    self.swapped.append((swapped, self.tokens[seq], self.salts[seq]))
+    self.tokens[seq], self.salts[seq] = [], 0
+
+  @precondition(lambda self: self.swapped)
+  @rule(data=st.data())
+  def swap_in(self, data):
+    index = data.draw(st.integers(0, len(self.swapped) - 1))
+    swapped, tokens, salt = self.swapped[index]
+    empty = [s for s in range(self.spec.max_seqs) if not self.tokens[s]]
+    if not empty:
+      return
+    target = swapped.seq_id if not self.tokens[swapped.seq_id] else empty[0]
+    before = self._snapshot()
+    fits = -(-len(tokens) // self.spec.page_size) <= self._reclaimable()
+    self.cache, ok = jp.swap_in(self.cache, swapped, seq_id=target)
+    event(f"swap in {'ok' if ok else 'refused'}")
+    if not bool(ok):
+      assert not fits  # a hit only lowers the need
+      jax.tree.map(np.testing.assert_array_equal, self._snapshot(), before)
+      return
+    self.swapped.pop(index)
+    self.tokens[target], self.salts[target] = tokens, salt
+
+  @rule(count=st.integers(1, 4))
+  def demote(self, count):
+    evictable = int(jp.num_cached_free_pages(self.cache))
+    free = int(jp.num_free_pages(self.cache))
+    self.cache, blocks = jp.demote_blocks(self.cache, count)
+    assert int(jp.num_free_pages(self.cache)) == free + min(count, evictable)
+    ps = self.spec.page_size
+    for block in blocks:
+      hashes = jp.block_hashes(block.tokens, ps, block.salt, self.block_hash)
+      assert block.key == jp.block_key(hashes[-1])
+      for layer in range(self.spec.num_layers):
+        np.testing.assert_array_equal(block.k[layer, 0, :, 0],
+                                      key_values(block.tokens)[-ps:] + 1000 * layer)
+      self.host.put((block.key, tuple(block.tokens)), block, self._block_bytes())
+    event(f"demoted {len(blocks)}")
+
+  @precondition(lambda self: len(self.host))
+  @rule(data=st.data())
+  def promote(self, data):
+    """A new request for a demoted block's prompt: its device hits, then the block from host."""
+    ps = self.spec.page_size
+    empty = [s for s in range(self.spec.max_seqs) if not self.tokens[s]]
+    if not empty:
+      return
+    seq, key = data.draw(st.sampled_from(empty)), data.draw(st.sampled_from(self.host.keys()))
+    block = self.host.peek(key)
+    tokens = np.zeros((1, PROMPT_WIDTH), np.int32)
+    tokens[0, :len(block.tokens)] = block.tokens
+    self.cache, match = jp.match_prefix(
+        self.cache, jnp.array([seq]), jnp.asarray(tokens), jnp.array([len(block.tokens)]),
+        salts=jnp.array([block.salt]), max_new_tokens=jnp.array([0]), num_slots=1)
+    assert bool(match.ok)
+    cached = int(match.num_cached[0])
+    self.tokens[seq], self.salts[seq] = list(block.tokens[:cached]), block.salt
+    if cached != block.depth * ps:  # its prefix is not all on device: nothing to continue
+      event("promote: prefix not on device")
+      self.cache = jp.release(self.cache, jnp.array([seq]))
+      self.tokens[seq], self.salts[seq] = [], 0
+      return
+    fits = self._reclaimable() >= 1
+    before = self._snapshot()
+    self.cache, ok = jp.promote_blocks(self.cache, seq, [block])
+    assert bool(ok) == fits
+    event(f"promote {'ok' if ok else 'refused'}")
+    if not fits:
+      jax.tree.map(np.testing.assert_array_equal, self._snapshot(), before)
+      return
+    self.host.pop(key)
+    self.tokens[seq] = list(block.tokens)
+
+  @invariant()
+  def host_tier_stays_within_capacity(self):
+    stats = self.host.stats()
+    assert stats["tiers"][0]["used"] == stats["entries"] * self._block_bytes()
+    assert stats["entries"] <= HOST_BLOCKS
 
   @invariant()
   def structure_holds(self):

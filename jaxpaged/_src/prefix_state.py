@@ -94,15 +94,18 @@ def bump(stats, name, amount):
   return stats.at[STAT[name]].add(jnp.asarray(amount, jnp.int32))
 
 
-def select_victims(prefix: PrefixState, ref_counts, count, max_count: int):
+def select_victims(prefix: PrefixState, ref_counts, count, max_count: int, protect=None):
   """Evicts ``count`` (<= ``max_count``, static) unreferenced cached pages: least recently
-  used first, deeper blocks first among equals. Their table entries are removed.
+  used first, deeper blocks first among equals. Their table entries are removed. Pages in the
+  optional ``bool[P]`` ``protect`` mask are not taken (``count`` must leave them out).
 
   Costs a sort over all pages, so the allocator runs it only when the free pages run short.
 
   Returns ``(prefix, victims int32[max_count])``; entries past ``count`` are -1.
   """
   evictable = prefix.page_cached & (ref_counts == 0)
+  if protect is not None:
+    evictable &= ~protect
   order = jnp.lexsort((-prefix.page_depth, prefix.page_last_use, ~evictable))
   order = jnp.pad(order, (0, max(0, max_count - order.shape[0])), constant_values=-1)
   take = jnp.arange(max_count) < count
