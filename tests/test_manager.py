@@ -136,6 +136,7 @@ def test_extend_preempts_the_least_recently_used_sequence_when_asked():
   grow = _prefill(manager, list(range(40, 48)))  # 2 pages: the pool is full
   slots, ok, preempted = manager.extend([grow.seq_id], [1])
   assert not bool(ok) and preempted == []
+  assert manager.reserve([grow.seq_id], [1]) == (False, [])
   slots, ok, preempted = manager.extend([grow.seq_id], [1], preempt=True)
   assert bool(ok) and preempted == [old.seq_id]
   assert manager.swapped == [old.seq_id]

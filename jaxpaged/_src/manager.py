@@ -201,14 +201,15 @@ class CacheManager:
     self._update_pressure()
     return Admission(seq, cached, new, slots, len(host_blocks) * ps)
 
-  def extend(self, seq_ids, num_new_tokens, *, tokens=None, num_slots: int | None = None,
-             preempt: bool = False):
-    """`jaxpaged.extend` on the managed cache, demoting cached blocks to host first if the free
-    pages run short, and with ``preempt`` swapping out the least recently used other sequences
-    until the call fits.
+  def reserve(self, seq_ids, num_new_tokens, *, num_slots: int | None = None,
+              preempt: bool = False):
+    """Makes room for an `extend` the caller runs itself (inside a jitted model step): demotes
+    cached blocks to host RAM while the free pages fall short and, with ``preempt``, swaps out
+    the least recently used sequences not in the call until it fits.
 
     Returns:
-      ``(slots, ok, preempted)``: ``preempted`` lists the sequences swapped out to make room.
+      ``(fits, preempted)``: whether the free pages now cover the call, and the sequences
+      swapped out to get there.
     """
     seq_ids = jnp.asarray(seq_ids, jnp.int32)
     counts = jnp.asarray(num_new_tokens, jnp.int32)
@@ -224,13 +225,24 @@ class CacheManager:
       preempted.append(others[0][1])
       need = int(_pages_needed(self.cache, seq_ids, counts, num_slots=num_slots))
     self._make_room(need)
-    self.cache, slots, ok = extend(self.cache, seq_ids, counts, num_slots=num_slots,
-                                   tokens=tokens)
-    if bool(ok):
-      tick = self._tick()
-      for s in rows:
+    tick = self._tick()
+    for s in rows:
+      if s in self._active:
         self._active[s] = tick
-    else:
+    return need <= int(self.cache.num_free), preempted
+
+  def extend(self, seq_ids, num_new_tokens, *, tokens=None, num_slots: int | None = None,
+             preempt: bool = False):
+    """`jaxpaged.extend` on the managed cache, after `reserve` made room for it.
+
+    Returns:
+      ``(slots, ok, preempted)``: ``preempted`` lists the sequences swapped out to make room.
+    """
+    _, preempted = self.reserve(seq_ids, num_new_tokens, num_slots=num_slots, preempt=preempt)
+    self.cache, slots, ok = extend(self.cache, jnp.asarray(seq_ids, jnp.int32),
+                                   jnp.asarray(num_new_tokens, jnp.int32), num_slots=num_slots,
+                                   tokens=tokens)
+    if not bool(ok):
       self.counters["allocation_failures"] += 1
     self._update_pressure()
     return slots, ok, preempted
