@@ -1,4 +1,4 @@
-"""The README's usage snippet and the example scripts run, and check themselves."""
+"""The README's usage snippets and the example scripts run, and check themselves."""
 
 import pathlib
 import re
@@ -8,10 +8,14 @@ import sys
 ROOT = pathlib.Path(__file__).parent.parent
 
 
-def test_readme_usage_snippet_runs():
+def test_readme_usage_snippets_run():
   readme = (ROOT / "README.md").read_text()
-  snippet = re.search(r"## Usage\n.*?```python\n(.*?)```", readme, re.S).group(1)
-  exec(compile(snippet, "README.md", "exec"), {})  # the snippet asserts its own results
+  usage = readme.split("## Usage\n")[1].split("\n## ")[0]
+  snippets = re.findall(r"```python\n(.*?)```", usage, re.S)
+  assert len(snippets) == 2  # the cache core, then the CacheManager
+  namespace = {}
+  for snippet in snippets:  # one session: the second uses the first's imports
+    exec(compile(snippet, "README.md", "exec"), namespace)  # the snippets assert their results
 
 
 def test_decode_loop_example_matches_its_no_cache_oracle(capsys, monkeypatch):
