@@ -87,3 +87,12 @@ def numpy_attention(cache, layer, seq, q, positions, *, sm_scale=None, soft_cap=
 # Tolerance per K/V dtype: outputs are averages of V rows, computed in float32 from inputs rounded
 # to the cache dtype (q is rounded the same way by the kernels).
 ATOL = {"float32": 2e-5, "bfloat16": 3e-2, "float16": 4e-3}
+
+
+def key_values(tokens):
+  """K/V a causal model would store: token t's value depends on all tokens up to t."""
+  values, h = [], 0
+  for t in tokens:
+    h = (h * 31 + t + 1) % 65521
+    values.append(float(h))
+  return np.asarray(values, np.float32)

@@ -10,7 +10,7 @@ import pytest
 
 import jaxpaged as jp
 from benchmarks.bench_tier import toy_workload
-from tests.test_prefix import _key_values
+from tests.helpers import key_values
 
 PS = 4
 
@@ -24,7 +24,7 @@ def _spec(**kw):
 def _write(manager, tokens, start, slots, count):
   """What a model's prefill stores for tokens[start:start+count]: prefix-dependent values."""
   values = np.zeros(slots.shape[0], np.float32)
-  values[:count] = _key_values(tokens)[start:start + count]
+  values[:count] = key_values(tokens)[start:start + count]
   kv = jnp.broadcast_to(jnp.asarray(values)[:, None, None], (slots.shape[0], 1, 2))
   for layer in range(manager.spec.num_layers):
     manager.cache = jp.write_kv(manager.cache, layer, kv + layer, -kv, slots)
@@ -42,8 +42,8 @@ def _assert_holds(manager, seq, tokens):
   for layer in range(manager.spec.num_layers):
     k, v = jp.gather_kv(manager.cache, layer, seq)
     np.testing.assert_array_equal(np.asarray(k)[:len(tokens), 0, 0],
-                                  _key_values(tokens) + layer)
-    np.testing.assert_array_equal(np.asarray(v)[:len(tokens), 0, 1], -_key_values(tokens))
+                                  key_values(tokens) + layer)
+    np.testing.assert_array_equal(np.asarray(v)[:len(tokens), 0, 1], -key_values(tokens))
 
 
 def test_device_hits_then_demoted_blocks_come_back_from_host_as_host_hits():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import jaxpaged as jp
+from tests.helpers import key_values
 from jaxpaged._src import hashing, table
 
 PS = 4
@@ -32,21 +33,12 @@ def _admit(cache, seq, prompt, salt=0, **kw):
                          salts=jnp.array([salt]), **kw)
 
 
-def _key_values(tokens):
-  """K/V a causal model would store: token t's value depends on all tokens up to t."""
-  values, h = [], 0
-  for t in tokens:
-    h = (h * 31 + t + 1) % 65521
-    values.append(float(h))
-  return np.asarray(values, np.float32)
-
-
 def _admit_and_write(cache, seq, prompt, salt=0):
   """match_prefix, then write the K/V of the tokens it appended (as a model's prefill would)."""
   cache, match = _admit(cache, seq, prompt, salt)
   assert bool(match.ok)
   start, n = int(match.num_cached[0]), int(match.num_new[0])
-  values = _key_values(prompt)[start:start + n]
+  values = key_values(prompt)[start:start + n]
   slots = match.slots[:n]
   for layer in range(cache.spec.num_layers):
     kv = jnp.broadcast_to(jnp.asarray(values)[:, None, None], (n, 1, 2))
@@ -58,8 +50,8 @@ def _assert_holds(cache, seq, prompt):
   k, v = jp.gather_kv(cache, 1, seq)
   n = int(cache.seq_lens[seq])
   assert n == len(prompt)
-  np.testing.assert_array_equal(np.asarray(k[:n, 0, 0]), _key_values(prompt))
-  np.testing.assert_array_equal(np.asarray(v[:n, 0, 1]), -_key_values(prompt))
+  np.testing.assert_array_equal(np.asarray(k[:n, 0, 0]), key_values(prompt))
+  np.testing.assert_array_equal(np.asarray(v[:n, 0, 1]), -key_values(prompt))
 
 
 # ----------------------------------------------------------------------------- hashing, table

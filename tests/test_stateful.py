@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import jaxpaged as jp
+from tests.helpers import key_values
 
 SPEC = jp.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=2, page_size=3, num_pages=9,
                     max_seqs=5, max_pages_per_seq=4)
@@ -293,15 +294,6 @@ FAMILIES = [[7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5, 9, 0, 4, 5, 2, 3, 5, 3, 6],
             [7, 1, 8, 2, 6, 6, 6, 6, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3],
             [5] * 20,
             [6, 6, 6, 6, 5, 5, 5, 5, 1, 1, 1, 1, 5, 5, 5, 5, 6, 6, 6, 6]]
-
-
-def key_values(tokens):
-  """What a causal model stores for each token: a function of the whole prefix up to it."""
-  values, h = [], 0
-  for t in tokens:
-    h = (h * 31 + t + 1) % 65521
-    values.append(float(h))
-  return np.asarray(values, np.float32)
 
 
 class PrefixCacheMachine(RuleBasedStateMachine):

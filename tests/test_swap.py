@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import jaxpaged as jp
-from tests.helpers import random_cache
-from tests.test_prefix import _admit, _admit_and_write, _key_values
+from tests.helpers import key_values, random_cache
+from tests.test_prefix import _admit, _admit_and_write
 
 
 def _contents(cache, seqs):
@@ -181,7 +181,7 @@ def test_demote_evicts_like_the_allocator_and_promote_restores_and_registers():
   for b in blocks:
     assert b.key == jp.block_key(jp.block_hashes(b.tokens, 4)[-1])
     np.testing.assert_array_equal(b.k[:, 0, :, 0], np.stack(
-        [_key_values(b.tokens)[-4:] + 0 * layer for layer in range(2)]))
+        [key_values(b.tokens)[-4:] + 0 * layer for layer in range(2)]))
 
   # A device hit on A0 A1, then the host's A2 is promoted after them.
   prompt = list(range(1, 14))
@@ -194,7 +194,7 @@ def test_demote_evicts_like_the_allocator_and_promote_restores_and_registers():
   cache, ok = jp.promote_blocks(cache, 2, [a2])
   assert bool(ok) and int(cache.seq_lens[2]) == 12
   k, _ = jp.gather_kv(cache, 1, 2)
-  np.testing.assert_array_equal(np.asarray(k)[:12, 0, 0], _key_values(prompt)[:12])
+  np.testing.assert_array_equal(np.asarray(k)[:12, 0, 0], key_values(prompt)[:12])
   cache = jp.release(cache, jnp.array([2]))
   cache, match = _admit(cache, 3, prompt)
   assert int(match.num_cached[0]) == 12  # registered again
