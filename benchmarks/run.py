@@ -15,6 +15,7 @@ from benchmarks import bench_attention
 from benchmarks import bench_cache
 from benchmarks import bench_model
 from benchmarks import bench_prefix
+from benchmarks import bench_serve
 from benchmarks import bench_tier
 from benchmarks import harness
 
@@ -24,6 +25,7 @@ BENCHMARKS = {
     "model": bench_model.run,
     "prefix": bench_prefix.run,
     "tier": bench_tier.run,
+    "serve": bench_serve.run,
 }
 
 

@@ -133,10 +133,10 @@ class CacheManager:
     held only by cached blocks, which are demoted to make room). Prefix hits only help."""
     pages = -(-int(num_tokens) // self.spec.page_size)
     return (self._free_slot() is not None and num_tokens <= self.spec.max_seq_len
-            and pages <= self._reclaimable())
+            and pages <= self.available_pages)
 
   def admit(self, tokens, *, salt: int = 0, max_new_tokens: int | None = None,
-            num_slots: int | None = None) -> Admission | None:
+            room_tokens: int | None = None, num_slots: int | None = None) -> Admission | None:
     """Starts a request: attaches its cached prefix (device hits, then host hits the policy
     promotes), then makes room for up to ``max_new_tokens`` of the remaining prompt tokens.
 
@@ -145,6 +145,9 @@ class CacheManager:
       salt: prefix-cache salt (tenant); blocks are shared only under equal salts.
       max_new_tokens: chunked prefill: at most this many prompt tokens are appended now
         (continue with `extend`). Default: all.
+      room_tokens: admit only if the pages of a sequence this long are available now (prefix
+        hits count as held), e.g. the whole prompt plus headroom for decoding, so that a serving
+        loop does not admit what it would preempt at once. Default: the tokens appended now.
       num_slots: static length of ``slots`` (default: a power of two >= the tokens appended).
 
     Returns:
@@ -168,7 +171,8 @@ class CacheManager:
     cached = (matched + len(host_blocks)) * ps
     new = length - cached if max_new_tokens is None else min(length - cached, max_new_tokens)
     need = -(-(cached + new) // ps) - matched
-    if seq is None or need > self._reclaimable() - matched:
+    room = need if room_tokens is None else max(need, -(-int(room_tokens) // ps) - matched)
+    if seq is None or room > self.available_pages - matched:
       self.counters["allocation_failures"] += 1
       return None
     self.cache, found = match_prefix(self.cache, jnp.array([seq], jnp.int32), *args[:2],
@@ -217,7 +221,7 @@ class CacheManager:
     rows = [int(s) for s in np.asarray(seq_ids) if s >= 0]
     preempted = []
     need = int(_pages_needed(self.cache, seq_ids, counts, num_slots=num_slots))
-    while preempt and need > self._reclaimable():
+    while preempt and need > self.available_pages:
       others = sorted((t, s) for s, t in self._active.items() if s not in rows)
       if not others:
         break
@@ -323,6 +327,12 @@ class CacheManager:
       results.append(bool(ok))
     self._update_pressure()
     return results
+
+  @property
+  def available_pages(self) -> int:
+    """Pages an allocation can take now: free ones plus those held only by cached blocks
+    (demoted to host RAM first)."""
+    return int(self.cache.num_free) + int(num_cached_free_pages(self.cache))
 
   @property
   def swapped(self) -> list[int]:
@@ -437,8 +447,6 @@ class CacheManager:
     taken = set(self._active) | self._swapped | set(self._dropped)
     return next((s for s in range(self.spec.max_seqs) if s not in taken), None)
 
-  def _reclaimable(self) -> int:
-    return int(self.cache.num_free) + int(num_cached_free_pages(self.cache))
 
   def _tick(self) -> int:
     self._clock += 1
