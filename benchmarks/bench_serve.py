@@ -3,8 +3,8 @@ chat workload (`jaxpaged.models.serving.chat_workload`: a long shared system pro
 second turns, requests arriving over time) with prefix caching on and off, in a pool of 1x and
 4x the base size. The 1x pool cannot hold the workload at once without prefix sharing.
 
-Every configuration is compiled and run once untimed (the jitted step and the cache manager's
-small programs), then run ``repeats`` times in wall-clock time, configurations alternating;
+Every configuration is compiled and run once untimed on the step clock (`Server.warmup`: the
+jitted step and the cache manager's small programs), then run ``repeats`` times in wall-clock time, configurations alternating;
 medians are reported. All runs must produce the same tokens (greedy), which the table checks.
 """
 
@@ -33,8 +33,7 @@ def run(quick: bool = False) -> list[Row]:
                             prefix_caching=prefix)
              for scale in (1, 4) for prefix in (True, False)}
   for server in configs.values():
-    server.warmup()
-    server.run(requests)
+    server.warmup(requests)
   reports = {name: [] for name in configs}
   for _ in range(repeats):
     for name, server in configs.items():

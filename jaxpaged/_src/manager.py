@@ -164,15 +164,17 @@ class CacheManager:
     padded = np.zeros((1, width), np.int32)
     padded[0, :length] = tokens
     args = (jnp.asarray(padded), jnp.array([length], jnp.int32), jnp.array([salt], jnp.int32))
-    matched = 0
+    matched = idle = 0  # blocks found on device; those of them no sequence holds (reclaimable)
     if seq is not None and self.cache.prefix is not None:
-      matched = int(_device_matches(self.cache, jnp.array([seq], jnp.int32), *args)[0][0])
+      found, pages = _device_matches(self.cache, jnp.array([seq], jnp.int32), *args)
+      matched = int(found[0])
+      idle = int(np.sum(np.asarray(self.cache.ref_counts)[np.asarray(pages)[0, :matched]] == 0))
     host_blocks = self._host_hits(tokens, salt, matched) if seq is not None else []
     cached = (matched + len(host_blocks)) * ps
     new = length - cached if max_new_tokens is None else min(length - cached, max_new_tokens)
     need = -(-(cached + new) // ps) - matched
     room = need if room_tokens is None else max(need, -(-int(room_tokens) // ps) - matched)
-    if seq is None or room > self.available_pages - matched:
+    if seq is None or room > self.available_pages - idle:
       self.counters["allocation_failures"] += 1
       return None
     self.cache, found = match_prefix(self.cache, jnp.array([seq], jnp.int32), *args[:2],

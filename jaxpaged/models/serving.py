@@ -81,7 +81,8 @@ class Report:
   """A run of `Server.run`: the requests' results, a timeline of the steps, the cache's stats."""
   results: list[Result]
   duration: float  # of the run, in `unit`
-  timeline: list[dict]  # per step: time, used_pages, running, waiting, swapped, tokens
+  timeline: list[dict]  # per step: time, used_pages, running, waiting, swapped,
+  # decode_rows, prefill_tokens
   stats: dict  # `CacheManager.stats()` at the end
   num_pages: int
   unit: str  # of times: "s", or "step" under the step clock
@@ -117,8 +118,9 @@ class Report:
         f"{s['device_hit_rate']:.0%}, host {s['host_hit_rate']:.0%})",
         f"pool of {self.num_pages} pages: peak {max(t['used_pages'] for t in self.timeline)} in "
         f"use, {s['used_pages']} at the end; {s['swap_outs']} swap-outs, {s['swap_ins']} "
-        f"swap-ins, {sum(r.admissions - 1 for r in self.results)} recomputations, "
-        f"{s['demoted_blocks']} blocks demoted to host, {s['promoted_blocks']} promoted",
+        f"swap-ins, {sum(r.admissions - 1 for r in self.results)} recomputations; "
+        f"{s['demoted_blocks'] - s['demote_dropped']} cached blocks moved to host RAM "
+        f"({s['demote_dropped']} dropped: host full), {s['promoted_blocks']} brought back",
         f"{self.step_shapes} step shapes (each compiled once per pool size)",
     ]
     return "\n".join(lines)
@@ -190,14 +192,19 @@ class Server:
     self.buckets = [b for b in (smallest << i for i in range(32)) if b <= token_budget]
     self.manager: jp.CacheManager | None = None
 
-  def warmup(self) -> None:
-    """Compiles every step shape (all rows padding), so that a run's times exclude compiling."""
+  def warmup(self, requests: Sequence[Request] = ()) -> None:
+    """Compiles every step shape (all rows padding), then serves ``requests`` once on the step
+    clock, which compiles the cache manager's small programs for their lengths too, so that the
+    timed run that follows measures serving, not compiling."""
     manager = jp.CacheManager(self.spec, host_bytes=self.host_bytes)
     rows = self.spec.max_seqs
     for num_tokens, decode in [(rows, True)] + [(t, False) for t in self.buckets]:
+      manager.reserve(np.full(rows, -1), np.zeros(rows), num_slots=num_tokens)
       manager.cache, _, _ = _step(self.params, manager.cache, jnp.zeros(num_tokens, jnp.int32),
                                   jnp.full(rows, -1, jnp.int32), jnp.zeros(rows, jnp.int32),
                                   config=self.config, decode=decode)
+    if requests:
+      self.run(requests, realtime=False)
 
   def run(self, requests: Sequence[Request], *, realtime: bool = True,
           progress: Callable[[str], None] | None = None) -> Report:
@@ -272,6 +279,7 @@ class Server:
         seq_ids[row], q_lens[row] = state.seq, q
         chunk += state.tokens[state.length:state.length + q]
       decode = all(q == 1 for _, q in rows)
+      decode_rows = sum(s.length >= s.prompt_len for s, _ in rows)  # feeding an answer token
       num_tokens = num_rows if decode else next(b for b in self.buckets if b >= len(chunk))
       shapes.add((num_tokens, decode))
       fits, _ = manager.reserve(seq_ids, q_lens, num_slots=num_tokens)
@@ -303,7 +311,7 @@ class Server:
                       if r.follows == state.index]
       timeline.append(dict(time=t, used_pages=int(jp.num_used_pages(manager.cache)),
                            running=len(running), waiting=len(waiting), swapped=len(swapped),
-                           tokens=len(chunk)))
+                           decode_rows=decode_rows, prefill_tokens=len(chunk) - decode_rows))
       if progress and steps % 16 == 0:
         progress(f"step {steps}: {len(done)}/{len(requests)} done, {len(running)} running, "
                  f"{len(waiting)} waiting, {len(swapped)} swapped, "
