@@ -26,7 +26,8 @@ SERVER = dict(num_pages=20, max_seqs=4, token_budget=64)  # as the example test 
 @pytest.fixture(scope="module")
 def model():
   config, params, tokenizer = gguf.load()
-  return config, jax.tree.map(jnp.asarray, params), tokenizer
+  yield config, jax.tree.map(jnp.asarray, params), tokenizer
+  jax.clear_caches()  # the model's compiled programs are large: free them for the next modules
 
 
 @pytest.fixture(scope="module")

@@ -279,7 +279,7 @@ class Server:
         seq_ids[row], q_lens[row] = state.seq, q
         chunk += state.tokens[state.length:state.length + q]
       decode = all(q == 1 for _, q in rows)
-      decode_rows = sum(s.length >= s.prompt_len for s, _ in rows)  # feeding an answer token
+      decode_rows = sum(q == 1 and s.length >= s.prompt_len for s, q in rows)  # answer tokens
       num_tokens = num_rows if decode else next(b for b in self.buckets if b >= len(chunk))
       shapes.add((num_tokens, decode))
       fits, _ = manager.reserve(seq_ids, q_lens, num_slots=num_tokens)
