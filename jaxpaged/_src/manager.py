@@ -449,7 +449,6 @@ class CacheManager:
     taken = set(self._active) | self._swapped | set(self._dropped)
     return next((s for s in range(self.spec.max_seqs) if s not in taken), None)
 
-
   def _tick(self) -> int:
     self._clock += 1
     return self._clock
