@@ -94,6 +94,27 @@ def test_a_swap_in_without_room_changes_nothing_and_can_be_retried():
   _assert_same({0: _contents(cache, [2])[2]}, before)
 
 
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_a_swap_round_trip_leaves_the_cache_placed_as_it_was_so_nothing_recompiles(
+    prefix_caching):
+  """A committed input commits every output of a jitted call, and jit compiles again for
+  committed arguments: swap_in must not commit a cache that was not, or a serving loop's
+  jitted step compiles again after its first swap."""
+  spec = _prefix_spec(prefix_caching=prefix_caching)
+  step = jax.jit(lambda cache: jp.extend(cache, jnp.array([1]), jnp.array([1]), num_slots=1))
+  cache, _ = _admit_and_write(jp.init_cache(spec), 0, list(range(1, 11)))
+  cache = jp.release(step(cache)[0], jnp.array([1]))
+  for committed in (False, True):
+    if committed:  # a cache placed on its device explicitly stays so
+      cache = jax.device_put(cache, jax.devices()[0])
+    assert all(x.committed == committed for x in jax.tree.leaves(cache))
+    cache, (swapped,) = jp.swap_out(cache, [0])
+    cache, ok = jp.swap_in(cache, swapped)
+    assert bool(ok) and all(x.committed == committed for x in jax.tree.leaves(cache))
+    cache = jp.release(step(cache)[0], jnp.array([1]))
+    assert step._cache_size() == 1 + committed  # one program per placement, no more
+
+
 def test_swap_rejects_bad_input_with_a_fix():
   spec = jp.CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
                       max_seqs=3, max_pages_per_seq=4)

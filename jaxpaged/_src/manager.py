@@ -312,7 +312,9 @@ class CacheManager:
       # Its blocks still cached on device are attached, not copied: keep them while making room.
       hits = np.zeros((0,), np.int32)
       if self.cache.prefix is not None and swapped.tokens is not None:
-        tokens = jnp.asarray(np.asarray(swapped.tokens))[None]
+        tokens = np.asarray(swapped.tokens)
+        tokens = jnp.asarray(np.pad(tokens, (0, max(_pow2(len(tokens)), self.spec.page_size)
+                                             - len(tokens))))[None]  # few shapes: few compiles
         matched, pages = _device_matches(self.cache, jnp.array([s], jnp.int32), tokens,
                                          jnp.array([swapped.length], jnp.int32),
                                          jnp.array([swapped.salt], jnp.int32))

@@ -308,12 +308,14 @@ def swap_in(cache: PagedKVCache, swapped: SwappedSequence, *, seq_id: int | None
     raise JaxPagedError(f"swapped K/V {swapped.k.dtype}{list(swapped.k.shape)} does not fit this "
                         f"cache's pages {spec.dtype}{list(spec.pages_shape)}; swap in into a "
                         "cache with the same spec.")
-  device = cache.k_pages.sharding
+  # On the cache's device, committed only if the cache is: one committed input commits every
+  # output of a jitted call, and jit compiles each function again for committed arguments.
+  place = ((lambda x: jax.device_put(x, cache.k_pages.sharding)) if cache.k_pages.committed
+           else jnp.asarray)
   pages = _bucket(swapped.k.shape[2], spec.max_pages_per_seq)  # few shapes: few compiles
-  k, v = (jax.device_put(_pad_pages(x, pages), device) for x in (swapped.k, swapped.v))
+  k, v = (place(_pad_pages(x, pages)) for x in (swapped.k, swapped.v))
   match = cache.prefix is not None and swapped.tokens is not None
-  tokens = (jax.device_put(_pad_pages(swapped.tokens, pages * spec.page_size, axis=0), device)
-            if match else None)
+  tokens = place(_pad_pages(swapped.tokens, pages * spec.page_size, axis=0)) if match else None
   return _restore(cache, jnp.int32(target), jnp.int32(swapped.length), tokens,
                   jnp.int32(swapped.salt), k, v, match=match)
 
@@ -336,8 +338,7 @@ def demote_blocks(cache: PagedKVCache, count: int, *, keep=()):
   if count <= 0:
     return cache, []
   keep = np.asarray(keep, np.int32).reshape(-1)
-  keep = np.pad(keep, (0, _bucket(len(keep), 1 << 30) - len(keep) if len(keep) else 1),
-                constant_values=-1)
+  keep = np.pad(keep, (0, _bucket(max(len(keep), 1), 1 << 30) - len(keep)), constant_values=-1)
   cache, out = _demote(cache, jnp.int32(count), jnp.asarray(keep),
                        max_count=1 << (count - 1).bit_length())
   out = jax.device_get(out)
