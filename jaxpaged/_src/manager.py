@@ -26,7 +26,7 @@ from jaxpaged._src.cache import (PagedKVCache, _extend_plan, extend, init_cache,
                                  num_cached_free_pages, num_used_pages, release)
 from jaxpaged._src.hashing import block_hashes_numpy
 from jaxpaged._src.prefix import _match_plan, match_prefix, prefix_stats
-from jaxpaged._src.spec import CacheSpec, JaxPagedError
+from jaxpaged._src.spec import CacheSpec, JaxPagedError, next_pow2
 from jaxpaged._src.tier import LRUPolicy, Tier, TieredStore, TierError, TierPolicy
 
 
@@ -68,10 +68,6 @@ def _device_matches(cache, seq_ids, tokens, lengths, salts):
   """How many blocks `match_prefix` would attach, and their pages, without attaching them."""
   plan = _match_plan(cache, seq_ids, tokens, lengths, salts, None, 0, "auto", False)
   return plan["matched"], plan["pages"]
-
-
-def _pow2(n: int) -> int:
-  return 1 << max(0, int(n) - 1).bit_length()
 
 
 class CacheManager:
@@ -160,10 +156,7 @@ class CacheManager:
       raise JaxPagedError(f"tokens must hold 1..{self.spec.max_seq_len} ids (max_pages_per_seq * "
                           f"page_size), got {length}.")
     seq = self._free_slot()
-    width = max(_pow2(length), ps)
-    padded = np.zeros((1, width), np.int32)
-    padded[0, :length] = tokens
-    args = (jnp.asarray(padded), jnp.array([length], jnp.int32), jnp.array([salt], jnp.int32))
+    args = (self._row(tokens), jnp.array([length], jnp.int32), jnp.array([salt], jnp.int32))
     matched = idle = 0  # blocks found on device; those of them no sequence holds (reclaimable)
     if seq is not None and self.cache.prefix is not None:
       found, pages = _device_matches(self.cache, jnp.array([seq], jnp.int32), *args)
@@ -189,7 +182,7 @@ class CacheManager:
       for block in host_blocks:  # on device again (making room may have evicted it from host)
         if ("block", block.key) in self.store:
           self.store.pop(("block", block.key))
-    num_slots = max(_pow2(new), 1) if num_slots is None else num_slots
+    num_slots = max(next_pow2(new), 1) if num_slots is None else num_slots
     self._make_room(need - len(host_blocks))
     self.cache, slots, ok = extend(self.cache, jnp.array([seq], jnp.int32),
                                    jnp.array([new], jnp.int32), num_slots=num_slots,
@@ -312,10 +305,8 @@ class CacheManager:
       # Its blocks still cached on device are attached, not copied: keep them while making room.
       hits = np.zeros((0,), np.int32)
       if self.cache.prefix is not None and swapped.tokens is not None:
-        tokens = np.asarray(swapped.tokens)
-        tokens = jnp.asarray(np.pad(tokens, (0, max(_pow2(len(tokens)), self.spec.page_size)
-                                             - len(tokens))))[None]  # few shapes: few compiles
-        matched, pages = _device_matches(self.cache, jnp.array([s], jnp.int32), tokens,
+        matched, pages = _device_matches(self.cache, jnp.array([s], jnp.int32),
+                                         self._row(swapped.tokens),
                                          jnp.array([swapped.length], jnp.int32),
                                          jnp.array([swapped.salt], jnp.int32))
         hits = np.asarray(pages)[0, :int(matched[0])]
@@ -450,6 +441,12 @@ class CacheManager:
   def _free_slot(self) -> int | None:
     taken = set(self._active) | self._swapped | set(self._dropped)
     return next((s for s in range(self.spec.max_seqs) if s not in taken), None)
+
+  def _row(self, tokens) -> jax.Array:
+    """``int32[1, width]``: token ids zero-padded to a power of two (few shapes, few compiles)."""
+    tokens = np.asarray(tokens, np.int32).reshape(-1)
+    width = max(next_pow2(len(tokens)), self.spec.page_size)
+    return jnp.asarray(np.pad(tokens, (0, width - len(tokens))))[None]
 
   def _tick(self) -> int:
     self._clock += 1

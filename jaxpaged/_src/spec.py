@@ -13,6 +13,12 @@ _INT32_MAX = np.iinfo(np.int32).max
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+def next_pow2(n: int) -> int:
+  """The smallest power of two >= ``n`` (1 for n <= 1): the bucket sizes that keep the number of
+  compiled shapes small."""
+  return 1 << max(0, int(n) - 1).bit_length()
+
+
 class JaxPagedError(ValueError):
   """Bad input to a jaxpaged function: the message says what and how to fix it."""
 

@@ -25,7 +25,7 @@ import numpy as np
 from jaxpaged._src import prefix_state
 from jaxpaged._src.cache import PagedKVCache, _check_cache, _extend, release
 from jaxpaged._src.prefix import _match_prefix
-from jaxpaged._src.spec import JaxPagedError
+from jaxpaged._src.spec import JaxPagedError, next_pow2
 
 
 def host_copy(x: jax.Array):
@@ -41,7 +41,7 @@ def host_copy(x: jax.Array):
 def _bucket(n: int, cap: int) -> int:
   """``n`` rounded up to a power of two (capped): a serving loop swaps sequences of every length,
   and each size compiles its own copy programs (seconds each); padding costs less."""
-  return min(cap, 1 << max(0, int(n) - 1).bit_length())
+  return min(cap, next_pow2(n))
 
 
 def _pad_pages(x, size: int, axis: int = 2):
@@ -340,7 +340,7 @@ def demote_blocks(cache: PagedKVCache, count: int, *, keep=()):
   keep = np.asarray(keep, np.int32).reshape(-1)
   keep = np.pad(keep, (0, _bucket(max(len(keep), 1), 1 << 30) - len(keep)), constant_values=-1)
   cache, out = _demote(cache, jnp.int32(count), jnp.asarray(keep),
-                       max_count=1 << (count - 1).bit_length())
+                       max_count=next_pow2(count))
   out = jax.device_get(out)
   blocks = []
   for i in np.flatnonzero(out["complete"]):

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxpaged as jp
+from jaxpaged._src.spec import next_pow2
 from jaxpaged.models.llama import LlamaConfig, forward
 
 
@@ -188,7 +189,7 @@ class Server:
                           page_size=page_size, dtype=cache_dtype),
         prefix_caching=prefix_caching)
     self.host_bytes = host_bytes
-    smallest = max(16, 1 << (max_seqs - 1).bit_length())
+    smallest = max(16, next_pow2(max_seqs))
     self.buckets = [b for b in (smallest << i for i in range(32)) if b <= token_budget]
     self.manager: jp.CacheManager | None = None
 
