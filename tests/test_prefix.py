@@ -46,6 +46,19 @@ def _admit_and_write(cache, seq, prompt, salt=0):
   return cache, start
 
 
+def _append_and_write(cache, seq, tokens, held):
+  """extend ``seq`` (holding ``held``) by ``tokens`` with their ids, then write their K/V."""
+  n = len(tokens)
+  cache, slots, ok = jp.extend(cache, jnp.array([seq]), jnp.array([n]), num_slots=n,
+                               tokens=jnp.array(tokens))
+  assert bool(ok)
+  values = key_values(held + tokens)[len(held):]
+  for layer in range(cache.spec.num_layers):
+    kv = jnp.broadcast_to(jnp.asarray(values)[:, None, None], (n, 1, 2))
+    cache = jp.write_kv(cache, layer, kv, -kv, slots)
+  return cache
+
+
 def _assert_holds(cache, seq, prompt):
   k, v = jp.gather_kv(cache, 1, seq)
   n = int(cache.seq_lens[seq])
@@ -59,10 +72,11 @@ def _assert_holds(cache, seq, prompt):
 def test_block_hashes_are_bit_identical_on_host_and_device_and_chain():
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 50_000, (3, 5 * PS)).astype(np.int32)
-  salts = np.array([0, 0, 9], np.int32)
-  device = jax.jit(lambda t, s: hashing.chain_block_hashes(jnp, t, s, PS))(tokens, salts)
+  salts = [0, 0, 9 + (5 << 32)]  # 64-bit: the high lane counts too
+  lanes = np.array([[s & 0xFFFFFFFF, s >> 32] for s in salts], np.uint32)
+  device = jax.jit(lambda t, s: hashing.chain_block_hashes(jnp, t, s, PS))(tokens, lanes)
   for row in range(3):
-    host = jp.block_hashes(tokens[row].tolist() + [1, 2], PS, salt=int(salts[row]))
+    host = jp.block_hashes(tokens[row].tolist() + [1, 2], PS, salt=salts[row])
     np.testing.assert_array_equal(host, np.asarray(device[row]))
     assert host.dtype == np.uint32 and host.shape == (5, 2)  # 64 bits a block
   # A changed token changes its block and every later one (the chain), nothing before.
@@ -151,9 +165,10 @@ def test_decode_filling_a_block_registers_it():
   prompt = [5, 6, 7, 8, 9, 10]  # 1 full block + 2
   cache, _ = _admit_and_write(cache, 0, prompt)
   assert int(jp.prefix_stats(cache)["registered"]) == 1
+  held = list(prompt)
   for token in (11, 12, 13):  # the 2nd block fills at 12
-    cache, slots, ok = jp.extend(cache, jnp.array([0]), jnp.array([1]), tokens=jnp.array([token]))
-    assert bool(ok)
+    cache = _append_and_write(cache, 0, [token], held)
+    held.append(token)
   assert int(jp.prefix_stats(cache)["registered"]) == 2
   cache, cached = _admit_and_write(cache, 1, prompt + [11, 12, 99, 98])
   assert cached == 2 * PS
@@ -290,9 +305,7 @@ def test_forks_inherit_the_salt_and_keep_registering():
   prompt = [1, 2, 3, 4, 5, 6]
   cache, _ = _admit_and_write(cache, 0, prompt, salt=5)
   cache, ok = jp.fork(cache, jnp.array([0]), jnp.array([1]))
-  cache, _, ok = jp.extend(cache, jnp.array([1]), jnp.array([2]), num_slots=2,
-                           tokens=jnp.array([7, 8]))
-  assert bool(ok)
+  cache = _append_and_write(cache, 1, [7, 8], prompt)
   cache, cached = _admit(cache, 2, prompt + [7, 8, 9], salt=5)
   assert int(cached.num_cached[0]) == 2 * PS
   cache, cached = _admit(cache, 3, prompt + [7, 8, 9], salt=0)
@@ -303,8 +316,10 @@ def test_match_prefix_rejects_bad_input_with_a_fix():
   cache = jp.init_cache(_spec())
   cache, _ = _admit_and_write(cache, 0, [1, 2, 3])
   tokens = jnp.zeros((2, 8), jnp.int32)
-  with pytest.raises(jp.JaxPagedError, match="tokens must be int32\\[2, max_prompt_len\\]"):
+  with pytest.raises(jp.JaxPagedError, match="tokens must be a 2-D integer array"):
     jp.match_prefix(cache, jnp.array([1, 2]), tokens[0], jnp.array([1, 1]))
+  with pytest.raises(jp.JaxPagedError, match="tokens must be int32\\[2, max_prompt_len\\]"):
+    jp.match_prefix(cache, jnp.array([1, 2]), tokens[:1], jnp.array([1, 1]))
   before = _copy(cache)
   cache, match = jp.match_prefix(cache, jnp.array([0, 2]), tokens, jnp.array([3, 3]))
   assert not bool(match.ok)
@@ -317,30 +332,34 @@ def test_match_prefix_rejects_bad_input_with_a_fix():
 
 def test_a_refilled_parent_page_cannot_vouch_for_an_old_child():
   """With an unchained hash, block T after prefix X and after prefix B share a key. T was
-  computed after X on a page whose parent page (an unregistered duplicate of X) was freed and
-  refilled with B: a prompt [B, T] finds T under its key, with the right tokens, salt and
-  parent *page*, yet T's K/V were computed after X. Only the parent's generation tells."""
+  computed after X, and chains onto X's registered page; once that page is evicted and refilled
+  with B, a prompt [B, T] finds T under its key, with the right tokens, salt and parent *page*,
+  yet T's K/V were computed after X. Only the parent's generation tells."""
   cache = jp.init_cache(_spec(block_hash="unchained", num_pages=12))
   x, t = [1, 2, 3, 4], [9, 9, 8, 8]
+  # Both compute X in one call: row 1's copy is a duplicate, not registered, and its T chains
+  # onto row 0's registered X page.
+  prompts = [x + [0], x + t + [0]]
   tokens = np.zeros((2, 32), np.int32)
-  tokens[0, :5], tokens[1, :9] = x + [0], x + t + [0]
-  # Both compute X (nothing is cached yet): row 1's copy is a duplicate, so not registered,
-  # while its child T is registered with that unregistered page as parent.
+  for row, prompt in enumerate(prompts):
+    tokens[row, :len(prompt)] = prompt
   cache, match = jp.match_prefix(cache, jnp.array([0, 1]), jnp.asarray(tokens),
                                  jnp.array([5, 9]))
-  assert bool(match.ok)
-  x_page_1, t_page = (int(p) for p in cache.page_table[1, :2])
-  assert not bool(cache.prefix.page_cached[x_page_1]) and bool(cache.prefix.page_cached[t_page])
-  cache = jp.release(cache, jnp.array([1]))  # X's duplicate page is freed, T stays cached
-  # Refill freed pages until X's old duplicate page holds a first block B.
-  for attempt in range(8):
-    b = [5, 6, 7, 10 + attempt]  # a new B each time: no hit on an earlier attempt
-    cache, match = _admit(cache, 2, b + [0])
-    assert bool(match.ok)
-    if int(cache.page_table[2, 0]) == x_page_1:
-      break
-    cache = jp.release(cache, jnp.array([2]))
-  assert int(cache.page_table[2, 0]) == x_page_1 and bool(cache.prefix.page_cached[x_page_1])
-  assert int(cache.prefix.page_parent[t_page]) == x_page_1  # the hazard is set up
-  cache, match = _admit(cache, 3, b + t + [0])
-  assert int(match.num_cached[0]) == PS  # B only: T's K/V belong after X, not after B
+  values = np.concatenate([key_values(p) for p in prompts])
+  for layer in range(cache.spec.num_layers):
+    kv = jnp.broadcast_to(jnp.asarray(values)[:, None, None], (14, 1, 2))
+    cache = jp.write_kv(cache, layer, kv, -kv, match.slots[:14])
+  x_page, t_page = int(cache.page_table[0, 0]), int(cache.page_table[1, 1])
+  assert not bool(cache.prefix.page_cached[cache.page_table[1, 0]])  # the duplicate
+  assert bool(cache.prefix.page_cached[t_page])
+  # Sequence 1 still holds T; X's page goes idle, then every other page is taken, so the next
+  # allocation evicts X's page and B lands on it.
+  cache = jp.release(cache, jnp.array([0]))
+  cache, match = _admit(cache, 2, list(range(100, 132)))
+  assert bool(match.ok) and int(jp.num_free_pages(cache)) == 0
+  b = [5, 6, 7, 10]
+  cache, _ = _admit_and_write(cache, 3, b)
+  assert int(cache.page_table[3, 0]) == x_page  # refilled with B
+  assert int(cache.prefix.page_parent[t_page]) == x_page  # the hazard is set up
+  cache, match = _admit(cache, 4, b + t + [0], max_new_tokens=jnp.array([0]), num_slots=1)
+  assert bool(match.ok) and int(match.num_cached[0]) == PS  # B only: T's K/V are X's

@@ -288,6 +288,7 @@ PREFIX_SPEC = dict(num_layers=2, num_kv_heads=1, head_dim=2, page_size=4, num_pa
                    max_seqs=4, max_pages_per_seq=7, prefix_caching=True)
 PROMPT_WIDTH, EXTEND_ROWS, EXTEND_SLOTS = 24, 2, 6
 HOST_BLOCKS = 6  # the host tier of demoted blocks holds this many
+SALTS = [0, 0, 1, 1 << 32]  # 1 << 32 would share pages with 0 if salts were truncated
 # Shared prefixes, and blocks that repeat within and across prompts after different prefixes.
 FAMILIES = [[7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5, 9, 0, 4, 5, 2, 3, 5, 3, 6],
             [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4],
@@ -340,12 +341,12 @@ class PrefixCacheMachine(RuleBasedStateMachine):
     family = data.draw(st.sampled_from(FAMILIES))
     prompt = family[:data.draw(st.integers(1, 20))] + data.draw(
         st.lists(st.integers(0, 9), max_size=4))
-    salt = data.draw(st.sampled_from([0, 0, 1]))
+    salt = data.draw(st.sampled_from(SALTS))
     chunk = data.draw(st.sampled_from([None, 3, 9]))
     tokens = np.zeros((1, PROMPT_WIDTH), np.int32)
     tokens[0, :len(prompt)] = prompt
     args = (jnp.array([seq], jnp.int32), jnp.asarray(tokens), jnp.array([len(prompt)]))
-    kwargs = dict(salts=jnp.array([salt]), num_slots=PROMPT_WIDTH,
+    kwargs = dict(salts=[salt], num_slots=PROMPT_WIDTH,
                   max_new_tokens=None if chunk is None else jnp.array([chunk]))
     before = self._snapshot()
     self.cache, match = jp.match_prefix(self.cache, *args, **kwargs)
@@ -364,6 +365,35 @@ class PrefixCacheMachine(RuleBasedStateMachine):
     self.tokens[seq] = prompt[:cached + new]
     self.salts[seq] = salt
     self._write(seq, cached, match.slots, new)
+
+  @rule(data=st.data())
+  def admit_twins(self, data):
+    """Two requests of one family in one call: they compute their common blocks at once."""
+    empty = [s for s in range(self.spec.max_seqs) if not self.tokens[s]]
+    if len(empty) < 2:
+      return
+    seqs = data.draw(st.permutations(empty))[:2]
+    family = data.draw(st.sampled_from(FAMILIES))
+    prompts = [family[:data.draw(st.integers(1, 20))]
+               + data.draw(st.lists(st.integers(0, 9), max_size=4)) for _ in seqs]
+    salt = data.draw(st.sampled_from(SALTS))
+    tokens = np.zeros((2, PROMPT_WIDTH), np.int32)
+    for row, prompt in enumerate(prompts):
+      tokens[row, :len(prompt)] = prompt
+    self.cache, match = jp.match_prefix(self.cache, jnp.array(seqs, jnp.int32),
+                                        jnp.asarray(tokens), jnp.array([len(p) for p in prompts]),
+                                        salts=[salt, salt], num_slots=2 * PROMPT_WIDTH)
+    event(f"admit twins {'ok' if match.ok else 'refused'}")
+    if not bool(match.ok):
+      return
+    start = 0
+    for row, (seq, prompt) in enumerate(zip(seqs, prompts)):
+      cached, new = int(match.num_cached[row]), int(match.num_new[row])
+      self.tokens[seq], self.salts[seq] = list(prompt), salt
+      slots = np.full(PROMPT_WIDTH, -1, np.int32)  # one shape: write_kv compiles once
+      slots[:new] = np.asarray(match.slots)[start:start + new]
+      self._write(seq, cached, jnp.asarray(slots), new)
+      start += new
 
   @rule(data=st.data())
   def append(self, data):
@@ -497,7 +527,7 @@ class PrefixCacheMachine(RuleBasedStateMachine):
     tokens[0, :len(block.tokens)] = block.tokens
     self.cache, match = jp.match_prefix(
         self.cache, jnp.array([seq]), jnp.asarray(tokens), jnp.array([len(block.tokens)]),
-        salts=jnp.array([block.salt]), max_new_tokens=jnp.array([0]), num_slots=1)
+        salts=[block.salt], max_new_tokens=jnp.array([0]), num_slots=1)
     assert bool(match.ok)
     cached = int(match.num_cached[0])
     self.tokens[seq], self.salts[seq] = list(block.tokens[:cached]), block.salt
@@ -540,7 +570,8 @@ class PrefixCacheMachine(RuleBasedStateMachine):
     assert int(p.num_cached) == len(entries)
     used = int(np.sum(refs > 0))
     assert int(c.num_free) + int(p.num_evictable) + used == self.spec.num_pages
-    salts = np.asarray(p.page_salt)
+    salts = [jp.block_key(lanes) for lanes in np.asarray(p.page_salt)]  # 64-bit ints
+    salts = np.asarray(salts, np.uint64)
     for s in range(self.spec.max_seqs):
       assert int(c.seq_lens[s]) == len(self.tokens[s])
       held = table_[s][table_[s] >= 0]

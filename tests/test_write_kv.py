@@ -79,13 +79,13 @@ def test_write_kv_rejects_bad_input_with_a_fix():
   cases = [
       (dict(layer=3), "layer must be in \\[0, 3\\), got 3"),
       (dict(layer=-1), "layer must be in \\[0, 3\\), got -1"),
-      (dict(layer=jnp.zeros(2, jnp.int32)), "layer must be an int or an int32 scalar"),
+      (dict(layer=jnp.zeros(2, jnp.int32)), "layer must be an int \\(or an int32 scalar inside jit\\)"),
       (dict(k=k[:, :2]), "k must have shape \\[T, num_kv_heads=3, head_dim=16\\], got"),
       (dict(v=v[..., :8]), "v must have shape"),
       (dict(k=k[None]), "k must have shape"),
       (dict(k=k.astype(jnp.bfloat16)), "k has dtype bfloat16 but the cache stores float32; cast"),
-      (dict(v=v[:5], k=k[:5]), "slots must be int32\\[5\\]"),
-      (dict(slots=slots.astype(jnp.float32)), "slots must be int32"),
+      (dict(v=v[:5], k=k[:5]), "slots must have 5 entries \\(one per row of k"),
+      (dict(slots=slots.astype(jnp.float32)), "slots must have an integer dtype, got float32"),
       (dict(impl="cuda"), "impl must be one of"),
   ]
   for change, message in cases:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jaxpaged._src import gpu
-from jaxpaged._src.cache import _check_cache, check_layer, token_rows
+from jaxpaged._src.cache import check_cache, check_layer, token_rows
 from jaxpaged._src.spec import JaxPagedError
 
 
@@ -467,7 +467,7 @@ def paged_attention(q, cache, layer, seq_ids, *, sm_scale=None, soft_cap=None,
   Returns:
     ``[B, num_q_heads, head_dim]`` in q's dtype; softmax and accumulation are float32.
   """
-  spec = _check_cache(cache)
+  spec = check_cache(cache)
   layer = check_layer(spec, layer)
   page_table, kv_lens = _rows_of(cache, seq_ids)
   return paged_attention_arrays(q, cache.k_pages, cache.v_pages, layer, page_table, kv_lens,
@@ -496,7 +496,7 @@ def ragged_paged_attention(q, cache, layer, seq_ids, q_lens, *, sm_scale=None, s
   Returns:
     ``[T, num_q_heads, head_dim]`` in q's dtype.
   """
-  spec = _check_cache(cache)
+  spec = check_cache(cache)
   layer = check_layer(spec, layer)
   page_table, kv_lens = _rows_of(cache, seq_ids)
   return ragged_paged_attention_arrays(

@@ -7,9 +7,16 @@ and XLA's CPU dot want; a token-major layout was 2-6x slower for decode attentio
 
 The allocator is a stack of free page ids (``free_pages[:num_free]``) plus a reference count per
 page. Every update touches only the rows, pages and stack entries it changes (scatters with
-out-of-bounds indices for "nothing"), so its cost does not grow with ``num_pages`` and a donated
-cache is updated in place. Refused calls route every scatter out of bounds: the cache comes back
-exactly as it went in.
+out-of-bounds indices for "nothing"), so its cost does not grow with ``num_pages`` and a cache
+donated by the caller's own jitted step is updated in place. Refused calls route every scatter out
+of bounds: the cache comes back exactly as it went in.
+
+Every public function is pure: it never deletes or changes its input (nothing here donates).
+Called eagerly, an update therefore copies the pools; jit your step and donate the cache there
+(``jax.jit(step, donate_argnames="cache")``) to update it in place.
+
+Internal API (for the other ``jaxpaged._src`` modules): `check_cache`, `duplicated`,
+`extend_plan`, `extend_core`, `release_core`, `token_rows`, `check_layer`, `EXTEND_REASONS`.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpaged._src import checks
 from jaxpaged._src import prefix_state
 from jaxpaged._src.prefix_state import PrefixState, init_prefix_state
 from jaxpaged._src.spec import CacheSpec, JaxPagedError
@@ -104,29 +112,22 @@ def num_used_pages(cache: PagedKVCache) -> jax.Array:
 
 # ----------------------------------------------------------------------------- validation
 
-def _check_cache(cache) -> CacheSpec:
+def check_cache(cache, name: str = "cache") -> CacheSpec:
+  """The cache's spec, after checking it is a live `PagedKVCache` (not one whose arrays a
+  donating call deleted)."""
   if not isinstance(cache, PagedKVCache):
-    raise JaxPagedError(f"cache must be a jaxpaged.PagedKVCache, got {type(cache).__name__}; "
+    raise JaxPagedError(f"{name} must be a jaxpaged.PagedKVCache, got {type(cache).__name__}; "
                         "create one with jaxpaged.init_cache(spec).")
+  for leaf in jax.tree.leaves(cache):
+    if isinstance(leaf, jax.Array) and not checks.is_traced(leaf) and leaf.is_deleted():
+      raise JaxPagedError(
+          f"{name} was donated: its arrays were deleted by a jitted call that donated it "
+          "(donate_argnames='cache'). Use the cache that call returned; to keep this one, do "
+          "not donate it (jaxpaged's own functions never donate their input).")
   return cache.spec
 
 
-def _as_index_vector(name: str, value, length: int | None = None) -> jax.Array:
-  """Validates an integer vector argument (static shape and dtype) and returns it as int32."""
-  value = jnp.asarray(value)
-  if value.ndim != 1:
-    raise JaxPagedError(f"{name} must be a 1-D integer array, got shape {value.shape}; "
-                        f"pass one entry per batch row, e.g. jnp.array([0, 1], jnp.int32).")
-  if not jnp.issubdtype(value.dtype, jnp.integer):
-    raise JaxPagedError(f"{name} must have an integer dtype, got {value.dtype}; "
-                        f"cast with {name}.astype(jnp.int32).")
-  if length is not None and value.shape[0] != length:
-    raise JaxPagedError(f"{name} must have {length} entries (one per row of seq_ids), "
-                        f"got {value.shape[0]}; pass arrays of equal length.")
-  return value.astype(jnp.int32)
-
-
-def _duplicated(ids: jax.Array, live: jax.Array) -> jax.Array:
+def duplicated(ids: jax.Array, live: jax.Array) -> jax.Array:
   """``bool[B]``: live rows whose id already appears in an earlier live row."""
   same = (ids[:, None] == ids[None, :]) & live[:, None] & live[None, :]
   earlier = jnp.tril(jnp.ones_like(same), k=-1)
@@ -139,7 +140,7 @@ def _cdiv(a, b):
 
 # Each refusal reason: (argument it blames, message). Traced code computes one boolean mask per
 # reason; `ok` is "no mask set" and the eager `check_*` helpers turn set masks into errors.
-_EXTEND_REASONS = {
+EXTEND_REASONS = {
     "bad_id": ("seq_ids", "is out of range [-1, {max_seqs}) (use -1 for padding rows)"),
     "duplicate": ("seq_ids", "appears twice; give each sequence one row per call"),
     "negative": ("num_new_tokens", "is negative; new token counts must be >= 0"),
@@ -161,18 +162,9 @@ _FORK_REASONS = {
 }
 
 
-def _raise_first(reasons: dict, problems: dict, **fmt) -> None:
-  for name, mask in problems.items():
-    mask = np.asarray(mask)
-    if mask.any():
-      argument, message = reasons[name]
-      where = f" at rows {np.flatnonzero(mask).tolist()}" if mask.ndim else ""
-      raise JaxPagedError(f"{argument}{where}: {message.format(**fmt)}.")
-
-
 # ----------------------------------------------------------------------------- extend
 
-def _extend_plan(cache: PagedKVCache, seq_ids, num_new_tokens, num_slots: int):
+def extend_plan(cache: PagedKVCache, seq_ids, num_new_tokens, num_slots: int):
   """Everything `extend` decides, as arrays; nothing is written yet."""
   spec = cache.spec
   ps, num_pages = spec.page_size, spec.num_pages
@@ -183,7 +175,7 @@ def _extend_plan(cache: PagedKVCache, seq_ids, num_new_tokens, num_slots: int):
   old_len = jnp.where(live, cache.seq_lens[rows], 0)
   problems = {
       "bad_id": (seq_ids < -1) | ~in_range,
-      "duplicate": _duplicated(seq_ids, live),
+      "duplicate": duplicated(seq_ids, live),
       "negative": n < 0,
       "too_long": n > spec.max_seq_len - old_len,  # no int32 overflow, unlike old_len + n
   }
@@ -214,12 +206,11 @@ def check_extend(cache: PagedKVCache, seq_ids, num_new_tokens, *, num_slots: int
   Raises:
     JaxPagedError: naming the first wrong argument, its rows and how to fix it.
   """
-  spec = _check_cache(cache)
-  seq_ids = _as_index_vector("seq_ids", seq_ids)
-  num_new_tokens = _as_index_vector("num_new_tokens", num_new_tokens, seq_ids.shape[0])
-  num_slots = seq_ids.shape[0] if num_slots is None else num_slots
-  plan = _extend_plan(cache, seq_ids, num_new_tokens, num_slots)
-  _raise_first(_EXTEND_REASONS, plan["problems"], max_seqs=spec.max_seqs,
+  spec = check_cache(cache)
+  seq_ids, num_new_tokens, num_slots, _ = _extend_args(cache, seq_ids, num_new_tokens, num_slots,
+                                                       None)
+  plan = extend_plan(cache, seq_ids, num_new_tokens, num_slots)
+  checks.raise_first(EXTEND_REASONS, plan["problems"], max_seqs=spec.max_seqs,
                max_seq_len=spec.max_seq_len, num_slots=num_slots)
 
 
@@ -228,7 +219,7 @@ def extend(cache: PagedKVCache, seq_ids, num_new_tokens, *, num_slots: int | Non
   """Makes room for the new tokens of a ragged batch: atomic, vectorised, in-graph.
 
   Args:
-    cache: the cache (donated when called outside jit).
+    cache: the cache; it is not changed (a new one is returned).
     seq_ids: ``int32[B]`` sequence ids; -1 marks a padding row. An empty slot becomes a new
       sequence by being extended.
     num_new_tokens: ``int32[B]`` tokens each row appends.
@@ -259,25 +250,31 @@ def extend(cache: PagedKVCache, seq_ids, num_new_tokens, *, num_slots: int | Non
   >>> slots.tolist(), bool(ok)
   ([0, 1, 2, 3, 4, -1], True)
   """
-  spec = _check_cache(cache)
-  seq_ids = _as_index_vector("seq_ids", seq_ids)
-  num_new_tokens = _as_index_vector("num_new_tokens", num_new_tokens, seq_ids.shape[0])
-  num_slots = seq_ids.shape[0] if num_slots is None else num_slots
-  if isinstance(num_slots, bool) or not isinstance(num_slots, (int, np.integer)) or num_slots < 0:
-    raise JaxPagedError(f"num_slots must be a non-negative Python int, got {num_slots!r}; it is "
-                        "the static length of the returned slots.")
+  check_cache(cache)
+  seq_ids, num_new_tokens, num_slots, tokens = _extend_args(cache, seq_ids, num_new_tokens,
+                                                            num_slots, tokens)
+  return _extend_jit(cache, seq_ids, num_new_tokens, tokens, num_slots=num_slots)
+
+
+def _extend_args(cache, seq_ids, num_new_tokens, num_slots, tokens):
+  seq_ids = checks.index_vector("seq_ids", seq_ids)
+  num_new_tokens = checks.index_vector("num_new_tokens", num_new_tokens, seq_ids.shape[0])
+  num_slots = checks.count("num_slots", seq_ids.shape[0] if num_slots is None else num_slots)
   if tokens is not None:
-    tokens = _as_index_vector("tokens", tokens, int(num_slots))
-    if not spec.prefix_caching:
+    tokens = checks.token_ids("tokens", tokens, (num_slots,))
+    if not cache.spec.prefix_caching:
       tokens = None  # only prefix caching keeps token ids
-  return _extend(cache, seq_ids, num_new_tokens, tokens, num_slots=int(num_slots))
+  return seq_ids, num_new_tokens, num_slots, tokens
 
 
-@functools.partial(jax.jit, static_argnames=("num_slots",), donate_argnames=("cache",))
-def _extend(cache, seq_ids, num_new_tokens, tokens, *, num_slots):
+def extend_core(cache, seq_ids, num_new_tokens, tokens, *, num_slots):
+  """`extend` on checked arguments (``int32`` vectors, ``tokens`` None or ``int32[num_slots]``):
+  traceable, for composite operations."""
+  if seq_ids.shape[0] == 0:  # no rows: nothing to do (and nothing to index)
+    return cache, jnp.full((num_slots,), -1, jnp.int32), jnp.bool_(True)
   spec = cache.spec
   ps, num_pages = spec.page_size, spec.num_pages
-  plan = _extend_plan(cache, seq_ids, num_new_tokens, num_slots)
+  plan = extend_plan(cache, seq_ids, num_new_tokens, num_slots)
   ok, live, cow = plan["ok"], plan["live"], plan["cow"]
   prefix = cache.prefix
   # New pages per row, as a [B, K] grid: K bounds any row's new pages (plus a copy-on-write page).
@@ -330,6 +327,9 @@ def _extend(cache, seq_ids, num_new_tokens, tokens, *, num_slots):
   return cache, slots, ok
 
 
+_extend_jit = jax.jit(extend_core, static_argnames=("num_slots",))
+
+
 def _note_tokens(prefix, cache, seq_ids, plan, row_ok, tokens, slots, cow_src, cow_dst,
                  handed_out, width):
   """Prefix bookkeeping of an `extend`: new pages get a new generation, token ids are stored,
@@ -346,8 +346,11 @@ def _note_tokens(prefix, cache, seq_ids, plan, row_ok, tokens, slots, cow_src, c
   if tokens is not None:
     at = jnp.where(slots >= 0, slots // ps, num_pages)
     page_tokens = page_tokens.at[at, slots % ps].set(tokens, mode="drop")
+  # A page handed out holds nothing written yet; a copy holds what its source held.
+  page_written = prefix.page_written.at[handed_out].set(False, mode="drop")
+  page_written = page_written.at[cow_dst].set(prefix.page_written[cow_src], mode="drop")
   prefix = dataclasses.replace(
-      prefix, page_tokens=page_tokens,
+      prefix, page_tokens=page_tokens, page_written=page_written,
       page_gen=prefix.page_gen.at[handed_out].add(1, mode="drop"),
       seq_hashable=prefix.seq_hashable.at[rows].set(hashable, mode="drop"),
       clock=prefix.clock + jnp.any(row_ok))  # a refused call changes nothing, the clock neither
@@ -367,6 +370,8 @@ def token_rows(counts, num_tokens: int):
   index within that row, and whether the entry is before the end of the last row.
   """
   t = jnp.arange(num_tokens)
+  if counts.shape[0] == 0:  # no rows: no entry is valid
+    return jnp.zeros_like(t), t, jnp.zeros(t.shape, bool)
   ends = jnp.cumsum(counts)
   row = jnp.minimum(jnp.searchsorted(ends, t, side="right"), counts.shape[0] - 1)
   return row, t - (ends[row] - counts[row]), t < ends[-1]
@@ -394,10 +399,12 @@ def token_positions(cache: PagedKVCache, seq_ids, num_new_tokens, *,
   >>> token_positions(cache, jnp.array([0, 1]), jnp.array([2, 1]), num_slots=4).tolist()
   [3, 4, 0, -1]
   """
-  _check_cache(cache)
-  seq_ids = _as_index_vector("seq_ids", seq_ids)
-  counts = jnp.clip(_as_index_vector("num_new_tokens", num_new_tokens, seq_ids.shape[0]), 0)
-  num_slots = seq_ids.shape[0] if num_slots is None else num_slots
+  check_cache(cache)
+  seq_ids = checks.index_vector("seq_ids", seq_ids)
+  counts = jnp.clip(checks.index_vector("num_new_tokens", num_new_tokens, seq_ids.shape[0]), 0)
+  num_slots = checks.count("num_slots", seq_ids.shape[0] if num_slots is None else num_slots)
+  if seq_ids.shape[0] == 0:
+    return jnp.full((num_slots,), -1, jnp.int32)
   live = (seq_ids >= 0) & (seq_ids < cache.spec.max_seqs)
   row, offset, valid = token_rows(counts, num_slots)
   length = cache.seq_lens[jnp.where(live, seq_ids, 0)]
@@ -419,29 +426,33 @@ def release(cache: PagedKVCache, seq_ids) -> PagedKVCache:
   >>> int(num_free_pages(cache)), int(num_free_pages(release(cache, jnp.array([0]))))
   (5, 8)
   """
-  _check_cache(cache)
-  return _release(cache, _as_index_vector("seq_ids", seq_ids))
+  check_cache(cache)
+  return _release_jit(cache, checks.index_vector("seq_ids", seq_ids))
 
 
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def _release(cache, seq_ids):
+def release_core(cache, seq_ids):
+  """`release` on a checked ``int32`` vector: traceable, for composite operations."""
   spec = cache.spec
   num_pages = spec.num_pages
   live = (seq_ids >= 0) & (seq_ids < spec.max_seqs)
-  live = live & ~_duplicated(seq_ids, live)
+  live = live & ~duplicated(seq_ids, live)
   pages = cache.page_table[jnp.where(live, seq_ids, 0)]  # [R, max_pages_per_seq]
   held = jnp.where(live[:, None] & (pages >= 0), pages, num_pages).reshape(-1)
   ref_counts = cache.ref_counts.at[held].add(-1, mode="drop")
   # A page shared by two released sequences appears twice: sort so it is freed once.
   held = jnp.sort(held)
-  first = jnp.concatenate([jnp.ones((1,), bool), held[1:] != held[:-1]])
+  first = jnp.ones(held.shape, bool).at[1:].set(held[1:] != held[:-1])
   safe = jnp.clip(held, 0, num_pages - 1)
   freed = first & (held < num_pages) & (ref_counts[safe] == 0)
   prefix = cache.prefix
   rows = jnp.where(live, seq_ids, spec.max_seqs)
-  if prefix is not None:  # cached blocks stay, evictable, for later prompts
-    kept = freed & prefix.page_cached[safe]
+  if prefix is not None:
+    # Cached blocks stay, evictable, for later prompts, if their K/V were written; a block
+    # registered but never written (its sequence ended first) must never be served: dropped.
+    cached = freed & prefix.page_cached[safe]
+    kept = cached & prefix_state.fully_written(prefix, safe)
     freed &= ~kept
+    prefix = prefix_state.unregister(prefix, held, cached & ~kept)
     prefix = dataclasses.replace(
         prefix,
         page_last_use=prefix.page_last_use.at[jnp.where(kept, held, num_pages)].set(
@@ -462,6 +473,9 @@ def _release(cache, seq_ids):
   )
 
 
+_release_jit = jax.jit(release_core)
+
+
 # ----------------------------------------------------------------------------- fork
 
 def _fork_problems(cache, src_ids, dst_ids):
@@ -471,17 +485,17 @@ def _fork_problems(cache, src_ids, dst_ids):
   return {
       "bad_src": live & ((src_ids < 0) | (src_ids >= max_seqs)),
       "bad_dst": (dst_ids < -1) | (dst_ids >= max_seqs),
-      "duplicate": _duplicated(dst_ids, live),
+      "duplicate": duplicated(dst_ids, live),
       "dst_in_use": dst_ok & (cache.seq_lens[jnp.where(dst_ok, dst_ids, 0)] > 0),
   }
 
 
 def check_fork(cache: PagedKVCache, src_ids, dst_ids) -> None:
   """Eagerly explains why `fork` would refuse these arguments; returns None if it would not."""
-  spec = _check_cache(cache)
-  dst_ids = _as_index_vector("dst_ids", dst_ids)
-  src_ids = _as_index_vector("src_ids", src_ids, dst_ids.shape[0])
-  _raise_first(_FORK_REASONS, _fork_problems(cache, src_ids, dst_ids), max_seqs=spec.max_seqs)
+  spec = check_cache(cache)
+  dst_ids = checks.index_vector("dst_ids", dst_ids)
+  src_ids = checks.index_vector("src_ids", src_ids, dst_ids.shape[0])
+  checks.raise_first(_FORK_REASONS, _fork_problems(cache, src_ids, dst_ids), max_seqs=spec.max_seqs)
 
 
 def fork(cache: PagedKVCache, src_ids, dst_ids):
@@ -500,14 +514,14 @@ def fork(cache: PagedKVCache, src_ids, dst_ids):
     ``(cache, ok)``; if ``ok`` is False (an id out of range, a destination repeated or not empty)
     nothing changed and `check_fork` says why.
   """
-  _check_cache(cache)
-  dst_ids = _as_index_vector("dst_ids", dst_ids)
-  src_ids = _as_index_vector("src_ids", src_ids, dst_ids.shape[0])
-  return _fork(cache, src_ids, dst_ids)
+  check_cache(cache)
+  dst_ids = checks.index_vector("dst_ids", dst_ids)
+  src_ids = checks.index_vector("src_ids", src_ids, dst_ids.shape[0])
+  return _fork_jit(cache, src_ids, dst_ids)
 
 
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def _fork(cache, src_ids, dst_ids):
+@jax.jit
+def _fork_jit(cache, src_ids, dst_ids):
   spec = cache.spec
   problems = _fork_problems(cache, src_ids, dst_ids)
   ok = ~jnp.any(jnp.stack([jnp.any(m) for m in problems.values()]))
@@ -539,16 +553,19 @@ def gather_kv(cache: PagedKVCache, layer, seq_id):
     ``(k, v)``, each ``[max_pages_per_seq * page_size, num_kv_heads, head_dim]``; positions at or
     past the sequence's length are zero, so ``k[:cache.seq_lens[seq_id]]`` is its keys.
   """
-  spec = _check_cache(cache)
+  spec = check_cache(cache)
   layer = check_layer(spec, layer)
-  return _gather_kv(cache, layer, jnp.asarray(seq_id, jnp.int32))
+  seq_id = check_index("seq_id", seq_id, spec.max_seqs, "max_seqs")
+  return _gather_kv(cache, layer, seq_id)
 
 
 @jax.jit
 def _gather_kv(cache, layer, seq_id):
   spec = cache.spec
+  in_range = (seq_id >= 0) & (seq_id < spec.max_seqs)  # a traced id out of range reads nothing
+  seq_id = jnp.clip(seq_id, 0, spec.max_seqs - 1)
   pages = cache.page_table[seq_id]
-  valid = (jnp.arange(spec.max_seq_len) < cache.seq_lens[seq_id])[:, None, None]
+  valid = in_range & (jnp.arange(spec.max_seq_len) < cache.seq_lens[seq_id])[:, None, None]
 
   def gather(pool):  # [H, P, ps, D] -> [max_seq_len, H, D]
     x = pool[layer][:, jnp.clip(pages, 0)]
@@ -559,15 +576,26 @@ def _gather_kv(cache, layer, seq_id):
 
 
 def check_layer(spec: CacheSpec, layer):
-  """Validates a layer index: a Python int is range-checked now; an int32 scalar is accepted
-  (inside `lax.scan` over layers) and an out-of-range value there writes nothing."""
-  if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
-    if not 0 <= layer < spec.num_layers:
-      raise JaxPagedError(f"layer must be in [0, {spec.num_layers}), got {layer}; the cache "
-                          f"was built with num_layers={spec.num_layers}.")
-    return jnp.asarray(layer, jnp.int32)
-  layer = jnp.asarray(layer)
-  if layer.ndim != 0 or not jnp.issubdtype(layer.dtype, jnp.integer):
-    raise JaxPagedError(f"layer must be an int or an int32 scalar, got {layer.dtype}"
-                        f"{list(layer.shape)}; pass the layer index as a scalar.")
-  return layer.astype(jnp.int32)
+  """Validates a layer index: a known value is range-checked now; a traced int32 scalar is
+  accepted (inside `lax.scan` over layers) and an out-of-range value there touches nothing."""
+  return check_index("layer", layer, spec.num_layers, "num_layers")
+
+
+def check_index(name: str, value, size: int, size_name: str) -> jax.Array:
+  """A scalar index in ``[0, size)`` as an int32 scalar: checked now when its value is known
+  (Python, NumPy or concrete JAX integer); a traced one is taken as it is."""
+  if isinstance(value, (bool, np.bool_)) or np.ndim(value) != 0 or not jnp.issubdtype(
+      jnp.result_type(value), jnp.integer):
+    raise JaxPagedError(f"{name} must be an int (or an int32 scalar inside jit), got "
+                        f"{getattr(value, 'dtype', type(value).__name__)}"
+                        f"{list(np.shape(value))}; pass the index as a scalar.")
+  if isinstance(value, jax.Array) and checks.is_traced(value):
+    if value.dtype.itemsize > 4 or value.dtype == jnp.uint32:  # out of int32: out of range
+      low = 0 if jnp.issubdtype(value.dtype, jnp.unsignedinteger) else checks.INT32_MIN
+      value = jnp.clip(value, jnp.asarray(low, value.dtype),
+                       jnp.asarray(checks.INT32_MAX, value.dtype))
+    return value.astype(jnp.int32)
+  if not 0 <= int(value) < size:
+    raise JaxPagedError(f"{name} must be in [0, {size}), got {int(value)}; the cache was built "
+                        f"with {size_name}={size}.")
+  return jnp.asarray(int(value), jnp.int32)

@@ -65,9 +65,12 @@ def _link(xp, parent1, parent2, digest):
 
 
 def _start(xp, salts):
-  """Where a first block's chain starts: the seeds, mixed with the request's salt."""
-  h1 = _fmix(xp, _u32(xp, _SEED[1]) ^ xp.asarray(salts).astype(xp.uint32))
-  return h1, xp.broadcast_to(_u32(xp, _SEED[0]), h1.shape)
+  """Where a first block's chain starts: the seeds, with both 32-bit lanes of the request's
+  64-bit salt (``uint32[..., 2]``) absorbed."""
+  salts = xp.asarray(salts).astype(xp.uint32)
+  h1 = xp.broadcast_to(_u32(xp, _SEED[0]), salts.shape[:-1])
+  h2 = xp.broadcast_to(_u32(xp, _SEED[1]), salts.shape[:-1])
+  return _absorb(xp, *_absorb(xp, h1, h2, salts[..., 0]), salts[..., 1])
 
 
 def chain_block_hashes(xp, tokens, salts, page_size: int, hash_fn: str = "mix64"):
@@ -77,7 +80,8 @@ def chain_block_hashes(xp, tokens, salts, page_size: int, hash_fn: str = "mix64"
     xp: ``numpy`` or ``jax.numpy`` (both give the same bits).
     tokens: ``int32[B, n * page_size]`` token ids; every block is hashed (callers mask blocks
       past a row's length).
-    salts: ``int32[B]`` per-request salt (0 = none); different salts give unrelated chains.
+    salts: ``uint32[B, 2]`` per-request 64-bit salt as (low, high) lanes (0 = none); different
+      salts give unrelated chains.
 
   Returns:
     ``uint32[B, n, 2]``.
@@ -112,8 +116,8 @@ def chain_block_hashes(xp, tokens, salts, page_size: int, hash_fn: str = "mix64"
 
 def next_block_hash(xp, parent_hash, block_tokens, salts, is_first, hash_fn: str = "mix64"):
   """One chain step for a batch of blocks: ``parent_hash uint32[N, 2]`` (ignored where
-  ``is_first``), ``block_tokens int32[N, page_size]``. Equals the corresponding column of
-  `chain_block_hashes`."""
+  ``is_first``), ``block_tokens int32[N, page_size]``, ``salts uint32[N, 2]``. Equals the
+  corresponding column of `chain_block_hashes`."""
   if hash_fn == "constant":
     return xp.zeros((xp.asarray(block_tokens).shape[0], 2), xp.uint32)
   start = _start(xp, salts)
@@ -124,9 +128,27 @@ def next_block_hash(xp, parent_hash, block_tokens, salts, is_first, hash_fn: str
 
 
 def block_hashes_numpy(tokens, page_size: int, salt: int = 0, hash_fn: str = "mix64"):
-  """Host version for one token list (the RAM tier keys blocks with it): ``uint32[n, 2]`` for
-  its ``len(tokens) // page_size`` full blocks."""
+  """The chained 64-bit hashes of a prompt's full blocks, on the host, bit-identical to the
+  device's: ``uint32[len(tokens) // page_size, 2]``.
+
+  Args:
+    tokens: the prompt's token ids (int32 values).
+    page_size: tokens per block.
+    salt: the request's salt, an int in ``[0, 2**64)``.
+    hash_fn: the cache's ``CacheSpec.block_hash``.
+
+  >>> block_hashes([1, 2, 3, 4, 5], page_size=2).shape
+  (2, 2)
+  """
+  from jaxpaged._src import checks  # pylint: disable=g-import-not-at-top
+  if isinstance(page_size, bool) or not isinstance(page_size, (int, np.integer)) or page_size < 1:
+    raise checks.JaxPagedError(f"page_size must be a positive int, got {page_size!r}.")
+  if hash_fn not in HASH_FUNCTIONS:
+    raise checks.JaxPagedError(f"hash_fn must be one of {HASH_FUNCTIONS}, got {hash_fn!r}.")
+  tokens = checks.host_token_ids("tokens", tokens)
+  salt = checks.salt("salt", salt)
+  lanes = np.array([[salt & 0xFFFFFFFF, salt >> 32]], np.uint32)
   full = len(tokens) // page_size * page_size
   with np.errstate(over="ignore"):
-    return chain_block_hashes(np, np.asarray(tokens[:full], np.int64).reshape(1, full),
-                              np.asarray([salt]), page_size, hash_fn)[0]
+    return chain_block_hashes(np, tokens[:full].astype(np.int64).reshape(1, full), lanes,
+                              page_size, hash_fn)[0]

@@ -4,6 +4,13 @@
 blocks that verifiably hold that prompt's prefix, attaches them (reference count +1, no copy)
 and, in the same atomic call, makes room for the prompt tokens that remain to be computed. If
 that allocation cannot be satisfied nothing changes at all: no reference count, no statistic.
+
+A hit is a block registered in the table that verifiably holds the prompt's block (hash, salt,
+token ids, parent page and its generation: `prefix_state.holds_block`) and whose K/V were all
+written (`prefix_state.fully_written`): a block registered by a request whose K/V are not
+written yet is not served, so a hit never reads K/V that were not computed for that block.
+
+Internal API: `match_plan`, `match_core`.
 """
 
 from __future__ import annotations
@@ -16,10 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged._src import hashing, table
-from jaxpaged._src.cache import (PagedKVCache, _as_index_vector, _check_cache, _duplicated,
-                                 _extend, _extend_plan, _raise_first, _EXTEND_REASONS,
-                                 token_rows)
+from jaxpaged._src import checks, hashing, prefix_state, table
+from jaxpaged._src.cache import (EXTEND_REASONS, PagedKVCache, check_cache, duplicated,
+                                 extend_core, extend_plan, token_rows)
 from jaxpaged._src.prefix_state import STATS, bump, init_prefix_state
 from jaxpaged._src.spec import JaxPagedError
 
@@ -50,8 +56,10 @@ _MATCH_REASONS = {
 }
 
 
-def _match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots, impl,
-                interpret):
+def match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots, impl,
+               interpret):
+  """What `match_prefix` decides (``salts`` as ``uint32[B, 2]`` lanes), as arrays; nothing is
+  changed. Traceable."""
   spec = cache.spec
   ps = spec.page_size
   rows_count, width = tokens.shape
@@ -60,7 +68,7 @@ def _match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slot
   rows = jnp.where(live & in_range, seq_ids, 0)
   problems = {
       "bad_id": (seq_ids < -1) | ~in_range,
-      "duplicate": _duplicated(seq_ids, live),
+      "duplicate": duplicated(seq_ids, live),
       "in_use": live & in_range & (cache.seq_lens[rows] > 0),
       "bad_length": live & ((lengths < 1) | (lengths > width)),
   }
@@ -72,17 +80,13 @@ def _match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slot
                                         spec.block_hash)
     pages = table.lookup(prefix.table_lo, prefix.table_hi, prefix.table_pages, hashes,
                          impl=impl, interpret=interpret)  # [B, n]
-    safe = jnp.clip(pages, 0)
-    parent = jnp.concatenate([jnp.full((rows_count, 1), -1, jnp.int32), pages[:, :-1]], axis=1)
+    parent = jnp.concatenate([jnp.full((rows_count, 1), prefix_state.NO_PARENT, jnp.int32),
+                              pages[:, :-1]], axis=1)
     j = jnp.arange(num_blocks)
-    verified = ((pages >= 0) & prefix.page_cached[safe]
-                & jnp.all(prefix.page_hash[safe] == hashes, axis=-1)
-                & (prefix.page_salt[safe] == salts[:, None])
-                & jnp.all(prefix.page_tokens[safe] == tokens[:, :num_blocks * ps].reshape(
-                    rows_count, num_blocks, ps), axis=-1)
-                & (prefix.page_parent[safe] == parent)
-                & ((j == 0) | (prefix.page_parent_gen[safe]
-                               == prefix.page_gen[jnp.clip(parent, 0)]))
+    blocks = tokens[:, :num_blocks * ps].reshape(rows_count, num_blocks, ps)
+    verified = (prefix_state.holds_block(prefix, pages, hashes, salts[:, None], blocks, parent,
+                                         prefix.page_gen[jnp.clip(parent, 0)])
+                & prefix_state.fully_written(prefix, pages)
                 & (j < usable[:, None]))
     matched = jnp.sum(jnp.cumprod(verified, axis=1), axis=1)  # the leading verified run
     matched = jnp.where(matched * ps >= spec.min_prefix_tokens, matched, 0)
@@ -114,8 +118,8 @@ def _attach(cache, seq_ids, plan, salts):
   # Pages nobody referred to leave the evictable set (once, even if two rows take them).
   revived = jnp.sort(jnp.where(attach & (cache.ref_counts[jnp.clip(plan["pages"], 0)] == 0),
                                plan["pages"], spec.num_pages).reshape(-1))
-  distinct = (revived < spec.num_pages) & jnp.concatenate(
-      [jnp.ones((1,), bool), revived[1:] != revived[:-1]])
+  distinct = (revived < spec.num_pages) & jnp.ones(revived.shape, bool).at[1:].set(
+      revived[1:] != revived[:-1])
   cache = dataclasses.replace(
       cache, page_table=page_table,
       ref_counts=cache.ref_counts.at[at_page].add(1, mode="drop"),
@@ -140,23 +144,20 @@ def _count(stats, plan):
 
 
 def _prepare(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots):
-  spec = _check_cache(cache)
-  seq_ids = _as_index_vector("seq_ids", seq_ids)
+  spec = check_cache(cache)
+  seq_ids = checks.index_vector("seq_ids", seq_ids)
   rows = seq_ids.shape[0]
-  tokens = jnp.asarray(tokens)
-  if tokens.ndim != 2 or tokens.shape[0] != rows or not jnp.issubdtype(tokens.dtype,
-                                                                        jnp.integer):
+  tokens = checks.token_ids("tokens", tokens, ndim=2)
+  if tokens.shape[0] != rows:
     raise JaxPagedError(f"tokens must be int32[{rows}, max_prompt_len] (each row's prompt, "
                         f"padded), got {tokens.dtype}{list(tokens.shape)}.")
-  lengths = _as_index_vector("lengths", lengths, rows)
-  salts = (jnp.zeros((rows,), jnp.int32) if salts is None
-           else _as_index_vector("salts", salts, rows))
+  lengths = checks.index_vector("lengths", lengths, rows)
+  salts = checks.salt_lanes("salts", salts, rows)
   if max_new_tokens is not None:
-    max_new_tokens = _as_index_vector("max_new_tokens", max_new_tokens, rows)
-  num_slots = rows * tokens.shape[1] if num_slots is None else num_slots
-  if isinstance(num_slots, bool) or not isinstance(num_slots, (int, np.integer)) or num_slots < 0:
-    raise JaxPagedError(f"num_slots must be a non-negative Python int, got {num_slots!r}.")
-  return spec, seq_ids, tokens.astype(jnp.int32), lengths, salts, max_new_tokens, int(num_slots)
+    max_new_tokens = checks.index_vector("max_new_tokens", max_new_tokens, rows)
+  num_slots = checks.count("num_slots", rows * tokens.shape[1] if num_slots is None
+                           else num_slots)
+  return spec, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots
 
 
 def check_match_prefix(cache: PagedKVCache, seq_ids, tokens, lengths, *, salts=None,
@@ -164,13 +165,13 @@ def check_match_prefix(cache: PagedKVCache, seq_ids, tokens, lengths, *, salts=N
   """Eagerly explains why `match_prefix` would refuse these arguments; None if it would not."""
   spec, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots = _prepare(
       cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots)
-  plan = _match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots, impl,
-                     interpret)
-  _raise_first(_MATCH_REASONS, plan["problems"], max_seqs=spec.max_seqs)
+  plan = match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots, impl,
+                    interpret)
+  checks.raise_first(_MATCH_REASONS, plan["problems"], max_seqs=spec.max_seqs)
   attached = _attach(cache, seq_ids, plan, salts)
-  extension = _extend_plan(attached, seq_ids, plan["num_new"], num_slots)
-  _raise_first(_EXTEND_REASONS, extension["problems"], max_seqs=spec.max_seqs,
-               max_seq_len=spec.max_seq_len, num_slots=num_slots)
+  extension = extend_plan(attached, seq_ids, plan["num_new"], num_slots)
+  checks.raise_first(EXTEND_REASONS, extension["problems"], max_seqs=spec.max_seqs,
+                     max_seq_len=spec.max_seq_len, num_slots=num_slots)
 
 
 def match_prefix(cache: PagedKVCache, seq_ids, tokens, lengths, *, salts=None,
@@ -178,12 +179,14 @@ def match_prefix(cache: PagedKVCache, seq_ids, tokens, lengths, *, salts=None,
   """Starts new sequences on the longest verified run of cached blocks of their prompts.
 
   Args:
-    cache: the cache (donated when called outside jit).
+    cache: the cache; it is not changed (a new one is returned).
     seq_ids: ``int32[B]`` empty sequence slots to start; -1 = padding.
     tokens: ``int32[B, L]`` each row's prompt token ids (padded past ``lengths``).
     lengths: ``int32[B]`` prompt lengths, 1..L.
-    salts: ``int32[B]`` per-request salt (tenant isolation): blocks are shared only between
-      requests with the same salt. Default 0.
+    salts: per-request 64-bit salt (tenant isolation): blocks are shared only between requests
+      with the same salt. Integers in ``[0, 2**64)``, one per row (a Python int applies to
+      every row), or ``uint32[B, 2]`` (low, high) lanes; inside jit, 32-bit integer arrays are
+      taken as unsigned. Default 0, shared by everyone (see the README, "Isolation").
     max_new_tokens: ``int32[B]`` at most this many of the remaining prompt tokens are appended
       now (chunked prefill; continue with `extend`). Default: all of them.
     num_slots: static length of the returned slots (default ``B * L``).
@@ -196,23 +199,22 @@ def match_prefix(cache: PagedKVCache, seq_ids, tokens, lengths, *, salts=None,
   """
   _, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots = _prepare(
       cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots)
-  return _match_prefix(cache, seq_ids, tokens, lengths, salts, max_new_tokens,
-                       num_slots=num_slots, impl=impl, interpret=interpret)
+  return _match_jit(cache, seq_ids, tokens, lengths, salts, max_new_tokens,
+                    num_slots=num_slots, impl=impl, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("num_slots", "impl", "interpret"),
-                   donate_argnames=("cache",))
-def _match_prefix(cache, seq_ids, tokens, lengths, salts, max_new_tokens, *, num_slots, impl,
-                  interpret):
-  plan = _match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots, impl,
-                     interpret)
+def match_core(cache, seq_ids, tokens, lengths, salts, max_new_tokens, *, num_slots, impl,
+               interpret):
+  """`match_prefix` on checked arguments (``salts`` as ``uint32[B, 2]``): traceable."""
+  plan = match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots, impl,
+                    interpret)
   attached = _attach(cache, seq_ids, plan, salts)
   row, offset, valid = token_rows(plan["num_new"], num_slots)
   new_tokens = jnp.where(valid, tokens[row, jnp.clip(plan["num_cached"][row] + offset, 0,
                                                      tokens.shape[1] - 1)], 0)
   # Refused here: extend sees only padding, so the pools are untouched either way.
-  extended, slots, ok = _extend(attached, jnp.where(plan["ok"], seq_ids, -1), plan["num_new"],
-                                new_tokens, num_slots=num_slots)
+  extended, slots, ok = extend_core(attached, jnp.where(plan["ok"], seq_ids, -1),
+                                   plan["num_new"], new_tokens, num_slots=num_slots)
   ok = ok & plan["ok"]
   keep = lambda new, old: jnp.where(ok, new, old)
   result = dataclasses.replace(
@@ -224,16 +226,19 @@ def _match_prefix(cache, seq_ids, tokens, lengths, salts, max_new_tokens, *, num
                              jnp.where(ok, slots, -1), ok)
 
 
+_match_jit = jax.jit(match_core, static_argnames=("num_slots", "impl", "interpret"))
+
+
 def reset_prefix_cache(cache: PagedKVCache):
   """Forgets every cached block (statistics are kept). Refused while any page is in use.
 
   Returns ``(cache, ok)``.
   """
-  _check_cache(cache)
+  check_cache(cache)
   return _reset(cache)
 
 
-@functools.partial(jax.jit, donate_argnames=("cache",))
+@jax.jit
 def _reset(cache):
   spec, prefix = cache.spec, cache.prefix
   ok = jnp.all(cache.ref_counts == 0)
@@ -258,7 +263,7 @@ def prefix_stats(cache: PagedKVCache) -> dict:
   ``hit_blocks``, ``hit_rate`` (hit / lookup blocks), ``lookup_tokens``, ``hit_tokens``,
   ``evictions``, ``registered``, ``not_registered`` (table full, duplicate or over
   ``max_cached_blocks``), ``cached_blocks`` and ``cached_free_pages``."""
-  _check_cache(cache)
+  check_cache(cache)
   prefix = cache.prefix
   if prefix is None:
     stats = {name: jnp.int32(0) for name in STATS}

@@ -1,17 +1,27 @@
 """Prefix-cache state inside the cache pytree, and the allocator's hooks into it.
 
-Every full block gets a chained hash when it fills (`register_blocks`); it is then registered in
-the hash table unless an equal block is already cached, the table is full around its key, or
-``max_cached_blocks`` is reached. A registered page is *cached*: when its last reference goes,
-it is not freed but becomes *evictable*, and a later prompt with the same prefix can take it
-back (`jaxpaged.match_prefix`). The allocator uses never-cached free pages first and evicts only
-when it must, least recently used first and, among blocks released together, the chain's tail
-before its head (`select_victims`).
+Every full block gets a chained hash when it fills (`register_blocks`) and its metadata (salt,
+parent, depth) is recorded with its page; it is then registered in the hash table unless an
+equal block is already registered (a *duplicate*: two sequences computed the same block), the
+table is full around its key, or ``max_cached_blocks`` is reached. A registered page is
+*cached*: when its last reference goes, it is not freed but becomes *evictable*, and a later
+prompt with the same prefix can take it back (`jaxpaged.match_prefix`). The allocator uses
+never-cached free pages first and evicts only when it must, least recently used first and,
+among blocks released together, the chain's tail before its head (`select_victims`).
+
+One page per block content: a block's parent is the *registered* page holding the previous
+block (its *canonical* page), not necessarily the sequence's own page. So when two sequences
+compute the same prefix at once, the blocks that follow in either sequence chain onto the one
+registered copy and a later prompt sharing both hits every block.
 
 A hit is trusted only if the page still holds exactly that block: its token ids, salt and hash
 are stored with it, and each page records its parent page *and the parent's generation*, a
 counter bumped every time a page is handed out. So a stale table entry, a hash collision or a
-reused parent page can never put another prompt's K/V under a request.
+reused parent page can never put another prompt's K/V under a request. And a block is served
+only once its K/V are written: ``page_written`` records, per page, layer and offset, what
+`jaxpaged.write_kv` (or a swap-in) wrote since the page was handed out; a registered block that
+was never fully written is dropped when its last sequence releases it, so what is evictable (and
+so what is demoted to host RAM) was always written.
 """
 
 from __future__ import annotations
@@ -27,30 +37,36 @@ from jaxpaged._src import table
 
 # Counters in PrefixState.stats.
 STATS = ("lookup_blocks", "hit_blocks", "lookup_tokens", "hit_tokens", "evictions",
-         "registered", "not_registered")
+         "registered", "not_registered", "duplicate_blocks")
 STAT = {name: i for i, name in enumerate(STATS)}
+# page_parent of a first block, and of a block whose prefix is not registered (never matched).
+NO_PARENT, UNLINKED = -1, -2
+_RESOLVE = -3  # register_blocks: a row's parent not looked up yet
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["page_hash", "page_tokens", "page_salt", "page_parent", "page_parent_gen",
-                 "page_gen", "page_cached", "page_last_use", "page_depth", "seq_salt",
-                 "seq_hashable", "table_lo", "table_hi", "table_pages", "num_evictable",
-                 "num_cached", "clock", "stats"],
+                 "page_gen", "page_cached", "page_last_use", "page_depth", "page_written",
+                 "seq_salt", "seq_hashable", "table_lo", "table_hi", "table_pages",
+                 "num_evictable", "num_cached", "clock", "stats"],
     meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class PrefixState:
   """Prefix-cache arrays of a `PagedKVCache` (``cache.prefix``; None when disabled).
 
-  Attributes (P pages, S sequences, C table slots):
+  Attributes (P pages, S sequences, C table slots, L layers):
     page_hash: ``uint32[P, 2]`` chained hash of the full block a page holds.
     page_tokens: ``int32[P, page_size]`` token ids written into each page.
-    page_salt, page_parent, page_parent_gen, page_depth: ``int32[P]`` the block's salt, parent
-      page (-1 for a first block), the parent's generation when registered, block index.
+    page_salt: ``uint32[P, 2]`` the block's 64-bit salt (low, high lanes).
+    page_parent, page_parent_gen, page_depth: ``int32[P]`` the registered page of the previous
+      block (`NO_PARENT` for a first block, `UNLINKED` if that block is not registered), its
+      generation when this block was hashed, block index.
     page_gen: ``int32[P]`` bumped whenever the page is handed out.
     page_cached: ``bool[P]`` registered in the table. page_last_use: ``int32[P]`` clock.
-    seq_salt: ``int32[S]``; seq_hashable: ``bool[S]`` every token of the sequence came with
-      its id, so its blocks can be hashed and registered.
+    page_written: ``bool[P, L, page_size]`` K/V written since the page was handed out.
+    seq_salt: ``uint32[S, 2]``; seq_hashable: ``bool[S]`` every token of the sequence came
+      with its id, so its blocks can be hashed and registered.
     table_lo, table_hi, table_pages: ``int32[C]`` the hash table (`jaxpaged._src.table`).
     num_evictable, num_cached, clock: ``int32[]``. stats: ``int32[len(STATS)]``.
   """
@@ -64,6 +80,7 @@ class PrefixState:
   page_cached: jax.Array
   page_last_use: jax.Array
   page_depth: jax.Array
+  page_written: jax.Array
   seq_salt: jax.Array
   seq_hashable: jax.Array
   table_lo: jax.Array
@@ -80,10 +97,13 @@ def init_prefix_state(spec) -> PrefixState:
   zeros = lambda *shape: jnp.zeros(shape, jnp.int32)
   return PrefixState(
       page_hash=jnp.zeros((pages, 2), jnp.uint32), page_tokens=zeros(pages, spec.page_size),
-      page_salt=zeros(pages), page_parent=jnp.full((pages,), -1, jnp.int32),
+      page_salt=jnp.zeros((pages, 2), jnp.uint32),
+      page_parent=jnp.full((pages,), NO_PARENT, jnp.int32),
       page_parent_gen=zeros(pages), page_gen=zeros(pages),
       page_cached=jnp.zeros((pages,), bool), page_last_use=zeros(pages),
-      page_depth=zeros(pages), seq_salt=zeros(seqs), seq_hashable=jnp.zeros((seqs,), bool),
+      page_depth=zeros(pages),
+      page_written=jnp.zeros((pages, spec.num_layers, spec.page_size), bool),
+      seq_salt=jnp.zeros((seqs, 2), jnp.uint32), seq_hashable=jnp.zeros((seqs,), bool),
       table_lo=zeros(capacity), table_hi=zeros(capacity),
       table_pages=jnp.full((capacity,), table.EMPTY, jnp.int32),
       num_evictable=jnp.int32(0), num_cached=jnp.int32(0), clock=jnp.int32(0),
@@ -94,84 +114,167 @@ def bump(stats, name, amount):
   return stats.at[STAT[name]].add(jnp.asarray(amount, jnp.int32))
 
 
-def select_victims(prefix: PrefixState, ref_counts, count, max_count: int, protect=None):
-  """Evicts ``count`` (<= ``max_count``, static) unreferenced cached pages: least recently
-  used first, deeper blocks first among equals. Their table entries are removed. Pages in the
-  optional ``bool[P]`` ``protect`` mask are not taken (``count`` must leave them out).
+def fully_written(prefix: PrefixState, pages) -> jax.Array:
+  """``bool[...]``: every layer's K/V of every slot of ``pages`` was written."""
+  return jnp.all(prefix.page_written[jnp.clip(pages, 0)], axis=(-2, -1))
 
-  Costs a sort over all pages, so the allocator runs it only when the free pages run short.
 
-  Returns ``(prefix, victims int32[max_count])``; entries past ``count`` are -1.
+def holds_block(prefix: PrefixState, page, hashes, salts, tokens, parent, parent_gen):
+  """``bool[...]``: ``page`` is registered and holds exactly this block: the same hash
+  (``uint32[..., 2]``), salt (``uint32[..., 2]``), token ids (``int32[..., page_size]``), and
+  parent page at generation ``parent_gen`` (``parent`` is `NO_PARENT` for a first block)."""
+  safe = jnp.clip(page, 0)
+  return ((page >= 0) & prefix.page_cached[safe]
+          & jnp.all(prefix.page_hash[safe] == hashes, axis=-1)
+          & jnp.all(prefix.page_salt[safe] == salts, axis=-1)
+          & jnp.all(prefix.page_tokens[safe] == tokens, axis=-1)
+          & (prefix.page_parent[safe] == parent)
+          & ((parent < 0) | (prefix.page_parent_gen[safe] == parent_gen)))
+
+
+def canonical(prefix: PrefixState, pages):
+  """The registered page holding the same block as each full, hashed page of ``pages`` (itself
+  if registered), or `UNLINKED` if none does."""
+  safe = jnp.clip(pages, 0)
+  # Same parent page *at the same generation*: the same prefix, even if that parent has been
+  # evicted since (then both are unreachable, and registering after them costs only room).
+  found = table.lookup(prefix.table_lo, prefix.table_hi, prefix.table_pages,
+                       prefix.page_hash[safe], impl="xla")
+  same = holds_block(prefix, found, prefix.page_hash[safe], prefix.page_salt[safe],
+                     prefix.page_tokens[safe], prefix.page_parent[safe],
+                     prefix.page_parent_gen[safe])
+  return jnp.where(prefix.page_cached[safe], pages, jnp.where(same, found, UNLINKED))
+
+
+def choose_victims(prefix: PrefixState, ref_counts, count, max_count: int, protect=None):
+  """The ``count`` (<= ``max_count``, static) unreferenced cached pages to evict next: least
+  recently used first, deeper blocks first among equals, never pages in the optional
+  ``bool[P]`` ``protect`` mask (``count`` must leave them out). Costs a sort over all pages.
+
+  Returns ``int32[max_count]``, -1 past ``count``.
   """
   evictable = prefix.page_cached & (ref_counts == 0)
   if protect is not None:
     evictable &= ~protect
   order = jnp.lexsort((-prefix.page_depth, prefix.page_last_use, ~evictable))
   order = jnp.pad(order, (0, max(0, max_count - order.shape[0])), constant_values=-1)
-  take = jnp.arange(max_count) < count
-  victims = jnp.where(take, order[:max_count], -1)
-  safe = jnp.clip(victims, 0)
+  return jnp.where(jnp.arange(max_count) < count, order[:max_count], -1).astype(jnp.int32)
+
+
+def unregister(prefix: PrefixState, pages, mask) -> PrefixState:
+  """Removes the blocks of ``pages`` where ``mask`` from the table (their pages stay as they
+  are). ``pages`` must be distinct where ``mask``."""
+  safe = jnp.clip(pages, 0)
   nowhere = prefix.page_cached.shape[0]
-  table_pages = table.delete(prefix.table_lo, prefix.table_hi, prefix.table_pages,
-                             prefix.page_hash[safe], safe, take)
   return dataclasses.replace(
-      prefix, table_pages=table_pages,
-      page_cached=prefix.page_cached.at[jnp.where(take, victims, nowhere)].set(False, mode="drop"),
-      num_evictable=prefix.num_evictable - count, num_cached=prefix.num_cached - count,
-      stats=bump(prefix.stats, "evictions", count)), victims
+      prefix,
+      table_pages=table.delete(prefix.table_lo, prefix.table_hi, prefix.table_pages,
+                               prefix.page_hash[safe], safe, mask),
+      page_cached=prefix.page_cached.at[jnp.where(mask, pages, nowhere)].set(False, mode="drop"),
+      num_cached=prefix.num_cached - jnp.sum(mask, dtype=jnp.int32))
+
+
+def evict(prefix: PrefixState, victims) -> PrefixState:
+  """Evicts the evictable cached pages ``victims`` (``int32[N]``, -1 padded, distinct)."""
+  take = victims >= 0
+  count = jnp.sum(take, dtype=jnp.int32)
+  prefix = unregister(prefix, victims, take)
+  return dataclasses.replace(prefix, num_evictable=prefix.num_evictable - count,
+                             stats=bump(prefix.stats, "evictions", count))
+
+
+def select_victims(prefix: PrefixState, ref_counts, count, max_count: int, protect=None):
+  """`choose_victims` then `evict`: ``(prefix, victims int32[max_count])``."""
+  victims = choose_victims(prefix, ref_counts, count, max_count, protect)
+  return evict(prefix, victims), victims
+
+
+def note_written(prefix: PrefixState, layer, slots, page_size: int) -> PrefixState:
+  """Records that ``layer``'s K/V of ``slots`` (``int32[T]``; out-of-range ones skipped) were
+  written."""
+  num_pages, num_layers = prefix.page_written.shape[:2]
+  valid = (slots >= 0) & (slots < num_pages * page_size) & (layer >= 0) & (layer < num_layers)
+  page = jnp.where(valid, slots // page_size, num_pages)
+  return dataclasses.replace(prefix, page_written=prefix.page_written.at[
+      page, layer, slots % page_size].set(True, mode="drop"))
 
 
 def register_blocks(prefix: PrefixState, page_table, seq_ids, old_len, new_len, row_ok, *,
                     page_size: int, max_blocks: int, hash_fn: str, max_cached: int):
   """Hashes the blocks that became full (rows in ``row_ok`` whose sequences are hashable), in
-  chain order, and registers them in the table.
+  chain order, records their metadata and registers them in the table.
 
-  ``max_blocks`` (static) bounds the blocks one row can fill in this call.
+  A block equal to a registered one (same hash, salt, token ids and canonical parent) is a
+  duplicate: not registered again, and the row's next block chains onto the registered copy.
+  A block whose key is taken by another block (a collision), or that finds the table or
+  ``max_cached`` full, is not registered, and neither is anything after it in its row (no
+  prompt could reach it). ``max_blocks`` (static) bounds the blocks one row fills in this call.
   """
+  num_pages, capacity = prefix.page_hash.shape[0], prefix.table_pages.shape[0]
+  max_pages = page_table.shape[1]
+  num_rows = seq_ids.shape[0]
   rows = jnp.clip(seq_ids, 0)
   hashable = row_ok & prefix.seq_hashable[rows]
   first_full = old_len // page_size  # logical pages [first_full, last_full) just filled
   last_full = jnp.where(hashable, new_len // page_size, first_full)
-  nowhere = prefix.page_hash.shape[0]
+  salts = prefix.seq_salt[rows]  # [B, 2]
+  at = lambda j: page_table[rows, jnp.clip(j, 0, max_pages - 1)]
 
   def hash_column(k, page_hash):
     j = first_full + k
-    valid = j < last_full
-    page = page_table[rows, jnp.clip(j, 0, page_table.shape[1] - 1)]
-    parent = page_table[rows, jnp.clip(j - 1, 0, page_table.shape[1] - 1)]
+    page, parent = at(j), at(j - 1)
     h = hashing.next_block_hash(jnp, page_hash[jnp.clip(parent, 0)],
-                                prefix.page_tokens[jnp.clip(page, 0)], prefix.seq_salt[rows],
-                                j == 0, hash_fn)
-    return page_hash.at[jnp.where(valid, page, nowhere)].set(h, mode="drop")
+                                prefix.page_tokens[jnp.clip(page, 0)], salts, j == 0, hash_fn)
+    return page_hash.at[jnp.where(j < last_full, page, num_pages)].set(h, mode="drop")
 
   # Column k is every row's k-th new full block; a column's parents are the previous column's.
-  page_hash = jax.lax.fori_loop(0, jnp.max(last_full - first_full), hash_column,
+  page_hash = jax.lax.fori_loop(0, jnp.max(last_full - first_full, initial=0), hash_column,
                                 prefix.page_hash)
-  k = jnp.arange(max_blocks)
-  j = first_full[:, None] + k  # [B, K]
-  valid = j < last_full[:, None]
-  page = jnp.where(valid, page_table[rows[:, None], jnp.clip(j, 0, page_table.shape[1] - 1)], -1)
-  parent = jnp.where(valid & (j > 0),
-                     page_table[rows[:, None], jnp.clip(j - 1, 0, page_table.shape[1] - 1)], -1)
-  page, parent, j, valid = (x.reshape(-1) for x in (page, parent, j, valid))
-  room = max_cached - prefix.num_cached
-  want = valid & (jnp.cumsum(valid) <= room)
-  hashes = page_hash[jnp.clip(page, 0)]
-  table_lo, table_hi, table_pages, inserted = table.insert(
-      prefix.table_lo, prefix.table_hi, prefix.table_pages, hashes, page, want)
-  at = jnp.where(inserted, page, nowhere)
-  count = jnp.sum(inserted, dtype=jnp.int32)
-  salt = jnp.repeat(prefix.seq_salt[rows], max_blocks)
-  return dataclasses.replace(
-      prefix, page_hash=page_hash, table_lo=table_lo, table_hi=table_hi,
-      table_pages=table_pages,
-      page_cached=prefix.page_cached.at[at].set(True, mode="drop"),
-      page_salt=prefix.page_salt.at[at].set(salt, mode="drop"),
-      page_parent=prefix.page_parent.at[at].set(parent, mode="drop"),
-      page_parent_gen=prefix.page_parent_gen.at[at].set(
-          jnp.where(parent >= 0, prefix.page_gen[jnp.clip(parent, 0)], 0), mode="drop"),
-      page_depth=prefix.page_depth.at[at].set(j, mode="drop"),
-      page_last_use=prefix.page_last_use.at[at].set(prefix.clock, mode="drop"),
-      num_cached=prefix.num_cached + count,
-      stats=bump(bump(prefix.stats, "registered", count), "not_registered",
-                 jnp.sum(valid) - count))
+
+  # Then block by block in chain order (rows in order), since each block's parent and each
+  # insert depend on the ones before. A decode step usually fills none.
+  j = (first_full[:, None] + jnp.arange(max_blocks)).reshape(-1)  # [B * K], row-major
+  row = jnp.repeat(jnp.arange(num_rows), max_blocks)
+  valid = j < last_full[row]
+  page = jnp.where(valid, page_table[rows[row], jnp.clip(j, 0, max_pages - 1)], num_pages)
+  order = jnp.argsort(~valid, stable=True)
+  previous = at(first_full - 1)  # the page before each row's first new block
+
+  def one_block(i, state):
+    meta, parents, room = state
+    e = order[i]
+    b, p = row[e], page[e]
+    current = dataclasses.replace(prefix, page_hash=page_hash, **meta)
+    # A row's first new block chains onto the block before it as registered now (it may have
+    # been registered by another row of this very call).
+    parent = jnp.where(parents[b] != _RESOLVE, parents[b],
+                       jnp.where(j[e] > 0, canonical(current, previous[b]), NO_PARENT))
+    parent_gen = jnp.where(parent >= 0, prefix.page_gen[jnp.clip(parent, 0)], 0)
+    h, salt, tokens = page_hash[p], salts[b], prefix.page_tokens[p]
+    found, free_slot = table.probe(meta["table_lo"], meta["table_hi"], meta["table_pages"], h)
+    linked = parent != UNLINKED
+    duplicate = linked & holds_block(current, found, h, salt, tokens, parent, parent_gen)
+    insert = linked & (found < 0) & (room > 0) & (free_slot < capacity)
+    lo, hi, pages = table.put(meta["table_lo"], meta["table_hi"], meta["table_pages"],
+                              jnp.where(insert, free_slot, capacity), h, p)
+    set_ = lambda name, value: meta[name].at[p].set(value)
+    meta = dict(
+        table_lo=lo, table_hi=hi, table_pages=pages,
+        page_cached=set_("page_cached", insert), page_salt=set_("page_salt", salt),
+        page_parent=set_("page_parent", parent), page_parent_gen=set_("page_parent_gen",
+                                                                       parent_gen),
+        page_depth=set_("page_depth", j[e]),
+        page_last_use=set_("page_last_use", jnp.where(insert, prefix.clock,
+                                                      meta["page_last_use"][p])),
+        stats=bump(bump(bump(meta["stats"], "registered", insert), "duplicate_blocks",
+                        duplicate), "not_registered", ~insert & ~duplicate))
+    parents = parents.at[b].set(jnp.where(duplicate, found, jnp.where(insert, p, UNLINKED)))
+    return meta, parents, room - insert
+
+  fields = ("table_lo", "table_hi", "table_pages", "page_cached", "page_salt", "page_parent",
+            "page_parent_gen", "page_depth", "page_last_use", "stats")
+  meta, _, room = jax.lax.fori_loop(
+      0, jnp.sum(valid, dtype=jnp.int32), one_block,
+      ({name: getattr(prefix, name) for name in fields},
+       jnp.full((num_rows,), _RESOLVE, jnp.int32), jnp.int32(max_cached) - prefix.num_cached))
+  return dataclasses.replace(prefix, page_hash=page_hash, num_cached=max_cached - room, **meta)

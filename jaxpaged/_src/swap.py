@@ -1,12 +1,18 @@
 """Moving K/V between the device pool and host RAM: sequences swap out and in, cached prefix
 blocks are demoted and promoted back.
 
-The device half is jitted and atomic like the rest of the core: `_restore` makes room (through
-`match_prefix` or `extend`) and writes the K/V it brings in one call, so a refused call changes
-nothing; `_demote` evicts blocks exactly as the allocator would (least recently used first, a
-chain's tail first), frees their pages and returns their contents. The host half (this module's
-public functions) starts device-to-host copies without waiting (into ``pinned_host`` memory when
-the device has it) and keeps what a sequence or a block needs to come back bit-exactly.
+The device half is jitted, pure and atomic like the rest of the core: `restore_core` makes room
+(through `match_prefix` or `extend`) and writes the K/V it brings in one call, so a refused call
+changes nothing; `demote_plan` chooses the blocks to evict exactly as the allocator would (least
+recently used first, a chain's tail first) and reads their contents, and `evict_blocks` frees
+their pages. The host half (this module's public functions) checks its arguments, starts
+device-to-host copies without waiting (into ``pinned_host`` memory when the device has it) and
+keeps what a sequence or a block needs to come back bit-exactly: K/V, token ids, the 64-bit salt
+and which K/V were written.
+
+Internal API (for `CacheManager`, which runs the device half in its own donating steps):
+`copy_out`, `swap_in_args`, `promote_args`, `promote_arrays`, `restore_core`, `demote_plan`,
+`evict_blocks`, `cached_blocks`, `keep_pages`, `block_key`, `host_copy`.
 
 A swapped-out sequence comes back through `match_prefix` when its token ids are known: its full
 blocks usually stay cached on device after the swap-out (they were only released), so only what
@@ -22,9 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpaged._src import checks
 from jaxpaged._src import prefix_state
-from jaxpaged._src.cache import PagedKVCache, _check_cache, _extend, release
-from jaxpaged._src.prefix import _match_prefix
+from jaxpaged._src.cache import PagedKVCache, check_cache, extend_core, num_cached_free_pages, release
+from jaxpaged._src.prefix import match_core
 from jaxpaged._src.spec import JaxPagedError, next_pow2
 
 
@@ -44,7 +51,7 @@ def _bucket(n: int, cap: int) -> int:
   return min(cap, next_pow2(n))
 
 
-def _pad_pages(x, size: int, axis: int = 2):
+def _pad(x, size: int, axis: int):
   """``x`` padded with zeros to ``size`` along ``axis`` (host arrays; device ones as they are)."""
   if x.shape[axis] == size or not isinstance(x, np.ndarray):
     return x
@@ -55,8 +62,12 @@ def _pad_pages(x, size: int, axis: int = 2):
 
 def block_key(page_hash) -> int:
   """The 64-bit host key of a chained block hash (``uint32[2]``, as `jaxpaged.block_hashes`
-  and the device compute it)."""
-  lo, hi = (int(x) for x in np.asarray(page_hash, np.uint32))
+  and the device compute it).
+
+  >>> block_key(block_hashes([1, 2, 3, 4], page_size=4)[0]) > 0
+  True
+  """
+  lo, hi = (int(x) for x in np.asarray(page_hash, np.uint32).reshape(2))
   return lo | hi << 32
 
 
@@ -72,7 +83,9 @@ class SwappedSequence:
       where the device has that memory (a few padded sizes), else NumPy.
     tokens: host ``int32`` array of its token ids (first ``length`` valid), or None when they
       are unknown (it was extended without ids, or prefix caching is off).
-    salt: its prefix-cache salt.
+    salt: its prefix-cache salt, an int in ``[0, 2**64)``.
+    written: host ``bool[pages, num_layers, page_size]``, which K/V had been written (None
+      without prefix caching: all of its tokens count as written).
   """
   seq_id: int
   length: int
@@ -80,11 +93,13 @@ class SwappedSequence:
   v: object
   tokens: object | None
   salt: int
+  written: object | None = None
 
   @property
   def nbytes(self) -> int:
-    """Host bytes held (K, V and token ids)."""
-    return int(self.k.nbytes + self.v.nbytes + (0 if self.tokens is None else self.tokens.nbytes))
+    """Host bytes held (K, V, token ids and written flags)."""
+    return int(sum(x.nbytes for x in (self.k, self.v, self.tokens, self.written)
+                   if x is not None))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -93,7 +108,7 @@ class CachedBlock:
 
   Attributes:
     key: 64-bit chained hash (`block_key`), what the host tier looks it up by.
-    salt: the salt it was registered under.
+    salt: the salt it was registered under, an int in ``[0, 2**64)``.
     tokens: ``int32[(depth + 1) * page_size]`` the whole prefix it ends, so a host hit is verified
       against every token before it, not only its hash.
     k, v: ``[num_layers, num_kv_heads, page_size, head_dim]`` NumPy arrays.
@@ -118,43 +133,55 @@ class CachedBlock:
 
 @functools.partial(jax.jit, static_argnames=("num_pages",))
 def _gather_sequence(cache, seq_id, *, num_pages):
-  """K/V pages ``[L, H, num_pages, ps, D]`` and token ids of one sequence, in logical order."""
+  """K/V pages ``[L, H, num_pages, ps, D]``, token ids and written flags of one sequence, in
+  logical order."""
   pages = cache.page_table[seq_id, :num_pages]
-  tokens = None if cache.prefix is None else cache.prefix.page_tokens[pages].reshape(-1)
+  prefix = cache.prefix
+  tokens = None if prefix is None else prefix.page_tokens[pages].reshape(-1)
+  written = None if prefix is None else prefix.page_written[pages]
   take = lambda pool: jnp.take(pool, pages, axis=2, mode="clip")  # the fastest gather on CPU
-  return take(cache.k_pages), take(cache.v_pages), tokens
+  return take(cache.k_pages), take(cache.v_pages), tokens, written
 
 
-@functools.partial(jax.jit, static_argnames=("match",), donate_argnames=("cache",))
-def _restore(cache, seq_id, length, tokens, salt, k, v, *, match):
+def restore_core(cache, seq_id, length, tokens, salt, k, v, written, *, match: bool):
   """Makes room for ``length`` tokens of ``seq_id`` and writes their K/V ``[L, H, n, ps, D]``.
 
   ``match``: the sequence is new and its ``tokens`` are known, so blocks still cached on device
   are attached (`match_prefix`) and only the rest is copied. Otherwise the tokens are appended
-  (`extend`, registering full blocks when ``tokens`` are given). Atomic: ``(cache, ok)``.
+  (`extend`, registering full blocks when ``tokens`` are given). ``salt`` is ``uint32[2]``;
+  ``written`` ``bool[n, L, ps]`` says which copied K/V count as written (None: every token
+  below ``length``). Traceable and atomic: ``(cache, ok)``.
   """
-  ps = cache.spec.page_size
+  spec = cache.spec
+  ps = spec.page_size
   width = k.shape[2] * ps
   seq_ids = seq_id[None]
   if match:
-    cache, found = _match_prefix(cache, seq_ids, tokens[None], length[None], salt[None], None,
-                                 num_slots=width, impl="auto", interpret=False)
+    cache, found = match_core(cache, seq_ids, tokens[None], length[None], salt[None], None,
+                              num_slots=width, impl="auto", interpret=False)
     start, slots, ok = found.num_cached[0], found.slots, found.ok
   else:
-    cache, slots, ok = _extend(cache, seq_ids, length[None], tokens, num_slots=width)
+    cache, slots, ok = extend_core(cache, seq_ids, length[None], tokens, num_slots=width)
     start = 0
   # New tokens start on a page boundary (hits and promoted blocks are whole pages), so whole
   # pages are copied: source page i goes where the new range's page i - skip starts (skip: pages
   # attached as hits). Only page ids are gathered; the K/V move once, in one scatter.
   i = jnp.arange(k.shape[2]) - start // ps
   first = slots[jnp.clip(i * ps, 0, width - 1)]
-  page = jnp.where((i >= 0) & (first >= 0), first // ps, cache.spec.num_pages)  # else dropped
-
-  def write(pool, new):
-    return pool.at[:, :, page].set(new, mode="drop")
-
+  page = jnp.where((i >= 0) & (first >= 0), first // ps, spec.num_pages)  # else dropped
+  write = lambda pool, new: pool.at[:, :, page].set(new, mode="drop")
+  prefix = cache.prefix
+  if prefix is not None:
+    if written is None:
+      below = jnp.arange(width).reshape(-1, 1, ps) < length
+      written = jnp.broadcast_to(below, (k.shape[2], spec.num_layers, ps))
+    prefix = dataclasses.replace(prefix, page_written=prefix.page_written.at[page].set(
+        written, mode="drop"))
   return dataclasses.replace(cache, k_pages=write(cache.k_pages, k),
-                             v_pages=write(cache.v_pages, v)), ok
+                             v_pages=write(cache.v_pages, v), prefix=prefix), ok
+
+
+_restore_jit = jax.jit(restore_core, static_argnames=("match",))
 
 
 def _prefix_tokens(prefix, pages, max_blocks: int, page_size: int):
@@ -183,41 +210,74 @@ def _prefix_tokens(prefix, pages, max_blocks: int, page_size: int):
   return out, complete
 
 
-@functools.partial(jax.jit, static_argnames=("max_count",), donate_argnames=("cache",))
-def _demote(cache, count, keep, *, max_count):
-  """Evicts ``min(count, evictable)`` cached blocks nobody uses, as the allocator would, except
-  the pages listed in ``keep`` (``int32[K]``, -1 padded); frees their pages and returns their
-  contents (``max_count`` rows; rows past the count have page -1)."""
+@functools.partial(jax.jit, static_argnames=("max_count",))
+def demote_plan(cache, count, keep, *, max_count: int):
+  """The ``min(count, evictable)`` cached blocks nobody uses that the allocator would evict
+  next, except the pages listed in ``keep`` (``int32[K]``, -1 padded), and their contents.
+  Changes nothing (apply with `evict_blocks`).
+
+  Returns ``(victims int32[max_count], contents)``: victims -1 past the count; ``contents`` a
+  dict of ``hashes``, ``salts``, ``depths``, ``tokens`` (the whole prefix), ``complete`` (that
+  prefix could be read back), ``k``, ``v`` per victim.
+  """
   spec, prefix = cache.spec, cache.prefix
   protect = jnp.zeros((spec.num_pages,), bool).at[
       jnp.where(keep >= 0, keep, spec.num_pages)].set(True, mode="drop")
   kept = jnp.sum(protect & prefix.page_cached & (cache.ref_counts == 0), dtype=jnp.int32)
-  count = jnp.minimum(count, prefix.num_evictable - kept)
-  evicted, victims = prefix_state.select_victims(prefix, cache.ref_counts, count, max_count,
-                                                 protect)
+  count = jnp.clip(jnp.minimum(count, prefix.num_evictable - kept), 0, max_count)
+  victims = prefix_state.choose_victims(prefix, cache.ref_counts, count, max_count, protect)
   safe = jnp.clip(victims, 0)
   tokens, complete = _prefix_tokens(prefix, safe, spec.max_pages_per_seq, spec.page_size)
-  push_to = jnp.where(victims >= 0, cache.num_free + jnp.arange(max_count), spec.num_pages)
-  contents = dict(pages=victims, hashes=prefix.page_hash[safe], salts=prefix.page_salt[safe],
-                  depths=prefix.page_depth[safe], tokens=tokens,
-                  complete=complete & (victims >= 0),
-                  k=cache.k_pages[:, :, safe], v=cache.v_pages[:, :, safe])
+  # Evictable blocks were all written (release drops the others); checked again all the same.
+  complete &= (victims >= 0) & prefix_state.fully_written(prefix, safe)
+  return victims, dict(hashes=prefix.page_hash[safe], salts=prefix.page_salt[safe],
+                       depths=prefix.page_depth[safe], tokens=tokens, complete=complete,
+                       k=cache.k_pages[:, :, safe], v=cache.v_pages[:, :, safe])
+
+
+def evict_blocks(cache, victims):
+  """Evicts the unreferenced cached pages ``victims`` (``int32[N]``, -1 padded at the end, as
+  `demote_plan` returns them) and frees them. Traceable."""
+  if cache.prefix is None:  # nothing is ever cached
+    return cache
+  take = victims >= 0
+  count = jnp.sum(take, dtype=jnp.int32)
+  push_to = jnp.where(take, cache.num_free + jnp.cumsum(take) - 1, cache.spec.num_pages)
   return dataclasses.replace(
-      cache, prefix=evicted, num_free=cache.num_free + count,
-      free_pages=cache.free_pages.at[push_to].set(victims, mode="drop")), contents
+      cache, prefix=prefix_state.evict(cache.prefix, victims), num_free=cache.num_free + count,
+      free_pages=cache.free_pages.at[push_to].set(victims, mode="drop"))
+
+
+_evict_jit = jax.jit(evict_blocks)
+
+
+def cached_blocks(spec, contents) -> list[CachedBlock]:
+  """The host `CachedBlock`s of `demote_plan`'s contents (those whose prefix is complete)."""
+  contents = jax.device_get(contents)
+  blocks = []
+  for i in np.flatnonzero(contents["complete"]):
+    end = (int(contents["depths"][i]) + 1) * spec.page_size
+    blocks.append(CachedBlock(block_key(contents["hashes"][i]),
+                              checks.salt_int(contents["salts"][i]),
+                              np.array(contents["tokens"][i, :end]),
+                              np.array(contents["k"][:, :, i]), np.array(contents["v"][:, :, i])))
+  return blocks
 
 
 # ----------------------------------------------------------------------------- host half
 
-def _seq_ids(cache, seq_ids) -> list[int]:
-  spec = _check_cache(cache)
-  ids = [int(s) for s in np.atleast_1d(np.asarray(seq_ids))]
+def _seq_ids(cache, seq_ids, name: str = "seq_ids") -> list[int]:
+  spec = check_cache(cache)
+  array = np.atleast_1d(np.asarray(seq_ids))
+  if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+    raise JaxPagedError(f"{name} must be sequence ids (ints), got {seq_ids!r}.")
+  ids = [int(s) for s in array.tolist()]
   bad = [s for s in ids if not 0 <= s < spec.max_seqs]
   if bad:
-    raise JaxPagedError(f"seq_ids {bad} are out of range [0, {spec.max_seqs}); pass the ids of "
+    raise JaxPagedError(f"{name} {bad} are out of range [0, {spec.max_seqs}); pass the ids of "
                         "sequences in the cache.")
   if len(set(ids)) != len(ids):
-    raise JaxPagedError(f"seq_ids {ids} repeat an id; name each sequence once.")
+    raise JaxPagedError(f"{name} {ids} repeat an id; name each sequence once.")
   return ids
 
 
@@ -229,7 +289,7 @@ def swap_out(cache: PagedKVCache, seq_ids):
   soon after copies little back.
 
   Args:
-    cache: the cache (donated).
+    cache: the cache; it is not changed (a new one is returned).
     seq_ids: ids of sequences holding tokens.
 
   Returns:
@@ -247,37 +307,96 @@ def swap_out(cache: PagedKVCache, seq_ids):
 
 
 def copy_out(cache: PagedKVCache, seq_ids) -> list[SwappedSequence]:
-  """`swap_out` without the release: the cache is not changed (nor donated)."""
-  spec = _check_cache(cache)
+  """`swap_out` without the release: the cache is not changed."""
+  spec = check_cache(cache)
   ids = _seq_ids(cache, seq_ids)
   lengths = np.asarray(cache.seq_lens)[ids]
   if (lengths == 0).any():
     raise JaxPagedError(f"seq_ids {[s for s, n in zip(ids, lengths) if n == 0]} hold no tokens; "
                         "swap out only sequences in use.")
-  known = (np.asarray(cache.prefix.seq_hashable)[ids] if cache.prefix is not None
+  prefix = cache.prefix
+  known = (np.asarray(prefix.seq_hashable)[ids] if prefix is not None
            else np.zeros(len(ids), bool))
-  salts = (np.asarray(cache.prefix.seq_salt)[ids] if cache.prefix is not None
-           else np.zeros(len(ids), np.int32))
+  salts = ([checks.salt_int(x) for x in np.asarray(prefix.seq_salt)[ids]] if prefix is not None
+           else [0] * len(ids))
   # On the CPU backend the pool already is host memory: NumPy copies the pages out of it (4-5x
   # faster than an XLA gather there). Elsewhere the device gathers and copies to host async.
   on_cpu = next(iter(cache.k_pages.devices())).platform == "cpu"
   if on_cpu:
     table = np.asarray(cache.page_table)
     pools = [np.asarray(x) for x in (cache.k_pages, cache.v_pages)]
-    page_tokens = None if cache.prefix is None else np.asarray(cache.prefix.page_tokens)
+    page_tokens = None if prefix is None else np.asarray(prefix.page_tokens)
+    page_written = None if prefix is None else np.asarray(prefix.page_written)
   swapped = []
-  for seq, length, has_tokens, salt in zip(ids, lengths.tolist(), known, salts.tolist()):
+  for seq, length, has_tokens, salt in zip(ids, lengths.tolist(), known, salts):
     pages = -(-length // spec.page_size)
     if on_cpu:
       held = table[seq, :pages]
       k, v = (np.take(pool, held, axis=2) for pool in pools)
       tokens = page_tokens[held].reshape(-1) if has_tokens else None
+      written = None if prefix is None else page_written[held]
     else:
-      k, v, tokens = _gather_sequence(cache, jnp.int32(seq),
-                                      num_pages=_bucket(pages, spec.max_pages_per_seq))
-      k, v, tokens = host_copy(k), host_copy(v), host_copy(tokens) if has_tokens else None
-    swapped.append(SwappedSequence(seq, length, k, v, tokens, salt))
+      k, v, tokens, written = _gather_sequence(cache, jnp.int32(seq),
+                                               num_pages=_bucket(pages, spec.max_pages_per_seq))
+      k, v = host_copy(k), host_copy(v)
+      tokens = host_copy(tokens) if has_tokens else None
+      written = None if written is None else np.asarray(written)
+    swapped.append(SwappedSequence(seq, length, k, v, tokens, salt, written))
   return swapped
+
+
+def swap_in_args(cache: PagedKVCache, swapped, seq_id=None):
+  """Checks a `swap_in` and returns ``(args, match)`` for `restore_core`: device arrays padded
+  to a few bucketed page counts, placed as the cache is."""
+  spec = check_cache(cache)
+  if not isinstance(swapped, SwappedSequence):
+    raise JaxPagedError(f"swapped must be a SwappedSequence from swap_out, got "
+                        f"{type(swapped).__name__}.")
+  (target,) = _seq_ids(cache, swapped.seq_id if seq_id is None else seq_id, "seq_id")
+  if int(cache.seq_lens[target]) > 0:
+    raise JaxPagedError(f"seq_id {target} holds tokens; swap in into an empty slot (release it, "
+                        "or pass another seq_id).")
+  length = swapped.length
+  if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or not (
+      1 <= length <= spec.max_seq_len):
+    raise JaxPagedError(f"swapped.length must be an int in [1, {spec.max_seq_len}], got "
+                        f"{length!r}; pass what swap_out returned.")
+  pages = -(-int(length) // spec.page_size)
+  expected = spec.pages_shape[:2] + (pages,) + spec.pages_shape[3:]
+  for name in ("k", "v"):
+    x = getattr(swapped, name)
+    shape, dtype = tuple(getattr(x, "shape", ())), getattr(x, "dtype", None)
+    if (len(shape) != 5 or shape[:2] + shape[3:] != expected[:2] + expected[3:]
+        or shape[2] < pages or dtype != spec.dtype or shape != tuple(swapped.k.shape)):
+      raise JaxPagedError(
+          f"swapped.{name} is {dtype}{list(shape)} but this cache needs {spec.dtype}"
+          f"{list(expected)} (at least {pages} pages for {length} tokens, k and v alike); "
+          "swap in into a cache with the same spec, with what swap_out returned.")
+  match = cache.prefix is not None and swapped.tokens is not None
+  if match:
+    tokens = swapped.tokens
+    if getattr(tokens, "ndim", None) != 1 or len(tokens) < length or tokens.dtype != np.int32:
+      raise JaxPagedError(f"swapped.tokens must be int32[>= {length}] token ids, got "
+                          f"{getattr(tokens, 'dtype', type(tokens).__name__)}"
+                          f"{list(getattr(tokens, 'shape', ()))}.")
+  written = swapped.written if cache.prefix is not None else None
+  if written is not None and (getattr(written, "shape", None) != (
+      swapped.k.shape[2], spec.num_layers, spec.page_size) or written.dtype != bool):
+    raise JaxPagedError(f"swapped.written must be bool[{swapped.k.shape[2]}, {spec.num_layers}, "
+                        f"{spec.page_size}], got {getattr(written, 'dtype', None)}"
+                        f"{list(getattr(written, 'shape', ()))}.")
+  salt = checks.salt("swapped.salt", swapped.salt)
+  # On the cache's device, committed only if the cache is: one committed input commits every
+  # output of a jitted call, and jit compiles each function again for committed arguments.
+  place = ((lambda x: jax.device_put(x, cache.k_pages.sharding)) if cache.k_pages.committed
+           else jnp.asarray)
+  size = _bucket(swapped.k.shape[2], spec.max_pages_per_seq)  # few shapes: few compiles
+  k, v = (place(_pad(x, size, axis=2)) for x in (swapped.k, swapped.v))
+  tokens = place(_pad(np.asarray(swapped.tokens), size * spec.page_size, axis=0)) if match else None
+  if written is not None:
+    written = place(_pad(np.asarray(written), size, axis=0))
+  lanes = jnp.asarray(np.array([salt & 0xFFFFFFFF, salt >> 32], np.uint32))
+  return (jnp.int32(target), jnp.int32(length), tokens, lanes, k, v, written), match
 
 
 def swap_in(cache: PagedKVCache, swapped: SwappedSequence, *, seq_id: int | None = None):
@@ -288,36 +407,26 @@ def swap_in(cache: PagedKVCache, swapped: SwappedSequence, *, seq_id: int | None
   never modified, so it can be retried later.
 
   Args:
-    cache: the cache (donated).
+    cache: the cache; it is not changed (a new one is returned).
     swapped: what `swap_out` returned for the sequence.
     seq_id: the empty slot to restore into (default: the one it left).
 
   Returns:
     ``(cache, ok)``.
   """
-  spec = _check_cache(cache)
-  if not isinstance(swapped, SwappedSequence):
-    raise JaxPagedError(f"swapped must be a SwappedSequence from swap_out, got "
-                        f"{type(swapped).__name__}.")
-  (target,) = _seq_ids(cache, swapped.seq_id if seq_id is None else seq_id)
-  if int(cache.seq_lens[target]) > 0:
-    raise JaxPagedError(f"seq_id {target} holds tokens; swap in into an empty slot (release it, "
-                        "or pass another seq_id).")
-  if (swapped.k.shape[:2] + swapped.k.shape[3:] != spec.pages_shape[:2] + spec.pages_shape[3:]
-      or swapped.k.dtype != spec.dtype):
-    raise JaxPagedError(f"swapped K/V {swapped.k.dtype}{list(swapped.k.shape)} does not fit this "
-                        f"cache's pages {spec.dtype}{list(spec.pages_shape)}; swap in into a "
-                        "cache with the same spec.")
-  # On the cache's device, committed only if the cache is: one committed input commits every
-  # output of a jitted call, and jit compiles each function again for committed arguments.
-  place = ((lambda x: jax.device_put(x, cache.k_pages.sharding)) if cache.k_pages.committed
-           else jnp.asarray)
-  pages = _bucket(swapped.k.shape[2], spec.max_pages_per_seq)  # few shapes: few compiles
-  k, v = (place(_pad_pages(x, pages)) for x in (swapped.k, swapped.v))
-  match = cache.prefix is not None and swapped.tokens is not None
-  tokens = place(_pad_pages(swapped.tokens, pages * spec.page_size, axis=0)) if match else None
-  return _restore(cache, jnp.int32(target), jnp.int32(swapped.length), tokens,
-                  jnp.int32(swapped.salt), k, v, match=match)
+  args, match = swap_in_args(cache, swapped, seq_id)
+  return _restore_jit(cache, *args, match=match)
+
+
+def keep_pages(spec, keep) -> jax.Array:
+  """``keep`` (page ids) as ``int32[K]``, -1 padded to a power of two (few compiles)."""
+  keep = np.asarray(checks.host_token_ids("keep", np.asarray(keep).reshape(-1)))
+  bad = [int(p) for p in keep if not 0 <= p < spec.num_pages]
+  if bad:
+    raise JaxPagedError(f"keep holds pages {bad[:4]} outside [0, {spec.num_pages}); pass page "
+                        "ids of this cache.")
+  return jnp.asarray(np.pad(keep, (0, next_pow2(max(len(keep), 1)) - len(keep)),
+                            constant_values=-1))
 
 
 def demote_blocks(cache: PagedKVCache, count: int, *, keep=()):
@@ -325,30 +434,81 @@ def demote_blocks(cache: PagedKVCache, count: int, *, keep=()):
   first, as the allocator would) and returns their contents for the host tier. Pages in ``keep``
   stay (the blocks an operation about to run will hit).
 
+  Args:
+    cache: the cache; it is not changed (a new one is returned).
+    count: an int >= 0; at most the blocks that can be evicted are.
+    keep: page ids not to evict.
+
   Returns:
     ``(cache, [CachedBlock])``: the freed pages are free again. A block whose prefix can no
     longer be read back (a parent page was reused since) is evicted but not returned; a host hit
     could not be verified against it.
   """
-  spec = _check_cache(cache)
+  spec = check_cache(cache)
   if cache.prefix is None:
     raise JaxPagedError("demote_blocks needs prefix caching: build the cache with "
                         "CacheSpec(..., prefix_caching=True).")
-  count = int(count)
-  if count <= 0:
+  count = min(checks.count("count", count), int(num_cached_free_pages(cache)))
+  keep = keep_pages(spec, keep)
+  if count == 0:
     return cache, []
-  keep = np.asarray(keep, np.int32).reshape(-1)
-  keep = np.pad(keep, (0, _bucket(max(len(keep), 1), 1 << 30) - len(keep)), constant_values=-1)
-  cache, out = _demote(cache, jnp.int32(count), jnp.asarray(keep),
-                       max_count=next_pow2(count))
-  out = jax.device_get(out)
-  blocks = []
-  for i in np.flatnonzero(out["complete"]):
-    end = (int(out["depths"][i]) + 1) * spec.page_size
-    blocks.append(CachedBlock(block_key(out["hashes"][i]), int(out["salts"][i]),
-                              np.array(out["tokens"][i, :end]), np.array(out["k"][:, :, i]),
-                              np.array(out["v"][:, :, i])))
-  return cache, blocks
+  victims, contents = demote_plan(cache, jnp.int32(count), keep, max_count=next_pow2(count))
+  return _evict_jit(cache, victims), cached_blocks(spec, contents)
+
+
+def promote_args(cache: PagedKVCache, seq_id: int, blocks):
+  """Checks a `promote_blocks` and returns ``(args, match)`` for `restore_core`."""
+  spec = check_cache(cache)
+  (seq,) = _seq_ids(cache, seq_id, "seq_id")
+  if cache.prefix is None:
+    raise JaxPagedError("promote_blocks needs prefix caching: build the cache with "
+                        "CacheSpec(..., prefix_caching=True).")
+  length = int(cache.seq_lens[seq])
+  if length % spec.page_size or not bool(cache.prefix.seq_hashable[seq]):
+    raise JaxPagedError(f"seq_id {seq} must hold whole blocks with known token ids (started by "
+                        "match_prefix) to take promoted blocks.")
+  held_pages = jnp.clip(cache.page_table[seq, :length // spec.page_size], 0)
+  held_tokens = np.asarray(cache.prefix.page_tokens[held_pages]).reshape(-1)
+  salt = checks.salt_int(np.asarray(cache.prefix.seq_salt[seq]))
+  return promote_arrays(spec, seq, held_tokens, salt, blocks), False
+
+
+def promote_arrays(spec, seq: int, held_tokens, salt: int, blocks):
+  """`restore_core` arguments appending ``blocks`` to sequence ``seq``, which holds the whole
+  blocks ``held_tokens`` under ``salt``; each block is checked to continue exactly them."""
+  blocks = list(blocks) if isinstance(blocks, (list, tuple)) else None
+  if not blocks or not all(isinstance(b, CachedBlock) for b in blocks):
+    raise JaxPagedError("blocks must be a non-empty list of CachedBlock (from demote_blocks).")
+  ps, length = spec.page_size, len(held_tokens)
+  if length + len(blocks) * ps > spec.max_seq_len:
+    raise JaxPagedError(f"blocks: {len(blocks)} blocks after {length} tokens exceed "
+                        f"max_seq_len={spec.max_seq_len}; promote fewer blocks.")
+  expected = (spec.num_layers, spec.num_kv_heads, ps, spec.head_dim)
+  for i, block in enumerate(blocks):
+    for name in ("k", "v"):
+      x = getattr(block, name)
+      if getattr(x, "shape", None) != expected or getattr(x, "dtype", None) != spec.dtype:
+        raise JaxPagedError(
+            f"blocks[{i}].{name} is {getattr(x, 'dtype', None)}{list(getattr(x, 'shape', ()))} "
+            f"but this cache's blocks are {spec.dtype}{list(expected)}; promote blocks demoted "
+            "from a cache with the same spec.")
+    tokens = np.asarray(block.tokens)
+    full = length + (i + 1) * ps
+    if (tokens.ndim != 1 or tokens.dtype.kind not in "iu" or len(tokens) != full
+        or block.salt != salt or not np.array_equal(tokens[:length], held_tokens)
+        or (i and not np.array_equal(tokens[:full - ps], blocks[i - 1].tokens))):
+      raise JaxPagedError(f"blocks[{i}] does not continue seq_id {seq}: its prefix tokens or salt "
+                          "differ; promote only blocks whose prefix the sequence holds.")
+  pages = _bucket(len(blocks), spec.max_pages_per_seq)
+  pad = lambda x: np.concatenate([x, np.zeros((pages - len(blocks),) + x.shape[1:], x.dtype)])
+  k = pad(np.stack([b.k for b in blocks])).transpose(1, 2, 0, 3, 4)
+  v = pad(np.stack([b.v for b in blocks])).transpose(1, 2, 0, 3, 4)
+  tokens = np.zeros(pages * ps, np.int32)
+  tokens[:len(blocks) * ps] = np.concatenate([np.asarray(b.tokens[-ps:], np.int32)
+                                              for b in blocks])
+  lanes = jnp.asarray(np.array([salt & 0xFFFFFFFF, salt >> 32], np.uint32))
+  return (jnp.int32(seq), jnp.int32(len(blocks) * ps), jnp.asarray(tokens), lanes,
+          jnp.asarray(k), jnp.asarray(v), None)
 
 
 def promote_blocks(cache: PagedKVCache, seq_id: int, blocks):
@@ -358,33 +518,13 @@ def promote_blocks(cache: PagedKVCache, seq_id: int, blocks):
   Each block's prefix tokens and salt are checked against the sequence's own token ids first, so
   K/V computed after another prefix can never be attached.
 
+  Args:
+    cache: the cache; it is not changed (a new one is returned).
+    seq_id: a sequence holding whole blocks with known token ids.
+    blocks: consecutive `CachedBlock`s continuing it.
+
   Returns:
     ``(cache, ok)``; atomic, ``ok`` False when the pool has no room.
   """
-  spec = _check_cache(cache)
-  (seq,) = _seq_ids(cache, seq_id)
-  if cache.prefix is None or not blocks:
-    raise JaxPagedError("promote_blocks needs prefix caching and at least one CachedBlock.")
-  ps = spec.page_size
-  length = int(cache.seq_lens[seq])
-  held_pages = jnp.clip(cache.page_table[seq, :length // ps], 0)
-  held_tokens = np.asarray(cache.prefix.page_tokens[held_pages]).reshape(-1)
-  salt = int(cache.prefix.seq_salt[seq])
-  if length % ps or not bool(cache.prefix.seq_hashable[seq]):
-    raise JaxPagedError(f"seq_id {seq} must hold whole blocks with known token ids (started by "
-                        "match_prefix) to take promoted blocks.")
-  for i, block in enumerate(blocks):
-    expected = length + (i + 1) * ps
-    if (len(block.tokens) != expected or block.salt != salt
-        or not np.array_equal(block.tokens[:length], held_tokens)
-        or (i and not np.array_equal(block.tokens[:expected - ps], blocks[i - 1].tokens))):
-      raise JaxPagedError(f"blocks[{i}] does not continue seq_id {seq}: its prefix tokens or salt "
-                          "differ; promote only blocks whose prefix the sequence holds.")
-  pages = _bucket(len(blocks), spec.max_pages_per_seq)
-  pad = lambda x: np.concatenate([x, np.zeros((pages - len(blocks),) + x.shape[1:], x.dtype)])
-  k = pad(np.stack([b.k for b in blocks])).transpose(1, 2, 0, 3, 4)
-  v = pad(np.stack([b.v for b in blocks])).transpose(1, 2, 0, 3, 4)
-  tokens = np.zeros(pages * ps, np.int32)
-  tokens[:len(blocks) * ps] = np.concatenate([b.tokens[-ps:] for b in blocks])
-  return _restore(cache, jnp.int32(seq), jnp.int32(len(blocks) * ps), jnp.asarray(tokens),
-                  jnp.int32(salt), jnp.asarray(k), jnp.asarray(v), match=False)
+  args, match = promote_args(cache, seq_id, blocks)
+  return _restore_jit(cache, *args, match=match)

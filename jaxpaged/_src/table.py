@@ -1,11 +1,11 @@
-"""The prefix cache's device hash table: block hash -> page, open addressing, linear probing.
+"""The prefix cache's device hash table: block hash -> page, open addressing, double hashing.
 
 The table is three ``int32[capacity]`` arrays (capacity a power of two): the two 32-bit lanes of
 each key (hash bits, bitcast to int32) and the page it maps to, or `EMPTY` / `DELETED`. A key's
 probe sequence is ``(lane0 + i * (lane1 | 1)) mod capacity`` for ``i < PROBES`` (double
-hashing). Lookup stops at the first
-empty slot; deletion leaves a tombstone so later keys stay reachable. An insert that finds no
-free slot within its probes fails and says so: a live entry is never overwritten.
+hashing). Lookup stops at the first empty slot; deletion leaves a tombstone so later keys stay
+reachable. An insert that finds no free slot within its probes fails and says so: a live entry
+is never overwritten.
 
 `lookup` is the hot path (every prompt block of every new request): a Pallas GPU kernel and an
 XLA path that probes all slots at once. Both return the same pages.
@@ -119,6 +119,24 @@ def lookup(table_lo, table_hi, table_pages, hashes, *, impl: str = "auto",
 
 # ----------------------------------------------------------------------------- insert, delete
 
+def probe(table_lo, table_hi, table_pages, hash_):
+  """One key (``uint32[2]``): ``(page, free_slot)``, the page it maps to (-1 if absent) and the
+  first free slot (empty or deleted) of its probe sequence (``capacity`` if none)."""
+  lo, hi = keys_of(hash_)
+  capacity = table_pages.shape[0]
+  slots = _probe_slots(lo, hi, capacity)
+  page = _lookup_xla(table_lo, table_hi, table_pages, lo[None], hi[None])[0]
+  free = table_pages[slots] < 0
+  return page, jnp.where(jnp.any(free), slots[jnp.argmax(free)], capacity)
+
+
+def put(table_lo, table_hi, table_pages, slot, hash_, page):
+  """Writes ``hash_ -> page`` at ``slot`` (dropped when ``slot`` is ``capacity``)."""
+  lo, hi = keys_of(hash_)
+  return (table_lo.at[slot].set(lo, mode="drop"), table_hi.at[slot].set(hi, mode="drop"),
+          table_pages.at[slot].set(page, mode="drop"))
+
+
 def insert(table_lo, table_hi, table_pages, hashes, pages, want):
   """Inserts ``hashes[i] -> pages[i]`` where ``want[i]``, one key after another (inserts are
   few per step; probing each is vectorised). A key already present is left alone.
@@ -127,18 +145,14 @@ def insert(table_lo, table_hi, table_pages, hashes, pages, want):
     ``(table_lo, table_hi, table_pages, inserted bool[N])``: ``inserted`` False where the key
     was present or no free slot was within its probes (the table is full there).
   """
-  lo, hi = keys_of(hashes)
   capacity = table_pages.shape[0]
 
   def one(i, state):
     table_lo, table_hi, table_pages, inserted = state
-    slots = _probe_slots(lo[i], hi[i], capacity)
-    present = _lookup_xla(table_lo, table_hi, table_pages, lo[i][None], hi[i][None])[0] >= 0
-    free = table_pages[slots] < 0
-    slot = jnp.where(want[i] & ~present & jnp.any(free), slots[jnp.argmax(free)], capacity)
-    return (table_lo.at[slot].set(lo[i], mode="drop"), table_hi.at[slot].set(hi[i], mode="drop"),
-            table_pages.at[slot].set(pages[i], mode="drop"),
-            inserted.at[i].set(slot < capacity))
+    present, free_slot = probe(table_lo, table_hi, table_pages, hashes[i])
+    slot = jnp.where(want[i] & (present < 0), free_slot, capacity)
+    return put(table_lo, table_hi, table_pages, slot, hashes[i], pages[i]) + (
+        inserted.at[i].set(slot < capacity),)
 
   # Only the wanted keys take a step each: a decode step usually inserts none.
   order = jnp.argsort(~want, stable=True)

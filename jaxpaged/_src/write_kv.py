@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from jaxpaged._src import checks
 from jaxpaged._src import gpu
-from jaxpaged._src.cache import PagedKVCache, _check_cache, check_layer
+from jaxpaged._src import prefix_state
+from jaxpaged._src.cache import PagedKVCache, check_cache, check_layer
 from jaxpaged._src.spec import JaxPagedError
 
 
@@ -81,7 +83,8 @@ def write_kv(cache: PagedKVCache, layer, k, v, slots, *, impl: str = "auto",
   """Writes new keys and values into their cache slots (slots < 0 are skipped).
 
   Args:
-    cache: the cache (donated when called outside jit).
+    cache: the cache; it is not changed (a new one is returned). Called eagerly this copies the
+      pools: jit your step and donate the cache there to write in place.
     layer: layer index, a Python int (checked now) or an int32 scalar (e.g. inside a
       `lax.scan` over layers; out of range there writes nothing).
     k, v: ``[T, num_kv_heads, head_dim]`` in the cache's dtype.
@@ -96,7 +99,7 @@ def write_kv(cache: PagedKVCache, layer, k, v, slots, *, impl: str = "auto",
   >>> gather_kv(cache, 0, 0)[0][:2, 0].tolist()
   [[1.0, 1.0], [0.0, 0.0]]
   """
-  spec = _check_cache(cache)
+  spec = check_cache(cache)
   layer = check_layer(spec, layer)
   expected = f"[T, num_kv_heads={spec.num_kv_heads}, head_dim={spec.head_dim}]"
   for name, x in (("k", k), ("v", v)):
@@ -109,19 +112,22 @@ def write_kv(cache: PagedKVCache, layer, k, v, slots, *, impl: str = "auto",
                           f"cast with {name}.astype({spec.dtype.name!r}).")
   if k.shape != v.shape:
     raise JaxPagedError(f"k and v must have the same shape, got {k.shape} and {v.shape}.")
-  slots = jnp.asarray(slots)
-  if slots.shape != (k.shape[0],) or not jnp.issubdtype(slots.dtype, jnp.integer):
-    raise JaxPagedError(f"slots must be int32[{k.shape[0]}] (one per row of k), got "
-                        f"{slots.dtype}{list(slots.shape)}; pass the slots `extend` returned.")
+  slots = checks.index_vector("slots", slots, k.shape[0], per="row of k: the slots `extend` "
+                              "returned")
   impl = gpu.resolve_impl(impl)
-  return _write_kv(cache, layer, k, v, slots.astype(jnp.int32), impl=impl, interpret=interpret)
+  if k.shape[0] == 0:
+    return cache
+  return _write_kv(cache, layer, k, v, slots, impl=impl, interpret=bool(interpret))
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "interpret"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("impl", "interpret"))
 def _write_kv(cache, layer, k, v, slots, *, impl, interpret):
   if impl == "pallas":
     k_pages, v_pages = _write_kv_pallas(cache.k_pages, cache.v_pages, layer, k, v, slots,
                                         interpret=interpret)
   else:
     k_pages, v_pages = _write_kv_xla(cache.k_pages, cache.v_pages, layer, k, v, slots)
-  return dataclasses.replace(cache, k_pages=k_pages, v_pages=v_pages)
+  prefix = cache.prefix
+  if prefix is not None:  # a block is served only once every layer of it was written
+    prefix = prefix_state.note_written(prefix, layer, slots, cache.spec.page_size)
+  return dataclasses.replace(cache, k_pages=k_pages, v_pages=v_pages, prefix=prefix)

@@ -1,0 +1,202 @@
+"""Argument checks shared by every entry point: what each kind of argument must be, said once.
+
+Integers are used exactly or refused, never truncated. Python ints and NumPy arrays are checked
+on the host; JAX arrays of 32-bit (or narrower) integers are used as they are; a JAX array of
+64-bit integers (only with ``jax_enable_x64``) is checked when its values are known and refused
+when traced, since its values could not be checked. Salts are 64-bit (`salt_lanes`).
+
+Internal API of ``jaxpaged._src`` (the public functions call these before anything is traced):
+`index_vector`, `token_ids`, `host_token_ids`, `salt_lanes`, `salt`,
+`salt_int`, `count`, `raise_first`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpaged._src.spec import JaxPagedError
+
+INT32_MIN, INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
+SALT_LIMIT = 1 << 64
+
+
+def is_traced(x) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def _host_integers(name: str, value) -> np.ndarray:
+  """``value`` as a NumPy integer array with its exact values (Python ints of any size kept)."""
+  array = np.asarray(value)
+  if array.dtype == object:  # Python ints beyond 64 bits, or mixed types
+    flat = array.reshape(-1).tolist()
+    if not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in flat):
+      raise JaxPagedError(f"{name} must hold integers, got {value!r}.")
+    return array
+  if array.size == 0 and array.dtype.kind == "f":  # [] and np.array([]) are float64
+    return array.astype(np.int64)
+  if array.dtype.kind not in "iu":
+    raise JaxPagedError(f"{name} must have an integer dtype, got {array.dtype}; pass integers "
+                        f"(e.g. np.asarray({name}, np.int32)).")
+  return array
+
+
+def _fits_int32(name: str, array: np.ndarray, what: str) -> None:
+  if array.size and (int(array.min()) < INT32_MIN or int(array.max()) > INT32_MAX):
+    bad = [int(x) for x in array.reshape(-1).tolist() if not INT32_MIN <= int(x) <= INT32_MAX]
+    raise JaxPagedError(f"{name} holds {bad[:4]}, outside int32 [{INT32_MIN}, {INT32_MAX}]: "
+                        f"{what} are int32 and are never truncated; pass values in range.")
+
+
+def _device_int32(name: str, value: jax.Array, *, bitcast_uint32: bool) -> jax.Array:
+  """An integer JAX array as int32, exactly (see the module docstring)."""
+  dtype = value.dtype
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise JaxPagedError(f"{name} must have an integer dtype, got {dtype}; cast with "
+                        f"{name}.astype(jnp.int32).")
+  if dtype == jnp.int32:
+    return value
+  if dtype.itemsize < 4:
+    return value.astype(jnp.int32)
+  if not is_traced(value):
+    array = np.asarray(value)
+    _fits_int32(name, array, "ids, counts and token ids")
+    return jnp.asarray(array.astype(np.int32))
+  if dtype == jnp.uint32:
+    # Token ids only need to stay distinct (bitcast is one-to-one); ids and counts past int32
+    # become INT32_MAX, which every check refuses (out of range, too long).
+    if bitcast_uint32:
+      return jax.lax.bitcast_convert_type(value, jnp.int32)
+    return jnp.minimum(value, jnp.uint32(INT32_MAX)).astype(jnp.int32)
+  raise JaxPagedError(f"{name} is a traced {dtype} array: its values cannot be checked against "
+                      f"int32 inside jit; pass int32 (or uint32) {name}.")
+
+
+def _as_array(name: str, value, *, bitcast_uint32: bool = False) -> jax.Array:
+  if isinstance(value, jax.Array):
+    return _device_int32(name, value, bitcast_uint32=bitcast_uint32)
+  array = _host_integers(name, value)
+  _fits_int32(name, array, "ids, counts and token ids")
+  return jnp.asarray(array.astype(np.int32))
+
+
+def index_vector(name: str, value, length: int | None = None, *,
+                 per: str = "row of seq_ids") -> jax.Array:
+  """A 1-D vector of ids or counts (one per batch row) as ``int32[length]``, exactly."""
+  if isinstance(value, (bool, np.bool_)) or np.ndim(value) != 1:
+    raise JaxPagedError(f"{name} must be a 1-D integer array (one entry per batch row), got "
+                        f"{_describe(value)}; e.g. jnp.array([0, 1], jnp.int32).")
+  vector = _as_array(name, value)
+  if length is not None and vector.shape[0] != length:
+    raise JaxPagedError(f"{name} must have {length} entries (one per {per}), got "
+                        f"{vector.shape[0]}; pass arrays of equal length.")
+  return vector
+
+
+def token_ids(name: str, value, shape: tuple[int, ...] | None = None,
+              ndim: int | None = None) -> jax.Array:
+  """Token ids as int32, exactly (a traced uint32 array is bitcast: ids stay distinct)."""
+  if np.ndim(value) != (len(shape) if shape is not None else ndim):
+    expected = f"int32{list(shape)}" if shape is not None else f"a {ndim}-D integer array"
+    raise JaxPagedError(f"{name} must be {expected} of token ids, got {_describe(value)}.")
+  tokens = _as_array(name, value, bitcast_uint32=True)
+  if shape is not None and tuple(tokens.shape) != tuple(shape):
+    raise JaxPagedError(f"{name} must be int32{list(shape)}, got {_describe(value)}.")
+  return tokens
+
+
+def salt_lanes(name: str, value, rows: int) -> jax.Array:
+  """Per-row 64-bit salts as ``uint32[rows, 2]`` (low, high 32 bits).
+
+  Accepts None (salt 0), a Python int or NumPy integer (every row), a sequence or NumPy array of
+  ``rows`` integers in ``[0, 2**64)``, a JAX integer array of ``rows`` salts (traced 32-bit
+  values are taken as their unsigned bit pattern), or ``uint32[rows, 2]`` lanes.
+  """
+  if value is None:
+    return jnp.zeros((rows, 2), jnp.uint32)
+  if isinstance(value, jax.Array):
+    if value.ndim == 2 and value.shape == (rows, 2) and value.dtype == jnp.uint32:
+      return value
+    if value.ndim != 1 or value.shape[0] != rows or not jnp.issubdtype(value.dtype, jnp.integer):
+      raise JaxPagedError(f"{name} must be {rows} integer salts (or uint32[{rows}, 2] lanes), "
+                          f"got {_describe(value)}.")
+    if is_traced(value):
+      if value.dtype.itemsize == 8:  # only with jax_enable_x64: split exactly
+        bits = jax.lax.bitcast_convert_type(value, jnp.uint64)
+        return jnp.stack([bits.astype(jnp.uint32), (bits >> 32).astype(jnp.uint32)], axis=-1)
+      low = value if value.dtype == jnp.uint32 else jax.lax.bitcast_convert_type(
+          value.astype(jnp.int32), jnp.uint32)
+      return jnp.stack([low, jnp.zeros_like(low)], axis=-1)
+    value = np.asarray(value)
+  if np.ndim(value) == 0:
+    value = [value] * rows
+  array = _host_integers(name, value)
+  if array.ndim != 1 or array.shape[0] != rows:
+    raise JaxPagedError(f"{name} must be {rows} integer salts (one per row), got "
+                        f"{_describe(value)}.")
+  salts = [_salt(name, x) for x in array.tolist()]
+  return jnp.asarray(np.array([[s & 0xFFFFFFFF, s >> 32] for s in salts],
+                              np.uint32).reshape(rows, 2))
+
+
+def salt(name: str, value) -> int:
+  """One salt (a Python or NumPy int in ``[0, 2**64)``) as a Python int."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise JaxPagedError(f"{name} must be an int in [0, 2**64), got {_describe(value)}.")
+  return _salt(name, int(value))
+
+
+def _salt(name: str, value: int) -> int:
+  if not 0 <= value < SALT_LIMIT:
+    raise JaxPagedError(f"{name} is {value}: salts are unsigned 64-bit integers in [0, 2**64) "
+                        "and are never truncated; map other values into that range (e.g. "
+                        "salt % 2**64).")
+  return value
+
+
+def host_token_ids(name: str, value) -> np.ndarray:
+  """A 1-D sequence of token ids as an ``int32`` NumPy array, exactly (host-side callers)."""
+  if isinstance(value, jax.Array) and is_traced(value):
+    raise JaxPagedError(f"{name} must be concrete token ids here, got a traced array.")
+  array = _host_integers(name, np.asarray(value))
+  if array.ndim != 1:
+    raise JaxPagedError(f"{name} must be a 1-D sequence of token ids, got {_describe(value)}.")
+  _fits_int32(name, array, "token ids")
+  return array.astype(np.int32)
+
+
+def salt_int(lanes) -> int:
+  """The Python int of one salt's ``uint32[2]`` lanes."""
+  low, high = (int(x) for x in np.asarray(lanes, np.uint32).reshape(2))
+  return low | high << 32
+
+
+def count(name: str, value: Any, *, minimum: int = 0) -> int:
+  """A static count (a Python or NumPy int >= minimum) as a Python int."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise JaxPagedError(f"{name} must be a Python int >= {minimum}, got {_describe(value)}; it "
+                        "is static (part of the compiled shape).")
+  if value < minimum:
+    raise JaxPagedError(f"{name} must be >= {minimum}, got {value}.")
+  return int(value)
+
+
+def raise_first(reasons: dict, problems: dict, **fmt) -> None:
+  """Raises the first reason whose mask is set: ``reasons`` maps a name to (argument, message);
+  ``problems`` maps it to a boolean mask over rows (or a scalar)."""
+  for name, mask in problems.items():
+    mask = np.asarray(mask)
+    if mask.any():
+      argument, message = reasons[name]
+      where = f" at rows {np.flatnonzero(mask).tolist()}" if mask.ndim else ""
+      raise JaxPagedError(f"{argument}{where}: {message.format(**fmt)}.")
+
+
+def _describe(value) -> str:
+  shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+  if shape is not None and dtype is not None:
+    return f"{dtype}{list(shape)}"
+  return f"{value!r} ({type(value).__name__})"
