@@ -5,27 +5,41 @@ requests (prefix hits on device, then on host), extends and releases sequences, 
 out and in, demotes cached blocks to host RAM when the device pool must make room (instead of
 letting the allocator drop them), reports statistics and memory-pressure levels.
 
+Every operation runs in three phases, so that it either completes or changes nothing:
+
+1. **plan**: argument checks, reads of the device state (pure jitted calls), and every call
+   into user code — the tier policy (`TierPolicy.should_promote`, `eviction_candidate`) while
+   host entries are looked up and stored. A policy that raises, a full host tier or a refused
+   request rolls the host store and the manager's bookkeeping back; the device was not touched.
+2. **apply**: one jitted step that donates the manager's own cache (updated in place, no pool
+   copy) and runs what was planned: it cannot be refused, and no user code runs inside it.
+3. **notify**: pressure callbacks, after the state is consistent (a callback that raises does so
+   after the operation completed, and the other callbacks still run).
+
 Model code that runs jitted steps on the cache takes ``manager.cache`` and gives the new one back
 (``manager.cache = new_cache``); allocation goes through the manager so that it can make room
-first.
+first (`reserve`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
+import math
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpaged._src import checks
 from jaxpaged._src import swap
-from jaxpaged._src.cache import (PagedKVCache, _extend_plan, extend, init_cache,
-                                 num_cached_free_pages, num_used_pages, release)
+from jaxpaged._src.cache import (PagedKVCache, extend, extend_core, extend_plan, init_cache,
+                                 num_cached_free_pages, num_used_pages, release_core)
 from jaxpaged._src.hashing import block_hashes_numpy
-from jaxpaged._src.prefix import _match_plan, match_prefix, prefix_stats
+from jaxpaged._src.prefix import match_core, match_plan, prefix_stats
 from jaxpaged._src.spec import CacheSpec, JaxPagedError, next_pow2
 from jaxpaged._src.tier import LRUPolicy, Tier, TieredStore, TierError, TierPolicy
 
@@ -56,19 +70,77 @@ class Admission:
   host_hit_tokens: int
 
 
+# ----------------------------------------------------------------------------- device steps
+# Plans are pure reads; the apply steps donate the manager's own cache (it owns it), so the
+# pools are updated in place. Sequence lists are padded to max_seqs (-1), page lists to powers
+# of two, so few programs compile.
+
 @functools.partial(jax.jit, static_argnames=("num_slots",))
-def _pages_needed(cache, seq_ids, num_new_tokens, *, num_slots):
-  """Pages an `extend` would take (0 if it would be refused for another reason)."""
-  plan = _extend_plan(cache, seq_ids, num_new_tokens, num_slots)
-  return jnp.sum(jnp.where(seq_ids >= 0, plan["need"], 0))
+def _room(cache, released, seq_ids, counts, *, num_slots):
+  """After releasing ``released``: pages an `extend` of the rows takes, free pages, evictable
+  pages."""
+  cache = release_core(cache, released)
+  need = extend_plan(cache, seq_ids, counts, num_slots)["need"]
+  return (jnp.sum(jnp.where(seq_ids >= 0, need, 0)), cache.num_free,
+          num_cached_free_pages(cache))
+
+
+@functools.partial(jax.jit, static_argnames=("max_count",))
+def _demotion_plan(cache, released, count, keep, *, max_count):
+  return swap.demote_plan(release_core(cache, released), count, keep, max_count=max_count)
 
 
 @jax.jit
 def _device_matches(cache, seq_ids, tokens, lengths, salts):
   """How many blocks `match_prefix` would attach, and their pages, without attaching them."""
-  plan = _match_plan(cache, seq_ids, tokens, lengths, salts, None, 0, "auto", False)
+  plan = match_plan(cache, seq_ids, tokens, lengths, salts, None, 0, "auto", False)
   return plan["matched"], plan["pages"]
 
+
+def _make_room(cache, released, victims):
+  return swap.evict_blocks(release_core(cache, released), victims)
+
+
+_room_step = jax.jit(_make_room, donate_argnames=("cache",))
+
+
+@functools.partial(jax.jit, static_argnames=("num_slots",), donate_argnames=("cache",))
+def _extend_step(cache, released, victims, seq_ids, counts, tokens, *, num_slots):
+  return extend_core(_make_room(cache, released, victims), seq_ids, counts, tokens,
+                     num_slots=num_slots)
+
+
+@functools.partial(jax.jit, static_argnames=("match",), donate_argnames=("cache",))
+def _restore_step(cache, victims, args, *, match):
+  return swap.restore_core(swap.evict_blocks(cache, victims), *args, match=match)
+
+
+@functools.partial(jax.jit, static_argnames=("num_slots", "promote"), donate_argnames=("cache",))
+def _admit_step(cache, victims, seq, row, length, salt, matched, promoted, new_tokens, num_new, *,
+                num_slots, promote):
+  """Evicts the planned victims, attaches the device hits (``matched`` blocks), appends the
+  promoted host blocks, then makes room for the prompt's next ``num_new`` tokens."""
+  cache = swap.evict_blocks(cache, victims)
+  cache, found = match_core(cache, seq[None], row, length[None], salt[None],
+                            jnp.zeros((1,), jnp.int32), num_slots=1, impl="auto",
+                            interpret=False)
+  ok = found.ok & (found.num_cached[0] == matched * cache.spec.page_size)
+  if promote:
+    cache, promoted_ok = swap.restore_core(cache, *promoted, match=False)
+    ok &= promoted_ok
+  cache, slots, extended = extend_core(cache, seq[None], num_new[None], new_tokens,
+                                       num_slots=num_slots)
+  return cache, slots, ok & extended
+
+
+def _padded_ids(ids, size: int) -> jax.Array:
+  return jnp.asarray(np.pad(np.asarray(ids, np.int32), (0, size - len(ids)), constant_values=-1))
+
+
+_NO_VICTIMS = jnp.full((1,), -1, jnp.int32)
+
+
+# ----------------------------------------------------------------------------- the manager
 
 class CacheManager:
   """Paged KV cache plus host RAM tier, for serving loops.
@@ -96,22 +168,28 @@ class CacheManager:
                tiers: Sequence[Tier] | None = None, policy: TierPolicy | None = None,
                thresholds: tuple[float, float, float] = (0.6, 0.8, 0.95)):
     if not isinstance(spec, CacheSpec):
-      raise JaxPagedError(f"CacheManager expects a CacheSpec, got {type(spec).__name__}.")
+      raise JaxPagedError(f"spec must be a jaxpaged.CacheSpec, got {type(spec).__name__}.")
+    if tiers is None:
+      tiers = [Tier("host", checks.count("host_bytes", host_bytes))]
+    try:
+      thresholds = tuple(float(t) for t in thresholds)
+    except (TypeError, ValueError):
+      thresholds = ()
     if not (len(thresholds) == 3 and 0 < thresholds[0] <= thresholds[1] <= thresholds[2] <= 1):
       raise JaxPagedError(f"thresholds must be (medium, high, critical) with 0 < medium <= high "
                           f"<= critical <= 1, got {thresholds!r}; the default is (0.6, 0.8, 0.95).")
     self.spec = spec
     self.cache: PagedKVCache = init_cache(spec)
     self.policy = LRUPolicy() if policy is None else policy
-    self.store = TieredStore(tiers if tiers is not None else [Tier("host", host_bytes)],
-                             self.policy, on_evict=self._on_host_evict)
-    self.thresholds = tuple(thresholds)
+    self.store = TieredStore(tiers, self.policy, on_evict=self._on_host_evict)
+    self.thresholds = thresholds
     self._active: dict[int, int] = {}  # seq -> clock of last use (preemption picks the oldest)
     self._swapped: set[int] = set()
     self._dropped: dict[int, str] = {}
     self._callbacks: list[Callable[[MemoryPressure, MemoryPressure], None]] = []
     self._pressure = MemoryPressure.LOW
     self._clock = 0
+    self._refused = False
     self.counters = dict(allocations=0, allocation_failures=0, swap_outs=0, swap_ins=0,
                          swap_in_failures=0, demoted_blocks=0, demote_dropped=0,
                          promoted_blocks=0, prompt_tokens=0, device_hit_tokens=0,
@@ -122,14 +200,14 @@ class CacheManager:
 
   def estimate_bytes(self, num_tokens: int) -> int:
     """Device bytes ``num_tokens`` tokens take (whole pages, K and V, all layers)."""
-    return -(-int(num_tokens) // self.spec.page_size) * self.spec.page_bytes
+    return self._pages(checks.count("num_tokens", num_tokens)) * self.spec.page_bytes
 
   def can_allocate(self, num_tokens: int) -> bool:
     """Whether a new sequence of ``num_tokens`` fits now: a free slot and enough pages (free or
     held only by cached blocks, which are demoted to make room). Prefix hits only help."""
-    pages = -(-int(num_tokens) // self.spec.page_size)
+    num_tokens = checks.count("num_tokens", num_tokens)
     return (self._free_slot() is not None and num_tokens <= self.spec.max_seq_len
-            and pages <= self.available_pages)
+            and self._pages(num_tokens) <= self.available_pages)
 
   def admit(self, tokens, *, salt: int = 0, max_new_tokens: int | None = None,
             room_tokens: int | None = None, num_slots: int | None = None) -> Admission | None:
@@ -138,7 +216,8 @@ class CacheManager:
 
     Args:
       tokens: the prompt's token ids (1-D).
-      salt: prefix-cache salt (tenant); blocks are shared only under equal salts.
+      salt: prefix-cache salt (tenant), an int in ``[0, 2**64)``; blocks are shared only under
+        equal salts.
       max_new_tokens: chunked prefill: at most this many prompt tokens are appended now
         (continue with `extend`). Default: all.
       room_tokens: admit only if the pages of a sequence this long are available now (prefix
@@ -150,53 +229,67 @@ class CacheManager:
       The `Admission`, or None (nothing changed) when no slot or too few pages are free: wait for
       releases, or `swap_out` running sequences.
     """
-    tokens = np.asarray(tokens, np.int32).reshape(-1)
-    length, ps = len(tokens), self.spec.page_size
-    if not 1 <= length <= self.spec.max_seq_len:
-      raise JaxPagedError(f"tokens must hold 1..{self.spec.max_seq_len} ids (max_pages_per_seq * "
+    spec, ps = self.spec, self.spec.page_size
+    tokens = checks.host_token_ids("tokens", tokens)
+    length = len(tokens)
+    if not 1 <= length <= spec.max_seq_len:
+      raise JaxPagedError(f"tokens must hold 1..{spec.max_seq_len} ids (max_pages_per_seq * "
                           f"page_size), got {length}.")
+    salt = checks.salt("salt", salt)
+    limit = length if max_new_tokens is None else checks.count("max_new_tokens", max_new_tokens)
+    room_tokens = None if room_tokens is None else checks.count("room_tokens", room_tokens)
     seq = self._free_slot()
-    args = (self._row(tokens), jnp.array([length], jnp.int32), jnp.array([salt], jnp.int32))
-    matched = idle = 0  # blocks found on device; those of them no sequence holds (reclaimable)
-    if seq is not None and self.cache.prefix is not None:
-      found, pages = _device_matches(self.cache, jnp.array([seq], jnp.int32), *args)
-      matched = int(found[0])
-      idle = int(np.sum(np.asarray(self.cache.ref_counts)[np.asarray(pages)[0, :matched]] == 0))
-    host_blocks = self._host_hits(tokens, salt, matched) if seq is not None else []
-    cached = (matched + len(host_blocks)) * ps
-    new = length - cached if max_new_tokens is None else min(length - cached, max_new_tokens)
-    need = -(-(cached + new) // ps) - matched
-    room = need if room_tokens is None else max(need, -(-int(room_tokens) // ps) - matched)
-    if seq is None or room > self.available_pages - idle:
+    if seq is None:
       self.counters["allocation_failures"] += 1
       return None
-    self.cache, found = match_prefix(self.cache, jnp.array([seq], jnp.int32), *args[:2],
-                                     salts=args[2], max_new_tokens=jnp.zeros((1,), jnp.int32),
-                                     num_slots=1)
-    assert bool(found.ok) and int(found.num_cached[0]) == matched * ps, "prefix probe disagreed"
-    if host_blocks:
-      self._make_room(len(host_blocks))
-      self.cache, ok = swap.promote_blocks(self.cache, seq, host_blocks)
-      assert bool(ok), "room was made for the promoted blocks"
-      self.counters["promoted_blocks"] += len(host_blocks)
+    row, salt_lanes = self._row(tokens), self._salt_lanes(salt)
+    matched, hit_pages, idle = 0, np.zeros((0,), np.int32), 0
+    if self.cache.prefix is not None:
+      found, pages = _device_matches(self.cache, jnp.array([seq], jnp.int32), row,
+                                     jnp.array([length], jnp.int32), salt_lanes[None])
+      matched = int(found[0])
+      hit_pages = np.asarray(pages)[0, :matched]
+      idle = int(np.sum(np.asarray(self.cache.ref_counts)[hit_pages] == 0))  # reclaimable
+    with self._atomic():
+      host_blocks = self._host_hits(tokens, salt, matched)
+      cached = (matched + len(host_blocks)) * ps
+      new = min(length - cached, limit)
+      if num_slots is None:
+        num_slots = max(next_pow2(new), 1)
+      num_slots = checks.count("num_slots", num_slots, minimum=new)
+      need = self._pages(cached + new) - matched
+      room = need if room_tokens is None else max(need, self._pages(room_tokens) - matched)
+      if room > self.available_pages - idle:
+        raise _Refused
+      victims, demoted = self._plan_demotion(need, keep=hit_pages)
       for block in host_blocks:  # on device again (making room may have evicted it from host)
         if ("block", block.key) in self.store:
           self.store.pop(("block", block.key))
-    num_slots = max(next_pow2(new), 1) if num_slots is None else num_slots
-    self._make_room(need - len(host_blocks))
-    self.cache, slots, ok = extend(self.cache, jnp.array([seq], jnp.int32),
-                                   jnp.array([new], jnp.int32), num_slots=num_slots,
-                                   tokens=jnp.asarray(np.pad(tokens[cached:cached + new],
-                                                             (0, num_slots - new))))
-    assert bool(ok), "room was made for the prompt"
-    self._active[seq] = self._tick()
-    self.counters["allocations"] += 1
-    self.counters["prompt_tokens"] += length
-    self.counters["device_hit_tokens"] += matched * ps
-    self.counters["host_hit_tokens"] += len(host_blocks) * ps
-    self.counters["lookup_blocks"] += (length - 1) // ps
-    self.counters["device_hit_blocks"] += matched
-    self.counters["host_hit_blocks"] += len(host_blocks)
+      promoted = None
+      if host_blocks:
+        promoted = swap.promote_arrays(spec, seq, tokens[:matched * ps], salt, host_blocks)
+      new_tokens = jnp.asarray(np.pad(tokens[cached:cached + new], (0, num_slots - new)))
+      cache, slots, ok = _admit_step(
+          self.cache, victims, jnp.int32(seq), row, jnp.int32(length), salt_lanes,
+          jnp.int32(matched), promoted, new_tokens, jnp.int32(new), num_slots=num_slots,
+          promote=bool(host_blocks))
+      self.cache = cache
+      if not bool(ok):
+        raise RuntimeError("jaxpaged bug: a planned admission was refused by the device")
+      self._count_demoted(demoted)
+      self._active[seq] = self._tick()
+      c = self.counters
+      c["allocations"] += 1
+      c["prompt_tokens"] += length
+      c["device_hit_tokens"] += matched * ps
+      c["host_hit_tokens"] += len(host_blocks) * ps
+      c["lookup_blocks"] += (length - 1) // ps
+      c["device_hit_blocks"] += matched
+      c["host_hit_blocks"] += len(host_blocks)
+      c["promoted_blocks"] += len(host_blocks)
+    if self._refused:
+      self.counters["allocation_failures"] += 1
+      return None
     self._update_pressure()
     return Admission(seq, cached, new, slots, len(host_blocks) * ps)
 
@@ -206,56 +299,75 @@ class CacheManager:
     cached blocks to host RAM while the free pages fall short and, with ``preempt``, swaps out
     the least recently used sequences not in the call until it fits.
 
+    Args:
+      seq_ids: ``int32[B]`` active sequences of this manager; -1 for padding rows.
+      num_new_tokens: ``int32[B]`` tokens each row appends (>= 0).
+      num_slots: the ``num_slots`` the `extend` will use (default B).
+      preempt: swap other sequences out if that is what it takes.
+
     Returns:
       ``(fits, preempted)``: whether the free pages now cover the call, and the sequences
-      swapped out to get there.
+      swapped out to get there. When it cannot fit (even preempting), nothing changes.
+
+    Raises:
+      JaxPagedError: a row names a sequence that is not active here (never admitted, released
+        or swapped out), repeats one, or would grow it past ``max_seq_len``; nothing changed.
+      TierError: preempting needs host room the host tier cannot give; nothing changed.
     """
-    seq_ids = jnp.asarray(seq_ids, jnp.int32)
-    counts = jnp.asarray(num_new_tokens, jnp.int32)
-    num_slots = seq_ids.shape[0] if num_slots is None else num_slots
-    rows = [int(s) for s in np.asarray(seq_ids) if s >= 0]
-    preempted = []
-    need = int(_pages_needed(self.cache, seq_ids, counts, num_slots=num_slots))
-    while preempt and need > self.available_pages:
-      others = sorted((t, s) for s, t in self._active.items() if s not in rows)
-      if not others:
-        break
-      self.swap_out([others[0][1]])
-      preempted.append(others[0][1])
-      need = int(_pages_needed(self.cache, seq_ids, counts, num_slots=num_slots))
-    self._make_room(need)
-    tick = self._tick()
-    for s in rows:
-      if s in self._active:
-        self._active[s] = tick
-    return need <= int(self.cache.num_free), preempted
+    plan = self._plan_rows(seq_ids, num_new_tokens, num_slots, preempt)
+    if not plan.fits:
+      return False, []
+    if not plan.released and not plan.shortfall:  # the common case: nothing to move
+      self._touch(plan)
+      return True, []
+    with self._atomic():
+      victims, demoted = self._stage(plan)
+      self.cache = _room_step(self.cache, plan.released_ids, victims)
+      self._commit(plan, demoted)
+    self._update_pressure()
+    return True, list(plan.released)
 
   def extend(self, seq_ids, num_new_tokens, *, tokens=None, num_slots: int | None = None,
              preempt: bool = False):
-    """`jaxpaged.extend` on the managed cache, after `reserve` made room for it.
+    """`jaxpaged.extend` on the managed cache, after making room for it as `reserve` does.
 
     Returns:
       ``(slots, ok, preempted)``: ``preempted`` lists the sequences swapped out to make room.
+      When ``ok`` is False (the pool cannot hold the call), nothing changed.
     """
-    _, preempted = self.reserve(seq_ids, num_new_tokens, num_slots=num_slots, preempt=preempt)
-    self.cache, slots, ok = extend(self.cache, jnp.asarray(seq_ids, jnp.int32),
-                                   jnp.asarray(num_new_tokens, jnp.int32), num_slots=num_slots,
-                                   tokens=tokens)
-    if not bool(ok):
+    plan = self._plan_rows(seq_ids, num_new_tokens, num_slots, preempt)
+    if tokens is not None:
+      tokens = checks.token_ids("tokens", tokens, (plan.num_slots,))
+      if self.cache.prefix is None:
+        tokens = None
+    if not plan.fits:
       self.counters["allocation_failures"] += 1
+      return jnp.full((plan.num_slots,), -1, jnp.int32), jnp.bool_(False), []
+    with self._atomic():
+      victims, demoted = self._stage(plan)
+      cache, slots, ok = _extend_step(self.cache, plan.released_ids, victims, plan.seq_ids,
+                                      plan.counts, tokens, num_slots=plan.num_slots)
+      self.cache = cache
+      if not bool(ok):
+        raise RuntimeError("jaxpaged bug: a planned extend was refused by the device")
+      self._commit(plan, demoted)
     self._update_pressure()
-    return slots, ok, preempted
+    return slots, ok, list(plan.released)
 
   def release(self, seq_ids) -> None:
-    """Ends sequences (their full blocks stay cached); a swapped-out one is dropped from host."""
-    ids = [int(s) for s in np.atleast_1d(np.asarray(seq_ids))]
-    for s in ids:
-      if s in self._swapped:
-        self.store.pop(("seq", s))
-        self._swapped.discard(s)
-      self._active.pop(s, None)
-      self._dropped.pop(s, None)
-    self.cache = release(self.cache, jnp.asarray(ids, jnp.int32))
+    """Ends sequences (their full blocks stay cached); a swapped-out one is dropped from host.
+    Ids this manager does not hold are ignored."""
+    ids = self._ids(seq_ids)
+    held = [s for s in ids if s in self._active]
+    with self._atomic():
+      for s in ids:
+        if s in self._swapped:
+          self.store.pop(("seq", s))
+          self._swapped.discard(s)
+        self._active.pop(s, None)
+        self._dropped.pop(s, None)
+      if held:
+        self.cache = _room_step(self.cache, _padded_ids(held, self.spec.max_seqs), _NO_VICTIMS)
     self._update_pressure()
 
   # --------------------------------------------------------------------------- swapping
@@ -267,33 +379,27 @@ class CacheManager:
       TierError: the host tier cannot hold them without dropping other swapped sequences;
         nothing changed.
     """
-    ids = [int(s) for s in np.atleast_1d(np.asarray(seq_ids))]
+    ids = self._ids(seq_ids)
     unknown = [s for s in ids if s not in self._active]
     if unknown:
       raise JaxPagedError(f"seq_ids {unknown} are not active sequences of this manager; swap out "
                           "sequences that were admitted and not released or swapped out.")
-    swapped = swap.copy_out(self.cache, ids)
-    stored = []
-    try:
-      for s in swapped:
-        self.store.put(("seq", s.seq_id), s, s.nbytes, pinned=True)
-        stored.append(s.seq_id)
-    except TierError:
-      for s in stored:
-        self.store.pop(("seq", s))
-      raise
-    self.cache = release(self.cache, jnp.asarray(ids, jnp.int32))
-    for s in ids:
-      del self._active[s]
-      self._swapped.add(s)
-    self.counters["swap_outs"] += len(ids)
+    if len(set(ids)) != len(ids):
+      raise JaxPagedError(f"seq_ids {ids} repeat a sequence; name each one once.")
+    with self._atomic():
+      self._put_swapped(swap.copy_out(self.cache, ids))
+      self.cache = _room_step(self.cache, _padded_ids(ids, self.spec.max_seqs), _NO_VICTIMS)
+      for s in ids:
+        del self._active[s]
+        self._swapped.add(s)
+      self.counters["swap_outs"] += len(ids)
     self._update_pressure()
 
   def swap_in(self, seq_ids) -> list[bool]:
     """Brings swapped-out sequences back into their slots, as room allows (demoting cached
     blocks first). A sequence that does not fit stays on host, intact; returns ``ok`` for each."""
-    results = []
-    for s in [int(s) for s in np.atleast_1d(np.asarray(seq_ids))]:
+    ids = self._ids(seq_ids)
+    for s in ids:
       if s in self._dropped:
         raise JaxPagedError(f"sequence {s} was dropped from host RAM ({self._dropped[s]}); "
                             "it must be recomputed. Use a policy that never evicts pinned entries "
@@ -301,25 +407,35 @@ class CacheManager:
       if s not in self._swapped:
         raise JaxPagedError(f"sequence {s} is not swapped out; swap_in takes ids given to "
                             "swap_out.")
+    results = []
+    for s in ids:
       swapped = self.store.peek(("seq", s))
+      args, match = swap.swap_in_args(self.cache, swapped)
       # Its blocks still cached on device are attached, not copied: keep them while making room.
-      hits = np.zeros((0,), np.int32)
-      if self.cache.prefix is not None and swapped.tokens is not None:
-        matched, pages = _device_matches(self.cache, jnp.array([s], jnp.int32),
-                                         self._row(swapped.tokens),
-                                         jnp.array([swapped.length], jnp.int32),
-                                         jnp.array([swapped.salt], jnp.int32))
+      hits, idle = np.zeros((0,), np.int32), 0
+      if match:
+        matched, pages = _device_matches(
+            self.cache, jnp.array([s], jnp.int32), self._row(swapped.tokens[:swapped.length]),
+            jnp.array([swapped.length], jnp.int32), self._salt_lanes(swapped.salt)[None])
         hits = np.asarray(pages)[0, :int(matched[0])]
-      self._make_room(-(-swapped.length // self.spec.page_size) - len(hits), keep=hits)
-      self.cache, ok = swap.swap_in(self.cache, swapped)
-      if bool(ok):
+        idle = int(np.sum(np.asarray(self.cache.ref_counts)[hits] == 0))
+      need = self._pages(swapped.length) - len(hits)
+      if need > self.available_pages - idle:
+        self.counters["swap_in_failures"] += 1
+        results.append(False)
+        continue
+      with self._atomic():
+        victims, demoted = self._plan_demotion(need, keep=hits)
         self.store.pop(("seq", s))
+        cache, ok = _restore_step(self.cache, victims, args, match=match)
+        self.cache = cache
+        if not bool(ok):
+          raise RuntimeError("jaxpaged bug: a planned swap-in was refused by the device")
+        self._count_demoted(demoted)
         self._swapped.discard(s)
         self._active[s] = self._tick()
         self.counters["swap_ins"] += 1
-      else:
-        self.counters["swap_in_failures"] += 1
-      results.append(bool(ok))
+      results.append(True)
     self._update_pressure()
     return results
 
@@ -339,12 +455,122 @@ class CacheManager:
     """Ids of the sequences on device."""
     return sorted(self._active)
 
+  def gc(self) -> dict:
+    """Moves every cached block nobody uses from the device to host RAM, freeing its page.
+
+    Returns ``{"pages_freed", "bytes_freed", "blocks_demoted"}``.
+    """
+    before_free = int(self.cache.num_free)
+    before = self.counters["demoted_blocks"]
+    with self._atomic():
+      victims, demoted = self._plan_demotion(before_free + int(num_cached_free_pages(self.cache)))
+      self.cache = _room_step(self.cache, _padded_ids([], self.spec.max_seqs), victims)
+      self._count_demoted(demoted)
+    freed = int(self.cache.num_free) - before_free
+    self._update_pressure()
+    return dict(pages_freed=freed, bytes_freed=freed * self.spec.page_bytes,
+                blocks_demoted=self.counters["demoted_blocks"] - before)
+
+  # --------------------------------------------------------------------------- planning
+
+  def _plan_rows(self, seq_ids, num_new_tokens, num_slots, preempt) -> _RowsPlan:
+    """Checks an extend of active rows and plans its room: which other sequences to swap out
+    (with ``preempt``, least recently used first) and how many pages to free."""
+    seq_ids = checks.index_vector("seq_ids", seq_ids)
+    counts = checks.index_vector("num_new_tokens", num_new_tokens, seq_ids.shape[0])
+    num_slots = checks.count("num_slots", seq_ids.shape[0] if num_slots is None else num_slots)
+    ids, n = np.asarray(seq_ids), np.asarray(counts)
+    rows = [int(s) for s in ids if s != -1]
+    strangers = [s for s in rows if s not in self._active]
+    if strangers:
+      raise JaxPagedError(f"seq_ids {strangers} are not active sequences of this manager "
+                          "(admitted, not released or swapped out); admit or swap_in them "
+                          "first, or use -1 for padding rows.")
+    if len(set(rows)) != len(rows):
+      raise JaxPagedError(f"seq_ids {rows} repeat a sequence; give each one row per call.")
+    if (n < 0).any():
+      raise JaxPagedError(f"num_new_tokens {n.tolist()} must be >= 0.")
+    lengths = np.asarray(self.cache.seq_lens)
+    too_long = [s for s, k in zip(ids.tolist(), n.tolist())
+                if s != -1 and lengths[s] + k > self.spec.max_seq_len]
+    if too_long:
+      raise JaxPagedError(f"num_new_tokens would grow sequences {too_long} past max_seq_len = "
+                          f"{self.spec.max_seq_len} (max_pages_per_seq * page_size); release "
+                          "them or build the cache with a larger max_pages_per_seq.")
+    if int(n.sum()) > num_slots:
+      raise JaxPagedError(f"num_new_tokens sums to {int(n.sum())}, more than num_slots = "
+                          f"{num_slots}; pass a larger num_slots.")
+    plan = _RowsPlan(seq_ids, counts, num_slots, [], self.spec.max_seqs)
+    need, free, evictable = self._room_after(plan)
+    others = sorted((t, s) for s, t in self._active.items() if s not in rows)
+    while need > free + evictable and preempt and others:
+      plan.released.append(others.pop(0)[1])
+      need, free, evictable = self._room_after(plan)
+    plan.fits = need <= free + evictable
+    plan.shortfall = max(need - free, 0)
+    return plan
+
+  def _room_after(self, plan) -> tuple[int, int, int]:
+    return tuple(int(x) for x in _room(self.cache, plan.released_ids, plan.seq_ids, plan.counts,
+                                       num_slots=plan.num_slots))
+
+  def _stage(self, plan):
+    """Host half of a rows plan: the preempted sequences go to host RAM (pinned), the blocks
+    to demote are chosen and stored. Returns ``(victims, demoted)`` (`_plan_demotion`)."""
+    if plan.released:
+      self._put_swapped(swap.copy_out(self.cache, plan.released))
+    return self._plan_demotion(plan.shortfall, released=plan.released_ids, absolute=True)
+
+  def _commit(self, plan, demoted) -> None:
+    self._count_demoted(demoted)
+    for s in plan.released:
+      del self._active[s]
+      self._swapped.add(s)
+    self.counters["swap_outs"] += len(plan.released)
+    self._touch(plan)
+
+  def _touch(self, plan) -> None:
+    """The rows of a call were used now (the preemption order)."""
+    tick = self._tick()
+    for s in np.asarray(plan.seq_ids).tolist():
+      if s in self._active:
+        self._active[s] = tick
+
+  def _plan_demotion(self, pages: int, keep=(), released=None, absolute=False):
+    """Chooses the cached blocks to demote so that ``pages`` pages are free (``absolute``:
+    ``pages`` is already the shortfall, after releasing ``released``), reads them and puts them
+    in the host store (the device step evicts them). Returns ``(victims, (demoted, dropped))``:
+    the victims for the device step, blocks stored, blocks the host had no room for."""
+    shortfall = pages if absolute else pages - int(self.cache.num_free)
+    if shortfall <= 0 or self.cache.prefix is None:
+      return _NO_VICTIMS, (0, 0)
+    released = _padded_ids([], self.spec.max_seqs) if released is None else released
+    victims, contents = _demotion_plan(self.cache, released, jnp.int32(shortfall),
+                                       swap.keep_pages(self.spec, keep),
+                                       max_count=next_pow2(shortfall))
+    dropped = 0
+    blocks = swap.cached_blocks(self.spec, contents)
+    for block in blocks:
+      try:
+        self.store.put(("block", block.key), block, block.nbytes)
+      except TierError:  # the host tier is full of swapped sequences: the block is recomputable
+        dropped += 1
+    return victims, (len(blocks), dropped)
+
+  def _count_demoted(self, demoted) -> None:
+    self.counters["demoted_blocks"] += demoted[0]
+    self.counters["demote_dropped"] += demoted[1]
+
+  def _put_swapped(self, swapped) -> None:
+    for s in swapped:
+      self.store.put(("seq", s.seq_id), s, s.nbytes, pinned=True)
+
   # --------------------------------------------------------------------------- host tier
 
   def _host_hits(self, tokens, salt: int, matched: int) -> list:
     """Consecutive blocks after the device hits that the host holds for exactly this prefix and
     the policy promotes."""
-    if self.cache.prefix is None:
+    if self.cache.prefix is None or not len(self.store):
       return []
     ps = self.spec.page_size
     usable = (len(tokens) - 1) // ps
@@ -353,7 +579,8 @@ class CacheManager:
     for i in range(matched, usable):
       key = ("block", swap.block_key(hashes[i]))
       block = self.store.peek(key)
-      if (block is None or block.salt != salt or len(block.tokens) != (i + 1) * ps
+      if (not isinstance(block, swap.CachedBlock) or block.salt != salt
+          or len(block.tokens) != (i + 1) * ps
           or not np.array_equal(block.tokens, tokens[:(i + 1) * ps])):
         break
       self.store.get(key)  # an access, for recency and frequency
@@ -362,37 +589,11 @@ class CacheManager:
       blocks.append(block)
     return blocks
 
-  def _make_room(self, pages: int, keep=()) -> None:
-    """Demotes cached blocks nobody uses (but those in ``keep``) to host RAM until ``pages``
-    pages are free."""
-    shortfall = pages - int(self.cache.num_free)
-    if shortfall <= 0 or self.cache.prefix is None:
-      return
-    self.cache, blocks = swap.demote_blocks(self.cache, shortfall, keep=keep)
-    self.counters["demoted_blocks"] += len(blocks)
-    for block in blocks:
-      try:
-        self.store.put(("block", block.key), block, block.nbytes)
-      except TierError:  # the host tier is full of swapped sequences: the block is recomputable
-        self.counters["demote_dropped"] += 1
-
   def _on_host_evict(self, key, value, pinned: bool) -> None:
+    del value
     if pinned and key[0] == "seq":
       self._swapped.discard(key[1])
       self._dropped[key[1]] = f"evicted by {type(self.policy).__name__} to make room"
-
-  def gc(self) -> dict:
-    """Moves every cached block nobody uses from the device to host RAM, freeing its page.
-
-    Returns ``{"pages_freed", "bytes_freed", "blocks_demoted"}``.
-    """
-    before_free = int(self.cache.num_free)
-    before = self.counters["demoted_blocks"]
-    self._make_room(before_free + int(num_cached_free_pages(self.cache)))
-    freed = int(self.cache.num_free) - before_free
-    self._update_pressure()
-    return dict(pages_freed=freed, bytes_freed=freed * self.spec.page_bytes,
-                blocks_demoted=self.counters["demoted_blocks"] - before)
 
   # --------------------------------------------------------------------------- stats, pressure
 
@@ -420,7 +621,11 @@ class CacheManager:
         pressure=self._pressure.name, **self.counters)
 
   def on_pressure(self, callback: Callable[[MemoryPressure, MemoryPressure], None]) -> None:
-    """Registers ``callback(old_level, new_level)``, called once on every level change."""
+    """Registers ``callback(old_level, new_level)``, called once on every level change, after
+    the operation that changed the level completed."""
+    if not callable(callback):
+      raise JaxPagedError(f"callback must be callable as callback(old_level, new_level), got "
+                          f"{callback!r}.")
     self._callbacks.append(callback)
 
   @property
@@ -431,12 +636,50 @@ class CacheManager:
   def _update_pressure(self) -> None:
     fraction = int(num_used_pages(self.cache)) / self.spec.num_pages
     level = MemoryPressure(sum(fraction >= t for t in self.thresholds))
-    if level != self._pressure:
-      old, self._pressure = self._pressure, level
-      for callback in self._callbacks:
+    if level == self._pressure:
+      return
+    old, self._pressure = self._pressure, level
+    errors = []
+    for callback in list(self._callbacks):  # every callback hears of the change
+      try:
         callback(old, level)
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(e)
+    if errors:
+      raise errors[0]
 
   # --------------------------------------------------------------------------- helpers
+
+  @contextlib.contextmanager
+  def _atomic(self):
+    """Rolls the host store and the manager's bookkeeping back if the block raises (the device
+    cache too: it is only replaced by the block's last, planned step). A `_Refused` inside ends
+    the block quietly, with everything rolled back and ``self._refused`` set."""
+    saved = (self.cache, dict(self._active), set(self._swapped), dict(self._dropped),
+             dict(self.counters), self._clock, self.store.snapshot())
+    self._refused = False
+    try:
+      yield
+    except BaseException as e:
+      (self.cache, self._active, self._swapped, self._dropped, self.counters, self._clock,
+       store) = saved
+      self.store.restore(store)
+      if not isinstance(e, _Refused):
+        raise
+      self._refused = True
+
+  def _ids(self, seq_ids) -> list[int]:
+    array = np.atleast_1d(np.asarray(seq_ids))
+    if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+      raise JaxPagedError(f"seq_ids must be sequence ids (ints), got {seq_ids!r}.")
+    ids = [int(s) for s in array.tolist()]
+    bad = [s for s in ids if not 0 <= s < self.spec.max_seqs]
+    if bad:
+      raise JaxPagedError(f"seq_ids {bad} are out of range [0, {self.spec.max_seqs}).")
+    return ids
+
+  def _pages(self, num_tokens: int) -> int:
+    return -(-num_tokens // self.spec.page_size)
 
   def _free_slot(self) -> int | None:
     taken = set(self._active) | self._swapped | set(self._dropped)
@@ -448,6 +691,30 @@ class CacheManager:
     width = max(next_pow2(len(tokens)), self.spec.page_size)
     return jnp.asarray(np.pad(tokens, (0, width - len(tokens))))[None]
 
+  @staticmethod
+  def _salt_lanes(salt: int) -> jax.Array:
+    return jnp.asarray(np.array([salt & 0xFFFFFFFF, salt >> 32], np.uint32))
+
   def _tick(self) -> int:
     self._clock += 1
     return self._clock
+
+
+class _Refused(Exception):
+  """Raised inside `CacheManager._atomic` to roll back a refused request quietly."""
+
+
+@dataclasses.dataclass
+class _RowsPlan:
+  """An extend's rows and the room it needs: sequences to swap out, pages to free."""
+  seq_ids: jax.Array
+  counts: jax.Array
+  num_slots: int
+  released: list
+  max_seqs: int
+  fits: bool = False
+  shortfall: int = 0
+
+  @property
+  def released_ids(self) -> jax.Array:
+    return _padded_ids(self.released, self.max_seqs)
