@@ -13,6 +13,7 @@ per call, no recompilation per step) that stops each row at its end-of-sequence 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -30,6 +31,50 @@ EXAMPLE_PROMPTS = (
 )
 
 
+def int_at_least(minimum: int):
+  """An argparse type: an int >= ``minimum`` (a bad value exits with status 2 and a message)."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+    return value
+  return parse
+
+
+def number(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+  if not math.isfinite(value):
+    raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+  return value
+
+
+def temperature(text: str) -> float:
+  value = number(text)
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {value}")
+  return value
+
+
+def top_p(text: str) -> float:
+  value = number(text)
+  if not 0 < value <= 1:
+    raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+  return value
+
+
+def seed(text: str) -> int:
+  value = int_at_least(-(1 << 63))(text)
+  if value >= 1 << 63:
+    raise argparse.ArgumentTypeError(f"must be < 2**63, got {value}")
+  return value
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -37,16 +82,15 @@ def main(argv=None) -> int:
   parser.add_argument("prompts", nargs="*", help="user messages (default: built-in examples)")
   parser.add_argument("--gguf", help="a Llama-family GGUF file (default: SmolLM2-135M-Instruct)")
   parser.add_argument("--system", help="system message (default: the chat template's)")
-  parser.add_argument("--max-new-tokens", type=int, default=64)
-  parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-  parser.add_argument("--top-p", type=float, default=1.0)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--page-size", type=int, default=16)
-  parser.add_argument("--steps-per-call", type=int, default=8,
+  parser.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
+  parser.add_argument("--temperature", type=temperature, default=0.0,
+                      help="0 = greedy (default)")
+  parser.add_argument("--top-p", type=top_p, default=1.0, help="in (0, 1]")
+  parser.add_argument("--seed", type=seed, default=0)
+  parser.add_argument("--page-size", type=int_at_least(1), default=16)
+  parser.add_argument("--steps-per-call", type=int_at_least(1), default=8,
                       help="decode steps per jitted call")
-  args = parser.parse_args(argv)
-  if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-    parser.error("need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
+  args = parser.parse_args(argv)  # bad values: a usage message and exit status 2
 
   start = time.perf_counter()
   try:
@@ -61,11 +105,15 @@ def main(argv=None) -> int:
         f"{config.num_kv_heads} heads, loaded in {time.perf_counter() - start:.1f}s; "
         f"jax {jax.__version__} on {jax.default_backend()}", flush=True)
 
-  result = generation.generate(
-      params, config, prompts, max_new_tokens=args.max_new_tokens,
-      eos_id=tokenizer.eos_token_id, temperature=args.temperature, top_p=args.top_p,
-      seed=args.seed, page_size=args.page_size, steps_per_call=args.steps_per_call,
-      progress=lambda message: print(f"  {message}", flush=True))
+  try:
+    result = generation.generate(
+        params, config, prompts, max_new_tokens=args.max_new_tokens,
+        eos_id=tokenizer.eos_token_id, temperature=args.temperature, top_p=args.top_p,
+        seed=args.seed, page_size=args.page_size, steps_per_call=args.steps_per_call,
+        progress=lambda message: print(f"  {message}", flush=True))
+  except jp.JaxPagedError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
   for question, answer in zip(questions, result.tokens):
     print(f"\n>>> {question}\n{tokenizer.decode(answer).strip()}")

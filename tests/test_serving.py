@@ -16,6 +16,7 @@ import pytest
 
 import jaxpaged as jp
 from jaxpaged.models import generation, gguf, serving
+from tests.test_model import tiny_model
 
 ROOT = pathlib.Path(__file__).parent.parent
 # A pool of 20 pages (320 tokens) for requests of ~230-290 tokens that share a ~200-token
@@ -144,23 +145,169 @@ def test_steps_compile_for_the_bucketed_shapes_only(swapping, workload):
   assert serving._step._cache_size() == before
 
 
-def test_bad_requests_are_refused_before_anything_runs(model):
-  config, params, tokenizer = model
-  server = serving.Server(params, config, eos_id=tokenizer.eos_token_id, **SERVER)
+@pytest.fixture(scope="module")
+def tiny():
+  """A tiny random model (no GGUF file): for what does not need the real one."""
+  config, params = tiny_model()
+  return config, jax.tree.map(jnp.asarray, params)
+
+
+BAD_SERVERS = [  # (Server arguments, what the message must say)
+    (dict(token_budget=48), r"token_budget must be a power of two >= max_seqs \(4\), got 48; "
+                            r"e\.g\. 64"),
+    (dict(max_seqs=8, token_budget=4), r"token_budget must be a power of two >= max_seqs \(8\), "
+                                       r"got 4; e\.g\. 8"),
+    (dict(token_budget=0), r"token_budget must be an int >= 1, got 0"),
+    (dict(num_pages=0), r"num_pages must be an int >= 1, got 0"),
+    (dict(num_pages=20.0), r"num_pages must be an int >= 1, got 20\.0 \(float\)"),
+    (dict(max_seqs=0), r"max_seqs must be an int >= 1, got 0"),
+    (dict(page_size=-16), r"page_size must be an int >= 1, got -16"),
+    (dict(max_seq_len=0), r"max_seq_len must be an int >= 1, got 0"),
+    (dict(host_bytes=-1), r"host_bytes must be an int >= 0, got -1"),
+    (dict(host_bytes=1.5e9), r"host_bytes must be an int >= 0, got 1500000000\.0 \(float\)"),
+    (dict(eos_id=32), r"eos_id must be an int in \[0, 32\), got 32"),
+    (dict(prefix_caching=None), r"prefix_caching must be True or False, got None"),
+    (dict(params={}), r"params\['embed'\] is missing"),
+]
+
+
+@pytest.mark.parametrize("arguments, message", BAD_SERVERS,
+                         ids=[m[:40] for _, m in BAD_SERVERS])
+def test_bad_server_arguments_are_refused(tiny, arguments, message):
+  config, params = tiny
+  arguments = dict(dict(params=params, eos_id=2, **SERVER), **arguments)
+  with pytest.raises(jp.JaxPagedError, match=message):
+    serving.Server(arguments.pop("params"), config, **arguments)
+
+
+def test_bad_requests_are_refused_before_anything_runs(tiny):
+  config, params = tiny
+  server = serving.Server(params, config, eos_id=2, **SERVER)
+  Request = serving.Request
   cases = [
-      ([serving.Request([1, 2], 4, follows=0)], "must name an earlier request"),
-      ([serving.Request([], 4)], "non-empty prompt"),
-      ([serving.Request([1], 0)], "max_new_tokens >= 1"),
-      ([serving.Request([1] * 400, 200)], "may reach 600 tokens"),
-      ([serving.Request([1] * 200, 50), serving.Request([1] * 200, 50, follows=0)],
-       "request 1 may reach 501 tokens"),
+      ([Request([1, 2], 4, follows=0)],
+       r"request 0: follows=0 must name an earlier request \(request 0 has none\)"),
+      ([Request([1], 4), Request([1, 2], 4, follows=1)],
+       r"request 1: follows=1 must name an earlier request \(an index in \[0, 1\)\)"),
+      ([Request([1], 4), Request([1], 4, follows=-1)],
+       r"request 1: follows must be an int >= 0, got -1"),
+      ([Request([1], 4), Request([1], 4, follows=0.0)],
+       r"request 1: follows must be an int >= 0, got 0\.0 \(float\)"),
+      ([Request([], 4)], r"request 0: prompt is empty"),
+      ([Request("hello", 4)], r"request 0: prompt must be a sequence of int token ids, got text"),
+      ([Request([1], 4), Request([5, 32], 4)],
+       r"request 1: prompt\[1\] = 32 is not a token id of this model: ids must be in \[0, 32\)"),
+      ([Request([1, -1], 4)], r"request 0: prompt\[1\] = -1 is not a token id"),
+      ([Request([1, 2.5], 4)], r"request 0: prompt must hold int token ids, but prompt\[1\] is "
+                               r"2\.5"),
+      ([Request([1], 0)], r"request 0: max_new_tokens must be an int >= 1, got 0"),
+      ([Request([1], 2.0)], r"request 0: max_new_tokens must be an int >= 1, got 2\.0 \(float\)"),
+      ([Request([1], 4, arrival=-1.0)], r"request 0: arrival must be a finite number >= 0 .*"
+                                        r"got -1\.0"),
+      ([Request([1], 4, arrival=float("nan"))], r"request 0: arrival must be a finite number"),
+      ([Request([1], 4, arrival="soon")], r"request 0: arrival must be a finite number"),
+      ([Request([1], 4, salt=-1)], r"request 0: salt must be an int in \[0, 2\*\*64\), got -1; "
+                                   r"salts are 64-bit"),
+      ([Request([1], 4, salt=1 << 64)], r"request 0: salt must be an int in \[0, 2\*\*64\), got "
+                                        r"18446744073709551616"),
+      ([Request([1], 4, salt="tenant")], r"request 0: salt must be an int in \[0, 2\*\*64\), "
+                                         r"got 'tenant' \(str\)"),
+      ([Request([1] * 400, 200)], r"request 0 may reach 600 tokens"),
+      ([Request([1] * 200, 50), Request([1] * 200, 50, follows=0)],
+       r"request 1 may reach 501 tokens"),
+      ([(1, 2)], r"request 0 must be a serving\.Request, got tuple"),
+      (Request([1], 4), r"requests must be a list of serving\.Request, got Request"),
+      ([], r"requests is empty"),
   ]
   for requests, message in cases:
     with pytest.raises(jp.JaxPagedError, match=message):
       server.run(requests)
+  with pytest.raises(jp.JaxPagedError, match=r"realtime must be True or False, got 'no'"):
+    server.run([Request([1], 4)], realtime="no")
   assert server.manager is None  # nothing started
-  with pytest.raises(jp.JaxPagedError, match="power of two"):
-    serving.Server(params, config, eos_id=0, num_pages=8, max_seqs=4, token_budget=48)
+  # The largest salt and an empty follow-up turn are fine.
+  server._validate([Request([1], 4, salt=(1 << 64) - 1), Request([], 4, follows=0, arrival=2)])
+
+
+def test_bad_workload_arguments_are_refused(model):
+  tokenizer = model[2]
+  cases = [(dict(num_requests=0), r"num_requests must be an int >= 1, got 0"),
+           (dict(max_new_tokens=-3), r"max_new_tokens must be an int >= 1, got -3"),
+           (dict(follow_up_every=0), r"follow_up_every must be an int >= 1, got 0"),
+           (dict(mean_gap=-0.5), r"mean_gap must be a finite number >= 0 .*got -0\.5")]
+  for arguments, message in cases:
+    with pytest.raises(jp.JaxPagedError, match=message):
+      serving.chat_workload(tokenizer, **arguments)
+
+
+@pytest.fixture(scope="module")
+def small_budget(tiny):
+  """A server whose token budget (4) is below the smallest default step size (16)."""
+  config, params = tiny
+  server = serving.Server(params, config, eos_id=2, num_pages=12, max_seqs=2, page_size=4,
+                          max_seq_len=48, token_budget=4, host_bytes=1 << 20)
+  requests = [serving.Request(list(range(3, 13)), 5),
+              serving.Request([7, 8, 9], 6, arrival=1, salt=(1 << 64) - 1),  # 64-bit, kept whole
+              serving.Request([4, 5], 3, follows=0)]
+  server.warmup()  # compiles the step shapes (all rows padding)
+  return server, requests, server.run(requests, realtime=False)
+
+
+def test_a_token_budget_below_16_runs_with_the_same_outputs(tiny, small_budget):
+  config, params = tiny
+  server, requests, report = small_budget
+  assert server.buckets == [4]
+  assert report.step_shapes <= 2  # the one bucket, and decode
+  for request, result in zip(requests, report.results):
+    alone = generation.generate(params, config, [result.prompt],
+                                max_new_tokens=request.max_new_tokens, eos_id=2).tokens[0]
+    assert result.output == alone
+  assert report.stats["used_pages"] == 0
+
+
+def test_broken_invariants_raise_runtime_errors_not_asserts(small_budget, monkeypatch):
+  """What `python -O` would skip: a step that does not fit after scheduling, a step the cache
+  refuses after reserve, are reported as jaxpaged bugs."""
+  server, requests, _ = small_budget
+  monkeypatch.setattr(jp.CacheManager, "reserve", lambda self, *args, **kwargs: (False, []))
+  with pytest.raises(RuntimeError, match=r"jaxpaged bug: step 0 does not fit in the pool"):
+    server.run(requests[:1], realtime=False)
+  monkeypatch.undo()
+  step = serving._step
+
+  def refused(*args, **kwargs):
+    cache, tokens, _ = step(*args, **kwargs)
+    return cache, tokens, jnp.bool_(False)
+  monkeypatch.setattr(serving, "_step", refused)
+  with pytest.raises(RuntimeError, match=r"jaxpaged bug: the cache refused step 0 although "
+                                         r"reserve made room"):
+    server.run(requests[:1], realtime=False)
+
+
+BAD_SERVE_OPTIONS = [
+    (["--max-new-tokens", "-1"], "argument --max-new-tokens: must be >= 1, got -1"),
+    (["--requests", "0"], "argument --requests: must be >= 1, got 0"),
+    (["--pages", "many"], "argument --pages: expected an integer, got 'many'"),
+    (["--page-size", "0"], "argument --page-size: must be >= 1, got 0"),
+    (["--max-seqs", "0"], "argument --max-seqs: must be >= 1, got 0"),
+    (["--token-budget", "48"], "argument --token-budget: must be a power of two, got 48"),
+    (["--max-seqs", "32", "--token-budget", "16"],
+     "argument --token-budget: must be >= --max-seqs (32), got 16"),
+    (["--mean-gap", "-1"], "argument --mean-gap: must be a finite number >= 0, got '-1'"),
+    (["--mean-gap", "inf"], "argument --mean-gap: must be a finite number >= 0, got 'inf'"),
+    (["--show", "-2"], "argument --show: must be >= 0, got -2"),
+]
+
+
+@pytest.mark.parametrize("options, message", BAD_SERVE_OPTIONS,
+                         ids=[" ".join(o) for o, _ in BAD_SERVE_OPTIONS])
+def test_serve_example_refuses_bad_options_with_a_usage_error(capsys, options, message):
+  module = runpy.run_path(str(ROOT / "examples" / "serve.py"), run_name="example")
+  with pytest.raises(SystemExit) as exit_:
+    module["main"](options)
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("usage: ") and f"error: {message}" in err and "Traceback" not in err
 
 
 def test_serve_example_runs(capsys, monkeypatch, tmp_path, workload):

@@ -8,6 +8,7 @@ a row that produced its end-of-sequence token becomes padding (its cache stops g
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
 import time
@@ -18,12 +19,187 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxpaged as jp
+from jaxpaged._src.gpu import IMPLS
+from jaxpaged._src.spec import SUPPORTED_DTYPES
 from jaxpaged.models.llama import DenseKVCache, LlamaConfig, forward
+
+_INT64 = 1 << 63
+
+# ----------------------------------------------------------------------------- argument checks
+# Shared with `jaxpaged.models.serving`. Every check raises `jaxpaged.JaxPagedError` naming the
+# argument, what was expected, what was given and the fix.
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_int(name: str, value, *, minimum: int | None = None, below: int | None = None,
+               fix: str = "") -> int:
+  """``value`` as a Python int, if it is an int (NumPy ints too, bools not) in
+  ``[minimum, below)``."""
+  fix = f"; {fix}" if fix else ""
+  show = lambda n: (f"{'-' if n < 0 else ''}2**{abs(n).bit_length() - 1}"
+                    if abs(n) >= 1 << 32 and abs(n) & (abs(n) - 1) == 0 else str(n))
+  bounds = ("" if minimum is None and below is None else f" >= {show(minimum)}" if below is None
+            else f" < {show(below)}" if minimum is None
+            else f" in [{show(minimum)}, {show(below)})")
+  if not _is_int(value):
+    raise jp.JaxPagedError(f"{name} must be an int{bounds}, got {value!r} "
+                           f"({type(value).__name__}){fix}.")
+  if minimum is not None and value < minimum or below is not None and value >= below:
+    raise jp.JaxPagedError(f"{name} must be an int{bounds}, got {value}{fix}.")
+  return int(value)
+
+
+def _check_real(name: str, value) -> float:
+  """``value`` as a float, if it is an int or float (bools not)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                   np.floating)):
+    raise jp.JaxPagedError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+  return float(value)
+
+
+def _check_bool(name: str, value) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise jp.JaxPagedError(f"{name} must be True or False, got {value!r} "
+                           f"({type(value).__name__}).")
+  return bool(value)
+
+
+def _check_sampling(temperature, top_p) -> tuple[float, float]:
+  temperature, top_p = _check_real("temperature", temperature), _check_real("top_p", top_p)
+  if not (np.isfinite(temperature) and temperature >= 0):
+    raise jp.JaxPagedError(f"temperature must be a finite number >= 0, got {temperature}; use 0 "
+                           "for greedy decoding, or e.g. 0.7 to sample.")
+  if not 0 < top_p <= 1:
+    raise jp.JaxPagedError(f"top_p must be in (0, 1], got {top_p}; use 1 to sample from the whole "
+                           "distribution, or e.g. 0.9 for nucleus sampling.")
+  return temperature, top_p
+
+
+def _check_tokens(name: str, tokens, vocab_size: int, *, allow_empty: bool = False,
+                  where: str = "") -> list[int]:
+  """``tokens`` (a sequence of int token ids, NumPy ints and int arrays too) as a list of Python
+  ints, if every id is in ``[0, vocab_size)``. Messages start with ``where`` (e.g. "request 3:
+  ") and call the tokens ``name``."""
+  if isinstance(tokens, (str, bytes)):
+    raise jp.JaxPagedError(f"{where}{name} must be a sequence of int token ids, got text "
+                           f"({type(tokens).__name__}); encode it first (e.g. "
+                           "tokenizer.encode(text) of `jaxpaged.models.gguf.load`).")
+  try:
+    ids = np.asarray(tokens)
+  except (TypeError, ValueError) as e:
+    raise jp.JaxPagedError(f"{where}{name} must be a sequence of int token ids, got "
+                           f"{type(tokens).__name__} ({e}).") from e
+  if ids.ndim != 1:
+    raise jp.JaxPagedError(f"{where}{name} must be a flat sequence of int token ids, got "
+                           f"{type(tokens).__name__} of shape {ids.shape}; pass one list of ids.")
+  if ids.size == 0:
+    if allow_empty:
+      return []
+    raise jp.JaxPagedError(f"{where}{name} is empty; a prompt needs at least one token.")
+  not_an_id = (f" is not a token id of this model: ids must be in [0, {vocab_size}) "
+               "(config.vocab_size); encode the prompt with this model's tokenizer.")
+  if ids.dtype.kind not in "iu":
+    column = next((i for i, t in enumerate(tokens) if not _is_int(t)), None)
+    if column is None:  # ints too large for any NumPy int type
+      column = next(i for i, t in enumerate(tokens) if not 0 <= t < vocab_size)
+      raise jp.JaxPagedError(f"{where}{name}[{column}] = {tokens[column]}{not_an_id}")
+    raise jp.JaxPagedError(f"{where}{name} must hold int token ids, but {name}[{column}] is "
+                           f"{tokens[column]!r} ({type(tokens[column]).__name__}); pass token ids "
+                           "(ints), e.g. from tokenizer.encode(text).")
+  bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+  if bad.size:
+    column = int(bad[0])
+    raise jp.JaxPagedError(f"{where}{name}[{column}] = {int(ids[column])}{not_an_id}")
+  return ids.tolist()
+
+
+def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
+  if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple, np.ndarray)):
+    raise jp.JaxPagedError(f"prompts must be a list of prompts (each a list of int token ids), "
+                           f"got {type(prompts).__name__}.")
+  if len(prompts) == 0:
+    raise jp.JaxPagedError("prompts is empty; pass at least one prompt (a list of token ids).")
+  return [_check_tokens(f"prompts[{row}]", p, vocab_size) for row, p in enumerate(prompts)]
+
+
+def _check_config(config) -> LlamaConfig:
+  if not isinstance(config, LlamaConfig):
+    raise jp.JaxPagedError(f"config must be a jaxpaged.models.LlamaConfig (from "
+                           f"jaxpaged.models.gguf.load), got {type(config).__name__}.")
+  for name in ("vocab_size", "hidden", "num_layers", "num_heads", "num_kv_heads", "ffn"):
+    _check_int(f"config.{name}", getattr(config, name), minimum=1)
+  if config.hidden % config.num_heads or config.head_dim % 2:
+    raise jp.JaxPagedError(f"config.num_heads ({config.num_heads}) must divide config.hidden "
+                           f"({config.hidden}) into heads of an even size (rotary embeddings "
+                           "rotate pairs).")
+  if config.num_heads % config.num_kv_heads:
+    raise jp.JaxPagedError(f"config.num_kv_heads ({config.num_kv_heads}) must divide "
+                           f"config.num_heads ({config.num_heads}).")
+  return config
+
+
+def param_shapes(config: LlamaConfig) -> dict:
+  """The shape of every weight `jaxpaged.models.llama.forward` takes for ``config``, as the
+  params pytree (``unembed`` is optional: without it the embeddings are tied)."""
+  c = config
+  layers, hidden, kv = c.num_layers, c.hidden, c.num_kv_heads * c.head_dim
+  return {"embed": (c.vocab_size, hidden), "norm": (hidden,), "unembed": (hidden, c.vocab_size),
+          "layers": {"attn_norm": (layers, hidden), "ffn_norm": (layers, hidden),
+                     "wq": (layers, hidden, hidden), "wk": (layers, hidden, kv),
+                     "wv": (layers, hidden, kv), "wo": (layers, hidden, hidden),
+                     "w_gate": (layers, hidden, c.ffn), "w_up": (layers, hidden, c.ffn),
+                     "w_down": (layers, c.ffn, hidden)}}
+
+
+def _check_params(params, config: LlamaConfig) -> None:
+  """Whether ``params`` has every weight, with the shapes ``config`` implies."""
+  fix = "pass the params and config that belong together (jaxpaged.models.gguf.load returns both)"
+
+  def walk(tree, expected, path):
+    if not isinstance(tree, collections.abc.Mapping):
+      raise jp.JaxPagedError(f"{path} must be a dict of weights, got {type(tree).__name__}; {fix}.")
+    for key, shape in expected.items():
+      where = f"{path}[{key!r}]"
+      if key not in tree:
+        if key == "unembed":
+          continue
+        raise jp.JaxPagedError(f"{where} is missing; {fix}.")
+      if isinstance(shape, dict):
+        walk(tree[key], shape, where)
+      elif tuple(getattr(tree[key], "shape", ())) != shape:
+        raise jp.JaxPagedError(
+            f"{where} has shape {tuple(getattr(tree[key], 'shape', ()))} but config (vocab "
+            f"{config.vocab_size}, hidden {config.hidden}, {config.num_layers} layers, "
+            f"{config.num_heads}/{config.num_kv_heads} heads, ffn {config.ffn}) needs {shape}; "
+            f"{fix}.")
+  walk(params, param_shapes(config), "params")
+
+
+def _check_cache(cache, config: LlamaConfig) -> int:
+  """``cache``'s number of sequence slots, if it is a cache for ``config``'s K/V."""
+  if isinstance(cache, jp.PagedKVCache):
+    spec = cache.spec
+    shape, slots = (spec.num_layers, spec.num_kv_heads, spec.head_dim), spec.max_seqs
+  elif isinstance(cache, DenseKVCache):
+    layers, slots, _, kv_heads, head_dim = cache.k.shape
+    shape = (layers, kv_heads, head_dim)
+  else:
+    raise jp.JaxPagedError(f"cache must be a jaxpaged.PagedKVCache (config.cache_spec, "
+                           f"jaxpaged.init_cache) or a DenseKVCache, got {type(cache).__name__}.")
+  want = (config.num_layers, config.num_kv_heads, config.head_dim)
+  if shape != want:
+    raise jp.JaxPagedError(f"cache holds (layers, KV heads, head size) {shape} but the model has "
+                           f"{want}; make it with config.cache_spec(...) of this config.")
+  return slots
 
 
 def sample(logits, key, *, temperature: float, top_p: float):
   """Next tokens from ``logits [B, vocab]``: greedy when temperature is 0, else temperature and
   nucleus (top-p) sampling."""
+  temperature, top_p = _check_sampling(temperature, top_p)
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / temperature
@@ -67,12 +243,13 @@ def _decode_steps(params, cache, seq_ids, tokens, done, budget, eos_id, key, *, 
 
 @dataclasses.dataclass
 class Generation:
-  """What `generate` returns: each row's new tokens (end-of-sequence excluded) and figures."""
+  """What `generate` returns: each row's new tokens (end-of-sequence excluded; none with
+  ``max_new_tokens=0``) and figures."""
   tokens: list[list[int]]
   first_logits: np.ndarray  # [B, vocab] at each prompt's last token
   prefill_seconds: float
   decode_seconds: float
-  decode_tokens: int
+  decode_tokens: int  # tokens sampled by decode steps (each row's first comes from prefill)
   peak_pages: int
   num_pages: int
   peak_sequences: int
@@ -90,22 +267,82 @@ def prefill(params, config: LlamaConfig, cache, seq_ids: list[int], prompts: lis
   On a `jaxpaged.PagedKVCache`, `jaxpaged.match_prefix` first attaches each prompt's cached
   prefix (with prefix caching enabled), so only the rest is computed.
 
+  Args:
+    seq_ids: a sequence slot of ``cache`` for each prompt (distinct ints): a free one on a
+      `jaxpaged.PagedKVCache`; a `DenseKVCache` appends to what the slot holds.
+    prompts: token ids, one non-empty sequence per row, each id in ``[0, config.vocab_size)``.
+
   Returns:
     ``(cache, first_logits [B, vocab], cached_tokens [B])``: logits at each prompt's last token.
+
+  Raises:
+    JaxPagedError: for a bad argument, or prompts ``cache`` cannot hold (a slot in use, too few
+      pages, a prompt longer than a sequence holds); checked before the cache is touched, so
+      the cache passed in is still valid (it is donated only once the call goes ahead).
   """
+  config = _check_config(config)
+  _check_params(params, config)
+  prompts = _check_prompts(prompts, config.vocab_size)
+  slots = _check_cache(cache, config)
+  prefill_chunk = _check_int("prefill_chunk", prefill_chunk, minimum=1,
+                             fix="pass the prompt tokens computed per call, e.g. 256")
+  if impl not in IMPLS:
+    raise jp.JaxPagedError(f"impl must be one of {IMPLS}, got {impl!r}.")
+  if progress is not None and not callable(progress):
+    raise jp.JaxPagedError(f"progress must be a callable taking a str, or None, got "
+                           f"{type(progress).__name__}.")
+  if isinstance(seq_ids, (str, bytes)) or not isinstance(seq_ids, (list, tuple, np.ndarray)):
+    raise jp.JaxPagedError(f"seq_ids must be a list of ints (a sequence slot per prompt), got "
+                           f"{type(seq_ids).__name__}.")
+  seq_ids = [_check_int(f"seq_ids[{row}]", s, minimum=0, below=slots,
+                        fix="pass a sequence slot of the cache") for row, s in enumerate(seq_ids)]
+  if len(seq_ids) != len(prompts):
+    raise jp.JaxPagedError(f"seq_ids has {len(seq_ids)} entries for {len(prompts)} prompts; pass "
+                           "one sequence slot per prompt.")
+  if len(set(seq_ids)) != len(seq_ids):
+    raise jp.JaxPagedError(f"seq_ids must be distinct (one sequence per prompt), got {seq_ids}.")
+  # Everything the cache could refuse is checked here, before the cache (donated from here on)
+  # is touched: a refused call raises with the caller's cache intact.
+  paged = isinstance(cache, jp.PagedKVCache)
+  held = [int(n) for n in np.asarray(cache.seq_lens)[seq_ids]]
+  if paged:
+    capacity, what = cache.spec.max_seq_len, "max_pages_per_seq * page_size"
+    for row, n in enumerate(held):
+      if n:
+        raise jp.JaxPagedError(
+            f"seq_ids[{row}] = {seq_ids[row]} is a sequence that holds {n} tokens; prefill "
+            "starts new sequences on a PagedKVCache: pass a free slot, or release it first.")
+  else:
+    capacity, what = cache.k.shape[2], "the DenseKVCache's max_seq_len"
+  for row, (prompt, n) in enumerate(zip(prompts, held)):
+    if n + len(prompt) > capacity:
+      raise jp.JaxPagedError(
+          f"prompts[{row}] has {len(prompt)} tokens but sequence {seq_ids[row]} of the cache can "
+          f"take {capacity - n} more ({capacity}, {what}, minus {n} held); build the cache for "
+          "longer sequences or shorten the prompt.")
   batch = len(prompts)
   ids = jnp.asarray(seq_ids, jnp.int32)
   fed = [0] * batch
-  if isinstance(cache, jp.PagedKVCache):
+  if paged:
     width = max(map(len, prompts))
     padded = np.zeros((batch, width), np.int32)
     for row, prompt in enumerate(prompts):
       padded[row, :len(prompt)] = prompt
-    cache, match = jp.match_prefix(cache, ids, jnp.asarray(padded),
-                                   jnp.asarray([len(p) for p in prompts], jnp.int32),
+    padded, lengths = jnp.asarray(padded), jnp.asarray([len(p) for p in prompts], jnp.int32)
+    ps = cache.spec.page_size
+    room = int(jp.num_free_pages(cache)) + int(jp.num_cached_free_pages(cache))
+    if sum(-(-len(p) // ps) for p in prompts) > room:  # prefix hits may still make it fit
+      try:  # (eager, no donation) the whole prompts, as the chunks will append them
+        jp.check_match_prefix(cache, ids, padded, lengths)
+      except jp.JaxPagedError as e:
+        raise jp.JaxPagedError(
+            f"the cache cannot hold the prompts ({sum(map(len, prompts))} tokens; {room} pages "
+            f"of {ps} tokens free or reclaimable): {e}") from e
+    cache, match = jp.match_prefix(cache, ids, padded, lengths,
                                    max_new_tokens=jnp.zeros(batch, jnp.int32), num_slots=batch)
     if not bool(match.ok):
-      raise RuntimeError("the cache refused to admit the prompts (slots in use?)")
+      raise RuntimeError("jaxpaged bug: match_prefix refused prompts that prefill checked; "
+                         "please report it.")
     fed = [int(n) for n in match.num_cached]
   cached = list(fed)
   first_logits = np.zeros((batch, config.vocab_size), np.float32)
@@ -122,7 +359,8 @@ def prefill(params, config: LlamaConfig, cache, seq_ids: list[int], prompts: lis
     cache, logits, ok = _prefill_step(params, cache, jnp.asarray(tokens), ids,
                                       jnp.asarray(q_lens, jnp.int32), config=config, impl=impl)
     if not bool(ok):
-      raise RuntimeError("the cache refused a prefill chunk: it is too small for the prompts")
+      raise RuntimeError("jaxpaged bug: the cache refused a prefill chunk that prefill checked "
+                         "would fit; please report it.")
     logits = np.asarray(logits)
     for row, take in enumerate(q_lens):
       fed[row] += take
@@ -142,18 +380,56 @@ def generate(params, config: LlamaConfig, prompts: list[list[int]], *, max_new_t
   """Generates up to ``max_new_tokens`` tokens for every prompt, batched on one paged cache.
 
   Args:
-    params: model weights (jnp arrays). prompts: token ids, one list per row (non-empty).
-    eos_id: a row stops when it produces this token.
-    temperature, top_p, seed: sampling (temperature 0 = greedy).
+    params: model weights (jnp arrays), shaped as ``config`` implies.
+    prompts: token ids, one non-empty sequence of ints per row (NumPy ints and int arrays too),
+      each id in ``[0, config.vocab_size)``.
+    max_new_tokens: an int >= 0; 0 only prefills: every row gets no new token, and
+      ``first_logits`` (the logits at each prompt's last token) are still computed.
+    eos_id: a row stops when it produces this token (an id in the vocabulary).
+    temperature, top_p, seed: sampling: temperature >= 0 (0 = greedy), top_p in (0, 1], seed an
+      int.
     page_size, prefill_chunk, steps_per_call: cache page size, prefill tokens per call (static
-      shape) and decode steps per jitted call.
+      shape) and decode steps per jitted call; each an int >= 1.
     dense_cache: run on `DenseKVCache` (contiguous per-sequence buffers) instead: the baseline.
     prefix_caching: rows whose prompts share full blocks compute them once (within one call the
       blocks of earlier rows are registered only as they are computed, so batch-mates share
-      nothing; see `prefill` for admitting requests in waves).
+      nothing; see `prefill` for admitting requests in waves). Paged cache only.
+
+  Raises:
+    JaxPagedError: for a bad argument, before anything runs.
   """
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise jp.JaxPagedError("every prompt needs at least one token.")
+  config = _check_config(config)
+  _check_params(params, config)
+  prompts = _check_prompts(prompts, config.vocab_size)
+  max_new_tokens = _check_int("max_new_tokens", max_new_tokens, minimum=0,
+                              fix="pass how many tokens to generate per prompt (0: prefill only)")
+  eos_id = _check_int("eos_id", eos_id, minimum=0, below=config.vocab_size,
+                      fix="pass the tokenizer's end-of-sequence id (tokenizer.eos_token_id)")
+  temperature, top_p = _check_sampling(temperature, top_p)
+  seed = _check_int("seed", seed, minimum=-_INT64, below=_INT64)
+  page_size = _check_int("page_size", page_size, minimum=1,
+                         fix="pass the tokens per cache page, e.g. 16")
+  prefill_chunk = _check_int("prefill_chunk", prefill_chunk, minimum=1,
+                             fix="pass the prompt tokens computed per call, e.g. 256")
+  steps_per_call = _check_int("steps_per_call", steps_per_call, minimum=1,
+                              fix="pass the decode steps per jitted call, e.g. 8")
+  dense_cache = _check_bool("dense_cache", dense_cache)
+  prefix_caching = _check_bool("prefix_caching", prefix_caching)
+  if dense_cache and prefix_caching:
+    raise jp.JaxPagedError("prefix_caching=True needs the paged cache; pass dense_cache=False "
+                           "(the dense baseline caches no prefix).")
+  try:
+    dtype_ok = jnp.dtype(cache_dtype) in SUPPORTED_DTYPES
+  except TypeError:
+    dtype_ok = False
+  if not dtype_ok:
+    raise jp.JaxPagedError(f"cache_dtype must be one of float32, bfloat16, float16, got "
+                           f"{cache_dtype!r}; e.g. jnp.float32.")
+  if impl not in IMPLS:
+    raise jp.JaxPagedError(f"impl must be one of {IMPLS}, got {impl!r}.")
+  if progress is not None and not callable(progress):
+    raise jp.JaxPagedError(f"progress must be a callable taking a str, or None, got "
+                           f"{type(progress).__name__}.")
   batch = len(prompts)
   lengths = [len(p) + max_new_tokens for p in prompts]
   spec = dataclasses.replace(
@@ -170,31 +446,40 @@ def generate(params, config: LlamaConfig, prompts: list[list[int]], *, max_new_t
   say = progress or (lambda message: None)
 
   start = time.perf_counter()
-  cache, first_logits, cached = prefill(params, config, cache, list(range(batch)), prompts,
-                                        prefill_chunk=prefill_chunk, impl=impl, progress=say)
+  try:
+    cache, first_logits, cached = prefill(params, config, cache, list(range(batch)), prompts,
+                                          prefill_chunk=prefill_chunk, impl=impl, progress=say)
+  except jp.JaxPagedError as e:  # the arguments were checked: the cache was sized wrong
+    raise RuntimeError(f"jaxpaged bug: generate sized its cache too small ({e}); please report "
+                       "it.") from e
+  produced = [[] for _ in prompts]  # each row's new tokens, end-of-sequence included
   key = jax.random.key(seed)
-  key, subkey = jax.random.split(key)
-  tokens = sample(jnp.asarray(first_logits), subkey, temperature=temperature, top_p=top_p)
+  if max_new_tokens:
+    key, subkey = jax.random.split(key)
+    tokens = sample(jnp.asarray(first_logits), subkey, temperature=temperature, top_p=top_p)
+    produced = [[int(t)] for t in np.asarray(tokens)]
   prefill_seconds = time.perf_counter() - start
 
   # Decode: the first token is already chosen; each step feeds the last one.
   start = time.perf_counter()
-  produced = [[int(t)] for t in np.asarray(tokens)]
-  budget = jnp.full((batch,), max_new_tokens - 1, jnp.int32)
-  done = (tokens == eos_id) | (budget <= 0)
   peak_pages = used_pages(cache)
-  while not bool(jnp.all(done)):
-    cache, tokens, done, budget, key, new, ok = _decode_steps(
-        params, cache, seq_ids, tokens, done, budget, jnp.int32(eos_id), key, config=config,
-        steps=steps_per_call, temperature=temperature, top_p=top_p, impl=impl)
-    if not bool(ok):
-      raise RuntimeError("the cache refused a decode step: jaxpaged sized it too small.")
-    for row, column in enumerate(np.asarray(new).T):
-      produced[row] += [int(t) for t in column if t >= 0]
-    peak_pages = max(peak_pages, used_pages(cache))
-    say(f"decode: {sum(map(len, produced))} tokens generated")
+  if max_new_tokens:
+    budget = jnp.full((batch,), max_new_tokens - 1, jnp.int32)
+    done = (tokens == eos_id) | (budget <= 0)
+    while not bool(jnp.all(done)):
+      cache, tokens, done, budget, key, new, ok = _decode_steps(
+          params, cache, seq_ids, tokens, done, budget, jnp.int32(eos_id), key, config=config,
+          steps=steps_per_call, temperature=temperature, top_p=top_p, impl=impl)
+      if not bool(ok):
+        raise RuntimeError("jaxpaged bug: the cache refused a decode step (generate sized it too "
+                           "small); please report it.")
+      for row, column in enumerate(np.asarray(new).T):
+        produced[row] += [int(t) for t in column if t >= 0]
+      peak_pages = max(peak_pages, used_pages(cache))
+      say(f"decode: {sum(map(len, produced))} tokens generated")
   decode_seconds = time.perf_counter() - start
   rows = [p[:p.index(eos_id)] if eos_id in p else p for p in produced]
+  # (the first token of each row comes from prefill's logits, not from a decode step)
   return Generation(rows, first_logits, prefill_seconds, decode_seconds,
-                    sum(len(p) for p in produced) - batch, peak_pages, spec.num_pages, batch,
+                    sum(max(len(p) - 1, 0) for p in produced), peak_pages, spec.num_pages, batch,
                     int(cached.sum()))

@@ -32,7 +32,20 @@ import numpy as np
 
 import jaxpaged as jp
 from jaxpaged._src.spec import next_pow2
+from jaxpaged.models.generation import (_check_bool, _check_config, _check_int, _check_params,
+                                        _check_tokens)
 from jaxpaged.models.llama import LlamaConfig, forward
+
+_SALTS = 1 << 64  # salts are 64-bit: [0, 2**64)
+
+
+def _check_time(name: str, value) -> float:
+  """``value``, if it is a finite number >= 0 (a time: seconds, or steps under the step clock)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (int, float, np.integer, np.floating)) or not (np.isfinite(value) and value >= 0):
+    raise jp.JaxPagedError(f"{name} must be a finite number >= 0 (seconds, or steps under the "
+                           f"step clock), got {value!r}.")
+  return float(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +53,17 @@ class Request:
   """One generation request.
 
   Attributes:
-    prompt: token ids (for a follow-up turn: only the new turn's tokens).
-    max_new_tokens: at most this many tokens are generated (the end-of-sequence token ends the
-      answer earlier and is not part of the output).
-    arrival: seconds after the start of the run (follow-up: after the earlier turn finished).
+    prompt: token ids in the model's vocabulary (for a follow-up turn: only the new turn's
+      tokens, which may be none); a first turn needs at least one.
+    max_new_tokens: at most this many tokens are generated, an int >= 1 (the end-of-sequence
+      token ends the answer earlier and is not part of the output).
+    arrival: seconds (or steps) after the start of the run (follow-up: after the earlier turn
+      finished), a finite number >= 0.
     follows: index of the earlier request this one continues, or None.
-    salt: prefix-cache salt: blocks are shared only between requests with equal salts.
+    salt: prefix-cache salt, an int in [0, 2**64): blocks are shared only between requests with
+      equal salts.
+
+  `Server.run` checks every field before it starts.
   """
   prompt: Sequence[int]
   max_new_tokens: int
@@ -170,26 +188,51 @@ class Server:
     num_pages: the device pool, in pages of ``page_size`` tokens.
     max_seqs: sequences in flight (rows of every step).
     max_seq_len: longest sequence (prompt plus answer).
-    token_budget: most tokens one step feeds (a power of two): decode tokens first, then prompt
-      chunks.
+    token_budget: most tokens one step feeds, a power of two >= ``max_seqs`` (every running
+      sequence feeds a token each step): decode tokens first, then prompt chunks. A step's token
+      count is padded to a power of two (``buckets``): at most ``token_budget``, at least
+      ``max(16, next_pow2(max_seqs))``, or ``token_budget`` itself when that is smaller.
     prefix_caching: share full prompt blocks between requests (device and host RAM).
-    host_bytes: host RAM for swapped sequences and demoted blocks.
+    host_bytes: host RAM for swapped sequences and demoted blocks, >= 0.
+
+  Every count (``num_pages``, ``max_seqs``, ``page_size``, ``max_seq_len``, ``token_budget``)
+  is an int >= 1; bad arguments raise `jaxpaged.JaxPagedError`.
   """
 
   def __init__(self, params, config: LlamaConfig, *, eos_id: int, num_pages: int,
                max_seqs: int = 16, page_size: int = 16, max_seq_len: int = 1024,
                token_budget: int = 128, prefix_caching: bool = True, host_bytes: int = 1 << 30,
                cache_dtype=jnp.float32):
+    config = _check_config(config)
+    _check_params(params, config)
+    eos_id = _check_int("eos_id", eos_id, minimum=0, below=config.vocab_size,
+                        fix="pass the tokenizer's end-of-sequence id (tokenizer.eos_token_id)")
+    num_pages = _check_int("num_pages", num_pages, minimum=1,
+                           fix="pass the size of the device pool in pages")
+    max_seqs = _check_int("max_seqs", max_seqs, minimum=1,
+                          fix="pass how many sequences may be in flight")
+    page_size = _check_int("page_size", page_size, minimum=1, fix="pass tokens per page, e.g. 16")
+    max_seq_len = _check_int("max_seq_len", max_seq_len, minimum=1,
+                             fix="pass the longest sequence (prompt plus answer) in tokens")
+    token_budget = _check_int("token_budget", token_budget, minimum=1,
+                              fix="pass the most tokens one step feeds, e.g. 128")
     if token_budget & (token_budget - 1) or token_budget < max_seqs:
-      raise jp.JaxPagedError(f"token_budget must be a power of two >= max_seqs ({max_seqs}), got "
-                             f"{token_budget}.")
+      raise jp.JaxPagedError(
+          f"token_budget must be a power of two >= max_seqs ({max_seqs}), got {token_budget}; "
+          f"e.g. {max(next_pow2(token_budget), next_pow2(max_seqs))} (each step feeds every "
+          "running sequence a token, then prompt chunks).")
+    prefix_caching = _check_bool("prefix_caching", prefix_caching)
+    host_bytes = _check_int("host_bytes", host_bytes, minimum=0,
+                            fix="pass the host RAM for swapped sequences in bytes (0: none)")
     self.params, self.config, self.eos_id = params, config, eos_id
     self.spec = dataclasses.replace(
         config.cache_spec(num_pages=num_pages, max_seqs=max_seqs, max_seq_len=max_seq_len,
                           page_size=page_size, dtype=cache_dtype),
         prefix_caching=prefix_caching)
     self.host_bytes = host_bytes
-    smallest = max(16, next_pow2(max_seqs))
+    # Step sizes: powers of two up to the budget, from max(16, max_seqs) (or the budget itself,
+    # when it is smaller), so the list is never empty and its last entry is the budget.
+    smallest = min(max(16, next_pow2(max_seqs)), token_budget)
     self.buckets = [b for b in (smallest << i for i in range(32)) if b <= token_budget]
     self.manager: jp.CacheManager | None = None
 
@@ -200,7 +243,8 @@ class Server:
     manager = jp.CacheManager(self.spec, host_bytes=self.host_bytes)
     rows = self.spec.max_seqs
     for num_tokens, decode in [(rows, True)] + [(t, False) for t in self.buckets]:
-      manager.reserve(np.full(rows, -1), np.zeros(rows), num_slots=num_tokens)
+      manager.reserve(np.full(rows, -1, np.int32), np.zeros(rows, np.int32),
+                      num_slots=num_tokens)
       manager.cache, _, _ = _step(self.params, manager.cache, jnp.zeros(num_tokens, jnp.int32),
                                   jnp.full(rows, -1, jnp.int32), jnp.zeros(rows, jnp.int32),
                                   config=self.config, decode=decode)
@@ -218,6 +262,10 @@ class Server:
       progress: called with a line of text every few steps.
     """
     self._validate(requests)
+    realtime = _check_bool("realtime", realtime)
+    if progress is not None and not callable(progress):
+      raise jp.JaxPagedError(f"progress must be a callable taking a str, or None, got "
+                             f"{type(progress).__name__}.")
     spec, ps = self.spec, self.spec.page_size
     self.manager = manager = jp.CacheManager(spec, host_bytes=self.host_bytes)
     start, steps = time.perf_counter(), 0
@@ -284,14 +332,18 @@ class Server:
       num_tokens = num_rows if decode else next(b for b in self.buckets if b >= len(chunk))
       shapes.add((num_tokens, decode))
       fits, _ = manager.reserve(seq_ids, q_lens, num_slots=num_tokens)
-      assert fits, "the scheduler preempted until the step fit"
+      if not fits:
+        raise RuntimeError(f"jaxpaged bug: step {steps} does not fit in the pool although the "
+                           "scheduler preempted requests until it did; please report it.")
       tokens = np.zeros(num_tokens, np.int32)
       tokens[:len(chunk)] = chunk
       manager.cache, next_tokens, ok = _step(
           self.params, manager.cache, jnp.asarray(tokens), jnp.asarray(seq_ids),
           jnp.asarray(q_lens), config=self.config, decode=decode)
       next_tokens = np.asarray(next_tokens)
-      assert bool(ok), "reserve made room for the step"
+      if not bool(ok):
+        raise RuntimeError(f"jaxpaged bug: the cache refused step {steps} although reserve made "
+                           "room for it; please report it.")
       steps += 1
       t = now()
       for row, (state, q) in enumerate(rows):
@@ -362,16 +414,34 @@ class Server:
     waiting.insert(0, state)
 
   def _validate(self, requests: Sequence[Request]) -> None:
+    """Checks every request (and the list) before anything runs."""
     spec = self.spec
+    if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence):
+      raise jp.JaxPagedError(f"requests must be a list of serving.Request, got "
+                             f"{type(requests).__name__}.")
+    if not requests:
+      raise jp.JaxPagedError("requests is empty; pass at least one serving.Request.")
     lengths = []
     for i, r in enumerate(requests):
       where = f"request {i}"
-      if r.follows is not None and not 0 <= r.follows < i:
-        raise jp.JaxPagedError(f"{where}: follows={r.follows} must name an earlier request.")
-      if r.max_new_tokens < 1 or (r.follows is None and len(r.prompt) == 0):
-        raise jp.JaxPagedError(f"{where}: needs a non-empty prompt and max_new_tokens >= 1.")
+      if not isinstance(r, Request):
+        raise jp.JaxPagedError(f"{where} must be a serving.Request, got {type(r).__name__}.")
+      if r.follows is not None:
+        _check_int(f"{where}: follows", r.follows, minimum=0,
+                   fix="pass the index of an earlier request, or None")
+        if r.follows >= i:
+          earlier = f"an index in [0, {i})" if i else "request 0 has none"
+          raise jp.JaxPagedError(f"{where}: follows={r.follows} must name an earlier request "
+                                 f"({earlier}), or be None for a first turn.")
+      prompt = _check_tokens("prompt", r.prompt, self.config.vocab_size,
+                             allow_empty=r.follows is not None, where=f"{where}: ")
+      _check_int(f"{where}: max_new_tokens", r.max_new_tokens, minimum=1,
+                 fix="a request generates at least one token")
+      _check_time(f"{where}: arrival", r.arrival)
+      _check_int(f"{where}: salt", r.salt, minimum=0, below=_SALTS,
+                 fix="salts are 64-bit: use e.g. a tenant id, or hash it to 64 bits")
       history = 0 if r.follows is None else lengths[r.follows] + 1
-      lengths.append(history + len(r.prompt) + r.max_new_tokens)
+      lengths.append(history + len(prompt) + r.max_new_tokens)
       if lengths[-1] > min(spec.max_seq_len, spec.num_pages * spec.page_size):
         raise jp.JaxPagedError(
             f"{where} may reach {lengths[-1]} tokens (prompt, earlier turns and max_new_tokens) "
@@ -413,6 +483,11 @@ def chat_workload(tokenizer, *, num_requests: int = 16, max_new_tokens: int = 32
   (seconds, or steps under the step clock); every ``follow_up_every``-th request gets a second
   turn (a follow-up question asked ``mean_gap`` after its answer), which extends the first turn's
   prompt and answer. Returns first turns then follow-ups (``follows`` points back)."""
+  num_requests = _check_int("num_requests", num_requests, minimum=1)
+  max_new_tokens = _check_int("max_new_tokens", max_new_tokens, minimum=1)
+  follow_up_every = _check_int("follow_up_every", follow_up_every, minimum=1,
+                               fix="e.g. 4: every fourth request gets a second turn")
+  mean_gap = _check_time("mean_gap", mean_gap)
   rng = np.random.default_rng(seed)
   arrivals = np.cumsum(rng.exponential(mean_gap, num_requests)) - mean_gap
   requests = [Request(tokenizer.encode(tokenizer.chat_prompt(QUESTIONS[i % len(QUESTIONS)],
