@@ -18,8 +18,9 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_scale=None
                     block_kv=None):
   """Decode attention: ``q [B, num_q_heads, head_dim]`` over each row's ``lengths[b]`` tokens.
 
-  The query sits at position ``lengths[b] - 1``; rows with length 0 return zeros. Keyword
-  arguments as `jaxpaged.paged_attention`.
+  The query sits at position ``lengths[b] - 1``; rows with length 0 return zeros, and a batch
+  of 0 rows an empty output. Keyword arguments, and NaN/inf handling, as
+  `jaxpaged.paged_attention`.
   """
   return _attention.paged_attention_arrays(
       q, k_pages[None], v_pages[None], jnp.int32(0), block_tables, lengths, sm_scale=sm_scale,
@@ -32,7 +33,8 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_lens, *
                            q_block=None, num_splits=None, block_kv=None):
   """Mixed prefill/decode attention: ``q [T, num_q_heads, head_dim]`` holds ``q_lens[b]`` new
   tokens of each row, concatenated; they are the last ``q_lens[b]`` of the row's ``kv_lens[b]``
-  tokens, causal among themselves. Keyword arguments as `jaxpaged.ragged_paged_attention`.
+  tokens, causal among themselves; entries past ``sum(q_lens)`` (all of them with 0 rows) return
+  zeros. Keyword arguments as `jaxpaged.ragged_paged_attention`.
   """
   return _attention.ragged_paged_attention_arrays(
       q, k_pages[None], v_pages[None], jnp.int32(0), block_tables, kv_lens, q_lens,

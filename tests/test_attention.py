@@ -243,10 +243,262 @@ def test_attention_rejects_bad_input_with_a_fix():
     jp.paged_attention(_q((1, 4, 64), jnp.float32), cache, 2, ids)
   with pytest.raises(jp.JaxPagedError, match="sliding_window must be a positive int"):
     jp.paged_attention(_q((1, 4, 64), jnp.float32), cache, 0, ids, sliding_window=0)
-  with pytest.raises(jp.JaxPagedError, match="soft_cap must be a positive float"):
+  with pytest.raises(jp.JaxPagedError, match="soft_cap must be a positive finite float"):
     jp.paged_attention(_q((1, 4, 64), jnp.float32), cache, 0, ids, soft_cap=-1.0)
   with pytest.raises(jp.JaxPagedError, match="q_lens must be int32\\[1\\]"):
     jp.ragged_paged_attention(_q((3, 4, 64), jnp.float32), cache, 0, ids, jnp.array([1, 2]))
   small = random_cache(dataclasses.replace(_spec(), page_size=8), [5], seed=10)
   with pytest.raises(jp.JaxPagedError, match="power of two >= 16 .* use impl='xla'"):
     jp.paged_attention(_q((1, 4, 64), jnp.float32), small, 0, ids, impl="pallas")
+
+
+# ----------------------------------------------------------------------------- non-finite values
+
+def _set_kv(cache, layer, seq, position, which, kv_head, dim, value):
+  """Writes ``value`` into one element of a cached token's K or V."""
+  page = int(cache.page_table[seq, position // PAGE])
+  name = "k_pages" if which == "k" else "v_pages"
+  pool = getattr(cache, name).at[layer, kv_head, page, position % PAGE, dim].set(value)
+  return dataclasses.replace(cache, **{name: pool})
+
+
+def _assert_same_nonfinite(out, expected, atol):
+  """NaN, +inf and -inf exactly where the oracle has them; finite values within atol."""
+  out = np.asarray(out, np.float64)
+  for where in (np.isnan, np.isposinf, np.isneginf):
+    np.testing.assert_array_equal(where(out), where(expected), err_msg=where.__name__)
+  finite = np.isfinite(expected)
+  np.testing.assert_allclose(out[finite], expected[finite], atol=atol, rtol=0)
+
+
+def _nonfinite_case():
+  """`_ragged_case` with NaN/inf in q, K and V, at keys some queries see and others do not.
+
+  Row 0: prefill of 40 tokens (positions 0-39); V[30] NaN in one element: rows before 30 (and,
+  with a window of 9, rows after 38) must not see it. Row 1: positions 2-6 after a history of
+  2; K[4] NaN (kv head 1): its query heads' rows 4-6 are NaN, rows 2-3 finite. Row 2: one token
+  whose every score is -inf (K[0, :, 0] = -inf, q[..., 0] > 0): NaN, as a dense softmax gives.
+  Row 4: decode at 32; V +inf and -inf in one element (NaN), -inf alone in another, +inf alone
+  in a third, and K[10] -inf in dim 0 (weight 0, nothing changes). Row 5: positions 79-95; q NaN
+  in one head of one token, and V[80] -inf: seen by rows 80-88 only with the window.
+  """
+  spec = _spec()
+  cache, lengths, q_lens, ids = _ragged_case(spec, seed=11)
+  for seq, position, which, kv_head, dim, value in [
+      (0, 30, "v", 0, 5, np.nan), (1, 4, "k", 1, 7, np.nan),
+      (2, 0, "k", 0, 0, -np.inf), (2, 0, "k", 1, 0, -np.inf),
+      (4, 3, "v", 1, 2, np.inf), (4, 20, "v", 1, 2, -np.inf), (4, 21, "v", 0, 9, -np.inf),
+      (4, 32, "v", 0, 11, np.inf), (4, 10, "k", 0, 0, -np.inf), (5, 80, "v", 1, 60, -np.inf)]:
+    cache = _set_kv(cache, 0, seq, position, which, kv_head, dim, value)
+  return cache, lengths, q_lens, ids
+
+
+def _nonfinite_q(num_tokens, nan_token):
+  q = np.array(_q((num_tokens, 4, 64), jnp.float32, seed=12))
+  q[..., 0] = np.abs(q[..., 0]) + 0.1  # scores against a -inf in dim 0 are -inf
+  q[nan_token, 1, 3] = np.nan
+  return jnp.asarray(q)
+
+
+def _reference_args(cache, ids, q_lens):
+  """Page-table rows, lengths and q_lens of `ids` for the array-level functions."""
+  ids = jnp.array(ids)
+  live, safe = ids >= 0, jnp.clip(ids, 0)
+  return (jnp.where(live[:, None], cache.page_table[safe], -1),
+          jnp.where(live, cache.seq_lens[safe], 0), jnp.where(live, jnp.array(q_lens), 0))
+
+
+@pytest.mark.parametrize("impl,options", [
+    ("xla", {}), ("xla", dict(block_kv=PAGE, num_splits=2)), ("pallas", dict(num_splits=2)),
+    ("reference", {})])
+@pytest.mark.parametrize("q_block,window", [(4, 9), (None, None)])
+def test_ragged_nonfinite_values_propagate_like_a_dense_softmax(impl, options, q_block, window):
+  cache, lengths, q_lens, ids = _nonfinite_case()
+  q = _nonfinite_q(sum(q_lens), nan_token=sum(q_lens) - 3)
+  if impl == "reference":
+    out = jp.ops.ragged_paged_attention_reference(
+        q, cache.k_pages[0], cache.v_pages[0], *_reference_args(cache, ids, q_lens),
+        sliding_window=window)
+  else:
+    out = jp.ragged_paged_attention(q, cache, 0, jnp.array(ids), jnp.array(q_lens), impl=impl,
+                                    interpret=True, q_block=q_block, sliding_window=window,
+                                    **options)
+  with np.errstate(invalid="ignore"):
+    expected = _ragged_expected(cache, 0, q, lengths, q_lens, ids, sliding_window=window)
+  _assert_same_nonfinite(out, expected, atol=2e-5)
+  # The case is what it says: NaN, +inf and -inf all occur, and only where they are seen.
+  assert np.isnan(expected).any() and np.isposinf(expected).any() and np.isneginf(expected).any()
+  assert np.isfinite(expected[:30]).all()  # row 0 before its NaN V (a future key)
+  assert np.isnan(expected[30, :2, 5]).all() and np.isfinite(expected[30, 2:]).all()
+  assert np.isfinite(expected[40:42]).all() and np.isnan(expected[42:45, 2:]).all()  # row 1
+  assert np.isnan(expected[45]).all()  # row 2: only -inf scores
+  assert np.isnan(expected[61, 1]).all() and np.isfinite(expected[61, 0]).all()  # NaN q
+  if window:
+    assert np.isfinite(expected[39]).all()  # V[30] is before its window
+
+
+@pytest.mark.parametrize("impl,options", [
+    ("xla", {}), ("xla", dict(block_kv=PAGE, num_splits=3)), ("pallas", {}),
+    ("pallas", dict(num_splits=3))])
+def test_decode_nonfinite_values_propagate_like_a_dense_softmax(impl, options):
+  cache, lengths, _, _ = _nonfinite_case()
+  q = _nonfinite_q(len(lengths), nan_token=5)
+  out = jp.paged_attention(q, cache, 0, jnp.arange(len(lengths)), impl=impl, interpret=True,
+                           **options)
+  with np.errstate(invalid="ignore"):
+    expected = _decode_expected(cache, 0, q, lengths)
+  _assert_same_nonfinite(out, expected, atol=2e-5)
+  assert np.isnan(expected[4, 2:, 2]).all()  # +inf and -inf in one element
+  assert np.isneginf(expected[4, :2, 9]).all() and np.isposinf(expected[4, :2, 11]).all()
+  assert np.isfinite(np.delete(expected[4], [2, 9, 11], axis=1)).all()
+  np.testing.assert_array_equal(out[3], 0)  # length 0 sees nothing
+
+
+def test_nonfinite_future_value_does_not_reach_earlier_rows_of_its_block():
+  """Inside one query block, V and K of a key only later rows see (a future key) and of a key
+  before the window never reach the rows that do not see them: a 0 weight times NaN is NaN."""
+  spec = _spec()
+  cache = random_cache(spec, [32], seed=13)
+  clean = cache
+  for which in ("k", "v"):
+    cache = _set_kv(cache, 0, 0, 20, which, 0, 0, np.nan)
+  q = _q((32, 4, 64), jnp.float32)
+  run = lambda cache, **kw: np.asarray(jp.ragged_paged_attention(
+      q, cache, 0, jnp.array([0]), jnp.array([32]), q_block=16, interpret=True, **kw))
+  for impl in ("xla", "pallas"):
+    out, ref = run(cache, impl=impl), run(clean, impl=impl)
+    np.testing.assert_array_equal(out[:20], ref[:20])  # rows before position 20: unchanged
+    assert np.isnan(out[20:, :2]).all() and np.isfinite(out[20:, 2:]).all()
+    out, ref = (run(c, impl=impl, sliding_window=4) for c in (cache, clean))
+    np.testing.assert_array_equal(out[24:], ref[24:])  # position 20 is before their window
+    assert np.isnan(out[20:24, :2]).all()
+
+
+@pytest.mark.parametrize("impl,options", [
+    ("xla", dict(block_kv=PAGE, num_splits=2)), ("pallas", dict(num_splits=2)), ("reference", {})])
+def test_infinite_value_survives_a_weight_that_underflows(impl, options):
+  """Key 5 scores 300 above key 60 (in the other split), whose V holds +inf: its float32 weight
+  is 0, but a softmax weight is positive, so the output is +inf (not 0 * inf = NaN)."""
+  cache = random_cache(_spec(), [96], seed=15)
+  q = np.array(_q((1, 4, 64), jnp.float32))
+  q[0, 1] = q[0, 0]  # both query heads of KV head 0
+  key = 300 / 64 ** -0.5 * q[0, 0] / np.sum(q[0, 0] ** 2)
+  page = int(cache.page_table[0, 0])
+  cache = dataclasses.replace(cache, k_pages=cache.k_pages.at[0, 0, page, 5].set(key))
+  cache = _set_kv(cache, 0, 0, 60, "v", 0, 3, np.inf)
+  if impl == "reference":
+    out = jp.ops.ragged_paged_attention_reference(
+        jnp.asarray(q), cache.k_pages[0], cache.v_pages[0], *_reference_args(cache, [0], [1]))
+  else:
+    out = jp.paged_attention(jnp.asarray(q), cache, 0, jnp.array([0]), impl=impl,
+                             interpret=True, **options)
+  expected = _decode_expected(cache, 0, q, [96])
+  assert np.isposinf(expected[0, :2, 3]).all() and np.isfinite(expected).sum() == 4 * 64 - 2
+  _assert_same_nonfinite(out, expected, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- options, empty
+
+_ENTRY_POINTS = {
+    "paged_attention": lambda q, cache, **kw: jp.paged_attention(q, cache, 0, jnp.array([0]),
+                                                                  **kw),
+    "ragged_paged_attention": lambda q, cache, **kw: jp.ragged_paged_attention(
+        q, cache, 0, jnp.array([0]), jnp.array([1]), **kw),
+    "ops.paged_attention": lambda q, cache, **kw: jp.ops.paged_attention(
+        q, cache.k_pages[0], cache.v_pages[0], cache.page_table[:1], cache.seq_lens[:1], **kw),
+    "ops.ragged_paged_attention": lambda q, cache, **kw: jp.ops.ragged_paged_attention(
+        q, cache.k_pages[0], cache.v_pages[0], cache.page_table[:1], cache.seq_lens[:1],
+        jnp.array([1]), **kw),
+    "ops.ragged_paged_attention_reference": (
+        lambda q, cache, **kw: jp.ops.ragged_paged_attention_reference(
+            q, cache.k_pages[0], cache.v_pages[0], cache.page_table[:1], cache.seq_lens[:1],
+            jnp.array([1]), **kw)),
+}
+
+_BAD_OPTIONS = [
+    (dict(sm_scale=float("nan")), "sm_scale must be a positive finite float or None, got nan"),
+    (dict(sm_scale=float("inf")), "sm_scale must be a positive finite float"),
+    (dict(sm_scale=-float("inf")), "sm_scale must be a positive finite float"),
+    (dict(sm_scale=0.0), "sm_scale must be a positive finite float or None, got 0.0; pass"),
+    (dict(sm_scale=-0.1), "sm_scale must be .*got -0.1"),
+    (dict(sm_scale=True), "sm_scale must be .*got True of type bool"),
+    (dict(sm_scale="0.1"), "sm_scale must be .*got '0.1' of type str"),
+    (dict(sm_scale=jnp.float32(0.1)), "sm_scale .*got a JAX array .*static option"),
+    (dict(soft_cap=0), "soft_cap must be a positive finite float or None, got 0"),
+    (dict(soft_cap=-1.0), "soft_cap must be .*got -1.0; pass the cap"),
+    (dict(soft_cap=float("inf")), "soft_cap must be .*got inf"),
+    (dict(soft_cap=float("nan")), "soft_cap must be .*got nan"),
+    (dict(soft_cap=False), "soft_cap must be .*got False of type bool"),
+    (dict(sliding_window=True), "sliding_window must be a positive int or None, got True of type "
+                                "bool; pass how many"),
+    (dict(sliding_window=0), "sliding_window must be a positive int or None, got 0"),
+    (dict(sliding_window=-4), "sliding_window must be .*got -4"),
+    (dict(sliding_window=4.0), "sliding_window must be .*got 4.0 of type float"),
+    (dict(sliding_window=np.float32(4)), "sliding_window must be .*of type float32"),
+    (dict(sliding_window=jnp.int32(4)), "sliding_window .*JAX array .*cannot be traced"),
+]
+
+_BAD_KERNEL_OPTIONS = [
+    (dict(num_splits=0), "num_splits must be a positive int or None, got 0; pass"),
+    (dict(num_splits=True), "num_splits must be .*got True of type bool"),
+    (dict(block_kv=-16), "block_kv must be .*got -16"),
+    (dict(block_kv=64.0), "block_kv must be .*of type float"),
+    (dict(impl="cuda"), "impl must be one of .*got 'cuda'; 'auto'"),
+    (dict(impl=None), "impl must be one of .*got None"),
+    (dict(interpret=1), "interpret must be a bool, got 1; pass True"),
+    (dict(interpret="yes"), "interpret must be a bool"),
+]
+
+
+@pytest.mark.parametrize("entry", list(_ENTRY_POINTS))
+def test_static_options_are_checked_with_a_fix(entry):
+  cache = random_cache(_spec(), [5], seed=10)
+  q = _q((1, 4, 64), jnp.float32)
+  attend = functools.partial(_ENTRY_POINTS[entry], q, cache)
+  cases = _BAD_OPTIONS + ([] if entry.endswith("reference") else _BAD_KERNEL_OPTIONS)
+  if entry.endswith("ragged_paged_attention"):
+    cases += [(dict(q_block=0), "q_block must be a positive int or None, got 0; pass"),
+              (dict(q_block=True), "q_block must be .*got True of type bool"),
+              (dict(q_block=2.0), "q_block must be .*got 2.0 of type float")]
+  for kwargs, match in cases:
+    with pytest.raises(jp.JaxPagedError, match=match):
+      attend(**kwargs)
+  # NumPy scalars are as good as Python numbers (and give the same program).
+  numpy_kw = dict(sm_scale=np.float32(0.5), soft_cap=np.float64(3.0), sliding_window=np.int64(3))
+  python_kw = dict(sm_scale=0.5, soft_cap=3.0, sliding_window=3)
+  np.testing.assert_array_equal(attend(**numpy_kw), attend(**python_kw))
+
+
+def test_traced_options_are_refused_inside_jit():
+  cache = random_cache(_spec(), [5], seed=10)
+  q = _q((1, 4, 64), jnp.float32)
+  with pytest.raises(jp.JaxPagedError, match="sm_scale .*JAX array .*static option"):
+    jax.jit(lambda scale: jp.paged_attention(q, cache, 0, jnp.array([0]), sm_scale=scale))(0.5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_empty_batches_return_empty_outputs(impl):
+  cache = random_cache(_spec(dtype=jnp.bfloat16), [5], seed=14)
+  none = jnp.zeros((0,), jnp.int32)
+  attend = functools.partial(jp.paged_attention, impl=impl, interpret=True)
+  ragged = functools.partial(jp.ragged_paged_attention, impl=impl, interpret=True)
+  q = _q((0, 4, 64), jnp.bfloat16)
+  k, v, table = cache.k_pages[0], cache.v_pages[0], cache.page_table[:0]
+  outs = [attend(q, cache, 0, none), ragged(q, cache, 0, none, none), attend(q, cache, 0, []),
+          ragged(q, cache, 0, [], []),
+          jp.ops.paged_attention(q, k, v, table, none, impl=impl, interpret=True),
+          jp.ops.ragged_paged_attention(q, k, v, table, none, none, impl=impl, interpret=True),
+          jp.ops.ragged_paged_attention_reference(q, k, v, table, none, none)]
+  for out in outs:
+    assert out.shape == (0, 4, 64) and out.dtype == jnp.bfloat16
+  # Tokens but no rows: every entry is past the last row, so zeros (as in any ragged batch).
+  q = _q((3, 4, 64), jnp.bfloat16)
+  for out in [ragged(q, cache, 0, none, none),
+              jp.ops.ragged_paged_attention(q, k, v, table, none, none, impl=impl,
+                                            interpret=True),
+              jp.ops.ragged_paged_attention_reference(q, k, v, table, none, none)]:
+    assert out.shape == q.shape and out.dtype == q.dtype
+    np.testing.assert_array_equal(np.asarray(out, np.float32), 0)
+  # Rows but no tokens (every q_lens 0).
+  out = ragged(q[:0], cache, 0, jnp.array([0]), jnp.array([0]))
+  assert out.shape == (0, 4, 64)

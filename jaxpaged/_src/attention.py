@@ -18,7 +18,17 @@ Both mask values read from outside a sequence (pages that are not its own are ne
 their scores are -inf and their V rows zero, so even NaN there cannot reach the output).
 Softmax and accumulation run in float32 whatever the K/V dtype.
 
-`attention_reference` is the plain-``jnp`` statement of the same math on contiguous K/V.
+Non-finite values propagate as in a dense softmax over the keys each query sees (its own
+sequence, causally, within the sliding window) and reach no other query: NaN in a query, a NaN
+or +inf score, or only -inf scores make that query's output NaN; a NaN or +-inf V entry of a
+seen key makes that output element NaN or +-inf as ``p @ v`` would with positive weights (NaN
+when NaN, or both infinities, are among them). Loops accumulate with plain ``p @ v``, exact when
+every V value loaded is finite; when the result is not finite (it may hold 0 * NaN from a key
+that some query of the block does not see), the work is done again (``lax.cond``) with V's
+non-finite entries taken apart (`_nonfinite_output`). Finite inputs pay one sum over the result.
+
+`ragged_paged_attention_reference` is the plain-``jnp`` statement of the same math on contiguous
+K/V.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+import numpy as np
 
 from jaxpaged._src import gpu
 from jaxpaged._src.cache import check_cache, check_layer, token_rows
@@ -70,16 +81,71 @@ def _ragged_blocks(kv_lens, q_lens, num_tokens: int, q_block: int):
               position=position.astype(jnp.int32))
 
 
+# ----------------------------------------------------------------------------- non-finite values
+
+def _sees_a_key(page_table, blocks, page_size: int, sliding_window):
+  """[NB, qb] bool: whether each query sees a key. Its keys ``(p - window, p]`` are all within its
+  sequence's length, so it sees one exactly when one of their pages is mapped. A query that sees
+  keys but scores every one -inf ends with l == 0 like one that sees none, yet a dense softmax
+  gives NaN there, not zeros; counting pages here keeps that test out of the loops."""
+  mapped = jnp.cumsum(page_table[blocks["row"]] >= 0, axis=1)
+  mapped = jnp.pad(mapped, ((0, 0), (1, 0)))  # [NB, 1 + pages]: mapped pages before each page
+  before = lambda page: jnp.take_along_axis(mapped, jnp.clip(page, 0, mapped.shape[1] - 1), 1)
+  position = blocks["position"]
+  first = (jnp.maximum(position - sliding_window + 1, 0) if sliding_window
+           else jnp.zeros_like(position))
+  return (position >= 0) & (before(position // page_size + 1) > before(first // page_size))
+
+
+def _all_finite(*xs):
+  """A scalar bool: whether the sum of every element is finite, which it is unless an element is
+  not (or, harmlessly, the sum overflows). A plain sum is one fused pass on XLA:CPU and lowers
+  on Triton, one axis at a time (a multi-axis reduction fails there under JAX 0.12's abstract
+  mesh)."""
+  total = 0.0
+  for x in xs:
+    while x.ndim:
+      x = jnp.sum(x, axis=-1)
+    total += x
+  return jnp.isfinite(total)
+
+
+def _finite_part(v):
+  return jnp.where(jnp.isfinite(v), v, jnp.zeros_like(v))
+
+
+def _nonfinite_indicators(v):
+  """0/1 of the V entries that drive an output element to +inf and to -inf (NaN: to both)."""
+  bad = ~jnp.isfinite(v)
+  return (bad & ~(v < 0)).astype(v.dtype), (bad & ~(v > 0)).astype(v.dtype)
+
+
+def _nonfinite_output(up, down):
+  """From counts of seen keys with +inf (or NaN) and -inf (or NaN) V entries, what they add to each
+  output element: 0, +inf, -inf or NaN (inf - inf), as ``p @ v`` does with positive weights."""
+  return jnp.where(up > 0, jnp.inf, 0.0) + jnp.where(down > 0, -jnp.inf, 0.0)
+
+
+def _normalise(acc, l, seen):
+  """Output rows from merged softmax states: acc / l; where l == 0, NaN for a query that sees
+  keys (all scoring -inf) and zeros for one that sees none."""
+  out = acc / jnp.where(l == 0, 1.0, l)[..., None]
+  return jnp.where((l == 0)[..., None], jnp.where(seen, jnp.nan, 0.0)[..., None], out)
+
+
 # ----------------------------------------------------------------------------- XLA path
 
-def _merge_splits(acc, m, l, axis):
-  """Merges partial softmax states computed over disjoint key ranges (flash-decoding)."""
+def _merge_splits(acc, m, l, axis, seen):
+  """Merges partial softmax states computed over disjoint key ranges (flash-decoding); `seen`
+  as `_sees_a_key`, broadcast to the merged l."""
   m_max = jnp.max(m, axis=axis, keepdims=True)
-  m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)  # nothing seen anywhere
-  weight = jnp.exp(m - m_max)
+  weight = jnp.exp(m - jnp.where(m_max == -jnp.inf, 0.0, m_max))  # -inf: nothing seen anywhere
+  # An inf in acc comes from V (see `_nonfinite_output`): a weight that underflows to 0 would make
+  # it NaN. The smallest normal float instead changes no finite result visibly.
+  weight = jnp.maximum(weight, jnp.finfo(jnp.float32).tiny)
   l = jnp.sum(l * weight, axis=axis)
   acc = jnp.sum(acc * jnp.expand_dims(weight, -1), axis=axis)
-  return jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+  return _normalise(acc, l, seen)
 
 
 def _attention_xla(q, k_pages, v_pages, layer, page_table, kv_lens, blocks, *, sm_scale,
@@ -116,9 +182,10 @@ def _attention_xla(q, k_pages, v_pages, layer, page_table, kv_lens, blocks, *, s
   lo = jnp.min(jnp.where(live, seen_from // chunk, jnp.iinfo(jnp.int32).max))
   hi = jnp.maximum(jnp.max(jnp.where(live, last // chunk + 1, 0)), lo)
   padded = jnp.pad(rows, ((0, 0), (0, chunk_pages)), constant_values=-1)
+  seen = jnp.tile(_sees_a_key(page_table, blocks, page_size, sliding_window), (1, group))
 
-  def body(c, carry):
-    m, l, acc = carry
+  def body(c, carry, exact):
+    m, l, acc = carry[:3]
     pages = jax.lax.dynamic_slice_in_dim(padded, c * chunk_pages, chunk_pages, axis=1)
     safe = jnp.clip(pages, 0, num_pages - 1)
     key_pos = c * chunk + jnp.arange(chunk)  # [chunk]
@@ -138,22 +205,35 @@ def _attention_xla(q, k_pages, v_pages, layer, page_table, kv_lens, blocks, *, s
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that have seen nothing yet
     p = jnp.exp(s - m_safe[..., None])
     correction = jnp.exp(m - m_safe)
+    extra = ()
+    if exact:  # V's non-finite entries reach only the queries that see them
+      count = functools.partial(jnp.einsum, "nqs,hnsd->hnqd", visible.astype(dot_dtype), **f32)
+      extra = (carry[3] + _nonfinite_output(*map(count, _nonfinite_indicators(v))),)
+      v = _finite_part(v)
     acc = acc * correction[..., None] + jnp.einsum("hnqs,hnsd->hnqd", p.astype(dot_dtype), v,
                                                    **f32)
-    return m_new, l * correction + jnp.sum(p, axis=-1), acc
+    return (m_new, l * correction + jnp.sum(p, axis=-1), acc) + extra
 
   shape = (num_kv_heads, num_blocks, group * q_block)
-  init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-          jnp.zeros(shape + (head_dim,), jnp.float32))
-  if chunk_pages == max_pages:  # one chunk holds every page: no loop
-    m, l, acc = (x[None] for x in body(0, init))
-  else:  # independent loops over disjoint chunk ranges: XLA:CPU runs them on different cores
-    per_split = (hi - lo + num_splits - 1) // num_splits
-    parts = [jax.lax.fori_loop(jnp.minimum(lo + i * per_split, hi),
-                               jnp.minimum(lo + (i + 1) * per_split, hi), body, init)
-             for i in range(num_splits)]
-    m, l, acc = (jnp.stack(x, axis=0) for x in zip(*parts))
-  out = _merge_splits(acc, m, l, axis=0)  # [Hkv, NB, group * qb, D]
+
+  def attend(exact):
+    """[Hkv, NB, group * qb, D]; exact: V's non-finite entries taken apart."""
+    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(shape + (head_dim,), jnp.float32))
+    init += init[2:] if exact else ()
+    step = functools.partial(body, exact=exact)
+    if chunk_pages == max_pages:  # one chunk holds every page: no loop
+      parts = [step(0, init)]
+    else:  # independent loops over disjoint chunk ranges: XLA:CPU runs them on different cores
+      per_split = (hi - lo + num_splits - 1) // num_splits
+      parts = [jax.lax.fori_loop(jnp.minimum(lo + i * per_split, hi),
+                                 jnp.minimum(lo + (i + 1) * per_split, hi), step, init)
+               for i in range(num_splits)]
+    m, l, acc, *nonfinite = (jnp.stack(x, axis=0) for x in zip(*parts))
+    return _merge_splits(acc + nonfinite[0] if exact else acc, m, l, 0, seen)
+
+  out = attend(exact=False)
+  out = jax.lax.cond(_all_finite(out), lambda: out, lambda: attend(exact=True))
   out = out.reshape(num_kv_heads, num_blocks, group, q_block, head_dim)
   return jnp.transpose(out, (1, 3, 0, 2, 4)).reshape(num_blocks, q_block, num_q_heads, head_dim)
 
@@ -191,8 +271,8 @@ def _attention_kernel(
   chunks = gpu.pow2_chunks(head_dim)
   q = [q_ref[n, h, :, pl.ds(d0, dc)] for d0, dc in chunks]  # each [R, dc]
 
-  def body(j, carry):
-    m, l, acc = carry
+  def body(j, carry, exact):
+    m, l, acc = carry[:3]
     page = jnp.clip(page_table_ref[row, j], 0, num_pages - 1)
     page_ok = page_table_ref[row, j] >= 0
     key_pos = j * page_size + jnp.arange(page_size)
@@ -212,17 +292,30 @@ def _attention_kernel(
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     p = jnp.exp(s - m_safe[:, None])
     correction = jnp.exp(m - m_safe)
-    new_acc = []
-    for a, (d0, dc) in zip(acc, chunks):
+    new_acc, new_nonfinite = [], []
+    for i, (a, (d0, dc)) in enumerate(zip(acc, chunks)):
       v = v_pages_ref[layer, h, page, :, pl.ds(d0, dc)]  # [ps, dc]
       v = jnp.where(key_ok[:, None], v, jnp.zeros_like(v))  # foreign rows never reach the output
-      new_acc.append(a * correction[:, None]
-                     + gpu.dot(p.astype(v.dtype), v))
-    return m_new, l * correction + jnp.sum(p, axis=1), tuple(new_acc)
+      if exact:  # V's non-finite entries reach only the queries that see them
+        count = functools.partial(gpu.dot, visible.astype(v.dtype))
+        new_nonfinite.append(carry[3][i] + _nonfinite_output(*map(count,
+                                                                  _nonfinite_indicators(v))))
+        v = _finite_part(v)
+      new_acc.append(a * correction[:, None] + gpu.dot(p.astype(v.dtype), v))
+    return (m_new, l * correction + jnp.sum(p, axis=1), tuple(new_acc)) + (
+        (tuple(new_nonfinite),) if exact else ())
 
-  init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
-          tuple(jnp.zeros((rows, dc), jnp.float32) for _, dc in chunks))
-  m, l, acc = jax.lax.fori_loop(lo, jnp.maximum(hi, lo), body, init)
+  def run(exact):
+    """This split's softmax state; exact: non-finite V entries apart, added to acc at the end."""
+    init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
+            tuple(jnp.zeros((rows, dc), jnp.float32) for _, dc in chunks))
+    init += init[2:] if exact else ()
+    m, l, acc, *nonfinite = jax.lax.fori_loop(lo, jnp.maximum(hi, lo),
+                                              functools.partial(body, exact=exact), init)
+    return m, l, (tuple(map(jnp.add, acc, nonfinite[0])) if exact else acc)
+
+  fast = run(exact=False)  # as in `_attention_xla`, for this program's split
+  m, l, acc = jax.lax.cond(_all_finite(*fast[2]), lambda: fast, lambda: run(exact=True))
   for a, (d0, dc) in zip(acc, chunks):
     acc_ref[n, h, split, :, pl.ds(d0, dc)] = a
   m_ref[n, h, split, :] = m
@@ -267,7 +360,9 @@ def _attention_pallas(q, k_pages, v_pages, layer, page_table, kv_lens, blocks, *
       interpret=interpret,
       name="jaxpaged_paged_attention",
   )(layer.reshape(1), blocks["row"], position, page_table, kv_lens, q, k_pages, v_pages)
-  out = _merge_splits(acc, m, l, axis=2)[:, :, :group * q_block, :head_dim]
+  seen = jnp.tile(_sees_a_key(page_table, blocks, page_size, sliding_window), (1, group))
+  seen = jnp.pad(seen, ((0, 0), (0, rows - group * q_block)))[:, None]
+  out = _merge_splits(acc, m, l, 2, seen)[:, :, :group * q_block, :head_dim]
   out = out.reshape(num_blocks, num_kv_heads, group, q_block, head_dim)
   return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(num_blocks, q_block, num_q_heads, head_dim)
 
@@ -278,19 +373,25 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, page_table, kv_lens, q
                                      sm_scale=None, soft_cap=None, sliding_window=None):
   """Plain-``jnp`` ragged paged attention, one query token at a time on contiguous K/V.
 
-  Shapes as `jaxpaged.ops.ragged_paged_attention`; float32 math. For tests and small inputs.
+  Shapes as `jaxpaged.ops.ragged_paged_attention`; float32 math, the same handling of non-finite
+  values (a dense softmax over the keys each query sees). For tests and small inputs.
   """
   num_tokens, num_q_heads, head_dim = q.shape
   num_kv_heads, _, page_size, _ = k_pages.shape
   group = num_q_heads // num_kv_heads
-  sm_scale = head_dim ** -0.5 if sm_scale is None else sm_scale
+  options = _check_options(head_dim, sm_scale=sm_scale, soft_cap=soft_cap,
+                           sliding_window=sliding_window)
+  sm_scale, soft_cap, sliding_window = (options[k] for k in ("sm_scale", "soft_cap",
+                                                             "sliding_window"))
+  if 0 in (num_tokens, *page_table.shape):  # no query, or nothing to see (as `_attention`)
+    return jnp.zeros_like(q)
   row, offset, valid = token_rows(q_lens, num_tokens)
   position = kv_lens[row] - q_lens[row] + offset
 
   def one(q_t, row, position):
     pages = jnp.clip(page_table[row], 0)
     k = k_pages[:, pages].reshape(num_kv_heads, -1, head_dim)  # [H, S, D]
-    v = v_pages[:, pages].reshape(num_kv_heads, -1, head_dim)
+    v = v_pages[:, pages].reshape(num_kv_heads, -1, head_dim).astype(jnp.float32)
     key_pos = jnp.arange(k.shape[1])
     visible = (key_pos <= position) & (key_pos < kv_lens[row])
     visible &= jnp.repeat(page_table[row] >= 0, page_size)
@@ -300,11 +401,13 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, page_table, kv_lens, q
     s = jnp.einsum("hgd,hsd->hgs", q_t, k.astype(jnp.float32)) * sm_scale
     if soft_cap is not None:
       s = soft_cap * jnp.tanh(s / soft_cap)
+    # IEEE softmax over the seen keys: NaN or +inf scores, or only -inf ones, give NaN.
     s = jnp.where(visible, s, -jnp.inf)
-    p = jnp.exp(s - jnp.max(jnp.where(visible, s, 0), axis=-1, keepdims=True))
-    p = jnp.where(visible, p, 0)
-    v = jnp.where(visible[:, None], v.astype(jnp.float32), 0)
-    out = jnp.einsum("hgs,hsd->hgd", p, v) / jnp.maximum(jnp.sum(p, -1), 1e-30)[..., None]
+    p = jnp.where(visible, jnp.exp(s - jnp.max(s, axis=-1, keepdims=True)), 0)
+    l = jnp.sum(p, -1)[..., None]
+    count = lambda x: jnp.einsum("s,hsd->hd", visible.astype(jnp.float32), x)[:, None]
+    out = (jnp.einsum("hgs,hsd->hgd", p, _finite_part(v)) / jnp.where(l == 0, 1, l)
+           + _nonfinite_output(*map(count, _nonfinite_indicators(v))))
     return out.reshape(num_q_heads, head_dim)
 
   out = jax.vmap(one)(q, row, position)
@@ -313,8 +416,8 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, page_table, kv_lens, q
 
 # ----------------------------------------------------------------------------- public wrappers
 
-def _check_attention_args(q, k_pages, v_pages, kind, sm_scale, soft_cap, sliding_window):
-  """Static checks shared by every entry point; returns the softmax scale."""
+def _check_attention_args(q, k_pages, v_pages, kind):
+  """Static shape checks shared by every entry point."""
   if k_pages.shape != v_pages.shape or k_pages.ndim != 5:
     raise JaxPagedError(f"k_pages and v_pages must both be [num_kv_heads, num_pages, page_size, "
                         f"head_dim], got {k_pages.shape[1:]} and {v_pages.shape[1:]}.")
@@ -327,13 +430,54 @@ def _check_attention_args(q, k_pages, v_pages, kind, sm_scale, soft_cap, sliding
         "serves query heads i*group ... (i+1)*group-1).")
   if not jnp.issubdtype(q.dtype, jnp.floating):
     raise JaxPagedError(f"q must be a float array, got {q.dtype}.")
-  if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
-    raise JaxPagedError(f"sliding_window must be a positive int or None, got {sliding_window!r}.")
-  if soft_cap is not None and not (isinstance(soft_cap, (int, float)) and soft_cap > 0):
-    raise JaxPagedError(f"soft_cap must be a positive float or None, got {soft_cap!r}.")
-  if sm_scale is not None and not isinstance(sm_scale, (int, float)):
-    raise JaxPagedError(f"sm_scale must be a Python float or None, got {sm_scale!r}.")
-  return float(head_dim ** -0.5 if sm_scale is None else sm_scale)
+
+
+_FIX = {
+    "sm_scale": "pass a positive float, or None for head_dim ** -0.5",
+    "soft_cap": "pass the cap scores are squashed to (Gemma 2: 50.0), or None for no cap",
+    "sliding_window": "pass how many of the latest keys each query sees (e.g. 4096), or None "
+                      "for full attention",
+    "q_block": "pass query tokens per block (e.g. 16), or None for the default",
+    "num_splits": "pass how many ranges to split each context into (e.g. 2), or None for the "
+                  "default",
+    "block_kv": "pass KV tokens per loop step (e.g. 512), or None for the default",
+}
+
+
+def _static_positive(name, value, integer):
+  """A positive finite Python int (or float) from a static option; JaxPagedError otherwise."""
+  kind = "int" if integer else "finite float"
+  if isinstance(value, jax.Array):  # traced, or on a device: either way not a compile-time value
+    raise JaxPagedError(
+        f"{name} must be a positive {kind} or None, got a JAX array ({value.dtype}"
+        f"{list(value.shape)}); it is a static option (it shapes the compiled program), so it "
+        f"cannot be traced or come from a device: {_FIX[name]}, as a Python number.")
+  types = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, types):
+    raise JaxPagedError(f"{name} must be a positive {kind} or None, got {value!r} of type "
+                        f"{type(value).__name__}; {_FIX[name]}.")
+  value = int(value) if integer else float(value)
+  if not (math.isfinite(value) and value > 0):
+    raise JaxPagedError(f"{name} must be a positive {kind} or None, got {value!r}; "
+                        f"{_FIX[name]}.")
+  return value
+
+
+def _check_options(head_dim, *, impl="auto", interpret=False, **options):
+  """Static options as plain Python values (jit cache keys), sm_scale resolved; JaxPagedError
+  naming the option otherwise."""
+  if not isinstance(impl, str) or impl not in gpu.IMPLS:
+    raise JaxPagedError(f"impl must be one of {gpu.IMPLS}, got {impl!r}; 'auto' runs the Pallas "
+                        "kernel on GPU and the XLA path elsewhere.")
+  if not isinstance(interpret, (bool, np.bool_)):
+    raise JaxPagedError(f"interpret must be a bool, got {interpret!r}; pass True to run the "
+                        "Pallas kernel in interpret mode (CPU tests), else False.")
+  out = {name: None if value is None else _static_positive(
+      name, value, integer=name not in ("sm_scale", "soft_cap"))
+         for name, value in options.items()}
+  if "sm_scale" in out and out["sm_scale"] is None:
+    out["sm_scale"] = float(head_dim ** -0.5)
+  return dict(out, impl=impl, interpret=bool(interpret))
 
 
 def _resolve_impl(impl, k_pages):
@@ -356,6 +500,8 @@ def _default_splits(max_pages: int, page_size: int) -> int:
 def _attention(q, k_pages, v_pages, layer, page_table, kv_lens, q_lens, *, decode, q_block,
                sm_scale, soft_cap, sliding_window, impl, interpret, num_splits, block_kv):
   num_tokens = q.shape[0]
+  if 0 in (num_tokens, *page_table.shape):  # no query, or nothing to see: with no row, every
+    return jnp.zeros_like(q)  # entry is past the last row
   if decode:
     blocks = _decode_blocks(kv_lens)
     q_blocks = q[:, None]
@@ -387,13 +533,14 @@ def paged_attention_arrays(q, k_pages, v_pages, layer, page_table, kv_lens, *, s
                            soft_cap=None, sliding_window=None, impl="auto", interpret=False,
                            num_splits=None, block_kv=None):
   """Decode attention on arrays; k_pages/v_pages carry a leading layer axis. See `ops`."""
-  sm_scale = _check_attention_args(q, k_pages, v_pages, "decode", sm_scale, soft_cap,
-                                   sliding_window)
+  _check_attention_args(q, k_pages, v_pages, "decode")
+  options = _check_options(k_pages.shape[4], sm_scale=sm_scale, soft_cap=soft_cap,
+                           sliding_window=sliding_window, impl=impl, interpret=interpret,
+                           num_splits=num_splits, block_kv=block_kv)
   _check_tables(page_table, kv_lens, q.shape[0], "batch rows of q")
+  options["impl"] = _resolve_impl(impl, k_pages)
   return _attention(q, k_pages, v_pages, layer, page_table, kv_lens, None, decode=True,
-                    q_block=1, sm_scale=sm_scale, soft_cap=soft_cap,
-                    sliding_window=sliding_window, impl=_resolve_impl(impl, k_pages),
-                    interpret=interpret, num_splits=num_splits, block_kv=block_kv)
+                    q_block=1, **options)
 
 
 def ragged_paged_attention_arrays(q, k_pages, v_pages, layer, page_table, kv_lens, q_lens, *,
@@ -401,18 +548,25 @@ def ragged_paged_attention_arrays(q, k_pages, v_pages, layer, page_table, kv_len
                                   impl="auto", interpret=False, q_block=None, num_splits=None,
                                   block_kv=None):
   """Ragged attention on arrays; k_pages/v_pages carry a leading layer axis. See `ops`."""
-  sm_scale = _check_attention_args(q, k_pages, v_pages, "ragged", sm_scale, soft_cap,
-                                   sliding_window)
+  _check_attention_args(q, k_pages, v_pages, "ragged")
+  options = _check_options(k_pages.shape[4], sm_scale=sm_scale, soft_cap=soft_cap,
+                           sliding_window=sliding_window, impl=impl, interpret=interpret,
+                           q_block=q_block, num_splits=num_splits, block_kv=block_kv)
   num_rows = _check_tables(page_table, kv_lens, None, "")
-  q_lens = jnp.asarray(q_lens)
+  q_lens = _int_array(q_lens)
   if q_lens.shape != (num_rows,) or not jnp.issubdtype(q_lens.dtype, jnp.integer):
     raise JaxPagedError(f"q_lens must be int32[{num_rows}] (new tokens of each row, as given "
                         f"to extend), got {q_lens.dtype}{list(q_lens.shape)}.")
-  q_block = q_block or _default_q_block(q.shape[0], num_rows)
+  options["q_block"] = options["q_block"] or _default_q_block(q.shape[0], num_rows)
+  options["impl"] = _resolve_impl(impl, k_pages)
   return _attention(q, k_pages, v_pages, layer, page_table, kv_lens, q_lens.astype(jnp.int32),
-                    decode=False, q_block=q_block, sm_scale=sm_scale, soft_cap=soft_cap,
-                    sliding_window=sliding_window, impl=_resolve_impl(impl, k_pages),
-                    interpret=interpret, num_splits=num_splits, block_kv=block_kv)
+                    decode=False, **options)
+
+
+def _int_array(x):
+  """``jnp.asarray``, but an empty list (float to NumPy) is an empty int32 array."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.int32) if x.size == 0 else x
 
 
 def _check_tables(page_table, kv_lens, num_rows, what):
@@ -432,7 +586,7 @@ def _check_tables(page_table, kv_lens, num_rows, what):
 
 def _rows_of(cache, seq_ids):
   """Page-table rows and lengths of a batch's sequences; padding and bad ids see nothing."""
-  seq_ids = jnp.asarray(seq_ids)
+  seq_ids = _int_array(seq_ids)
   if seq_ids.ndim != 1 or not jnp.issubdtype(seq_ids.dtype, jnp.integer):
     raise JaxPagedError(f"seq_ids must be a 1-D integer array, got {seq_ids.dtype}"
                         f"{list(seq_ids.shape)}.")
@@ -465,7 +619,11 @@ def paged_attention(q, cache, layer, seq_ids, *, sm_scale=None, soft_cap=None,
       and ``512 // batch`` for small batches).
 
   Returns:
-    ``[B, num_q_heads, head_dim]`` in q's dtype; softmax and accumulation are float32.
+    ``[B, num_q_heads, head_dim]`` in q's dtype; softmax and accumulation are float32. NaN and
+    inf propagate as in a dense softmax over the keys a query sees, and never to other queries:
+    NaN in q or in a seen key's K makes the query's output NaN, NaN/+-inf in a seen key's V
+    makes those output elements NaN/+-inf (NaN if NaN, or both infinities, are among them). An
+    empty batch returns an empty output.
   """
   spec = check_cache(cache)
   layer = check_layer(spec, layer)
@@ -494,7 +652,8 @@ def ragged_paged_attention(q, cache, layer, seq_ids, q_lens, *, sm_scale=None, s
     Other arguments as `paged_attention`.
 
   Returns:
-    ``[T, num_q_heads, head_dim]`` in q's dtype.
+    ``[T, num_q_heads, head_dim]`` in q's dtype (NaN/inf as `paged_attention`). With no rows,
+    every entry is past the last row: zeros (an empty output for ``T = 0``).
   """
   spec = check_cache(cache)
   layer = check_layer(spec, layer)
