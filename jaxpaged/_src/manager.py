@@ -241,6 +241,7 @@ class CacheManager:
     seq = self._free_slot()
     if seq is None:
       self.counters["allocation_failures"] += 1
+      self._update_pressure()
       return None
     row, salt_lanes = self._row(tokens), self._salt_lanes(salt)
     matched, hit_pages, idle = 0, np.zeros((0,), np.int32), 0
@@ -287,10 +288,10 @@ class CacheManager:
       c["device_hit_blocks"] += matched
       c["host_hit_blocks"] += len(host_blocks)
       c["promoted_blocks"] += len(host_blocks)
+    self._update_pressure()
     if self._refused:
       self.counters["allocation_failures"] += 1
       return None
-    self._update_pressure()
     return Admission(seq, cached, new, slots, len(host_blocks) * ps)
 
   def reserve(self, seq_ids, num_new_tokens, *, num_slots: int | None = None,
@@ -315,11 +316,11 @@ class CacheManager:
       TierError: preempting needs host room the host tier cannot give; nothing changed.
     """
     plan = self._plan_rows(seq_ids, num_new_tokens, num_slots, preempt)
-    if not plan.fits:
-      return False, []
-    if not plan.released and not plan.shortfall:  # the common case: nothing to move
-      self._touch(plan)
-      return True, []
+    if not plan.fits or (not plan.released and not plan.shortfall):  # nothing to move
+      if plan.fits:
+        self._touch(plan)
+      self._update_pressure()
+      return plan.fits, []
     with self._atomic():
       victims, demoted = self._stage(plan)
       self.cache = _room_step(self.cache, plan.released_ids, victims)
@@ -342,6 +343,7 @@ class CacheManager:
         tokens = None
     if not plan.fits:
       self.counters["allocation_failures"] += 1
+      self._update_pressure()
       return jnp.full((plan.num_slots,), -1, jnp.int32), jnp.bool_(False), []
     with self._atomic():
       victims, demoted = self._stage(plan)
@@ -634,6 +636,7 @@ class CacheManager:
     return self._pressure
 
   def _update_pressure(self) -> None:
+    """Every operation ends here (pages the caller's own steps took since are counted now)."""
     fraction = int(num_used_pages(self.cache)) / self.spec.num_pages
     level = MemoryPressure(sum(fraction >= t for t in self.thresholds))
     if level == self._pressure:

@@ -213,6 +213,11 @@ def sample(logits, key, *, temperature: float, top_p: float):
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+# The generation loop owns its cache: its steps donate it (updated in place, no pool copy).
+_attach_prefixes = jax.jit(jp.match_prefix, static_argnames=("num_slots", "impl", "interpret"),
+                           donate_argnames=("cache",))
+
+
 @functools.partial(jax.jit, static_argnames=("config", "impl"), donate_argnames=("cache",))
 def _prefill_step(params, cache, tokens, seq_ids, q_lens, *, config, impl):
   return forward(params, cache, tokens, seq_ids, q_lens, config=config, decode=False,
@@ -338,8 +343,8 @@ def prefill(params, config: LlamaConfig, cache, seq_ids: list[int], prompts: lis
         raise jp.JaxPagedError(
             f"the cache cannot hold the prompts ({sum(map(len, prompts))} tokens; {room} pages "
             f"of {ps} tokens free or reclaimable): {e}") from e
-    cache, match = jp.match_prefix(cache, ids, padded, lengths,
-                                   max_new_tokens=jnp.zeros(batch, jnp.int32), num_slots=batch)
+    cache, match = _attach_prefixes(cache, ids, padded, lengths,
+                                    max_new_tokens=jnp.zeros(batch, jnp.int32), num_slots=batch)
     if not bool(match.ok):
       raise RuntimeError("jaxpaged bug: match_prefix refused prompts that prefill checked; "
                          "please report it.")
