@@ -236,3 +236,84 @@ def test_a_workload_three_times_the_pool_completes_through_swapping_with_identic
   assert outputs == reference
   assert stats["swap_outs"] > 0 and stats["swap_ins"] == stats["swap_outs"]
   assert stats["used_pages"] == 0 and stats["host_used_bytes"] == 0
+
+
+# ----------------------------------------------------------------------------- contract
+
+def _pages_of(manager, seq):
+  table = np.asarray(manager.cache.page_table)[seq]
+  return set(table[table >= 0].tolist())
+
+
+def test_a_prompt_admitted_twice_before_its_key_values_are_written_is_not_a_hit():
+  """The second request must not read the first one's pages before they hold its K/V: those
+  pages were just freed by another tenant and still hold that tenant's K/V."""
+  manager = jp.CacheManager(_spec(num_pages=12), host_bytes=1 << 20)
+  other = list(range(200, 214))
+  secret = manager.admit(other, salt=7)
+  kv = jnp.full((secret.slots.shape[0], 1, 2), 1e6, jnp.float32)  # the other tenant's K/V
+  for layer in range(2):
+    manager.cache = jp.write_kv(manager.cache, layer, kv, kv, secret.slots)
+  manager.release([secret.seq_id])
+  manager.gc()  # its blocks go to host RAM; the pages are free again, their K/V still there
+  prompt = list(range(1, 14))
+  first = manager.admit(prompt)
+  assert first.num_cached == 0
+  assert _pages_of(manager, first.seq_id) & {int(p) for p in np.asarray(secret.slots) // PS}
+  second = manager.admit(prompt)  # before `first` wrote anything
+  assert (second.num_cached, second.host_hit_tokens) == (0, 0)
+  _write(manager, prompt, 0, second.slots, second.num_new)
+  _write(manager, prompt, 0, first.slots, first.num_new)
+  third = _prefill(manager, prompt)  # now written: a hit, on the prompt's own K/V
+  assert third.num_cached == 12
+  for seq in (first.seq_id, second.seq_id, third.seq_id):
+    _assert_holds(manager, seq, prompt[:13])
+
+
+def test_different_salts_never_share_a_page_on_device_in_host_ram_or_through_a_swap():
+  manager = jp.CacheManager(_spec(num_pages=16, max_seqs=6), host_bytes=1 << 20)
+  prompt = list(range(1, 14))
+  a = _prefill(manager, prompt, salt=1 << 32)
+  b = _prefill(manager, prompt, salt=0)  # 2**32 and 0 would collide if truncated to 32 bits
+  assert b.num_cached == 0 and not _pages_of(manager, a.seq_id) & _pages_of(manager, b.seq_id)
+  again = _prefill(manager, prompt, salt=1 << 32)
+  assert again.num_cached == 12 and _pages_of(manager, a.seq_id) & _pages_of(manager,
+                                                                               again.seq_id)
+  manager.swap_out([a.seq_id])  # a's blocks stay cached under its salt
+  c = _prefill(manager, prompt, salt=5)
+  assert c.num_cached == 0
+  assert manager.swap_in([a.seq_id]) == [True]
+  _assert_holds(manager, a.seq_id, prompt)
+  assert not _pages_of(manager, a.seq_id) & (_pages_of(manager, b.seq_id)
+                                             | _pages_of(manager, c.seq_id))
+  manager.release(manager.active)
+  manager.gc()  # every block to host RAM
+  assert manager.stats()["cached_free_pages"] == 0
+  d = _prefill(manager, prompt, salt=6)
+  assert (d.num_cached, d.host_hit_tokens) == (0, 0)
+  e = _prefill(manager, prompt, salt=1 << 32)
+  assert e.host_hit_tokens == 12
+  _assert_holds(manager, e.seq_id, prompt)
+
+
+def test_blocks_computed_twice_at_once_demote_with_their_exact_prefix_and_never_hit_falsely():
+  """Equal blocks after different prefixes collide under the unchained hash. Two requests
+  compute the same prefix X before either is written, then their own tails; demoted to host,
+  every block carries its exact prefix, and a request whose tail follows another prefix gets
+  no host hit for it (the false hit this used to give)."""
+  manager = jp.CacheManager(_spec(block_hash="unchained", num_pages=16, max_pages_per_seq=6),
+                            host_bytes=1 << 20)
+  x, t1, t2, y = [1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9], [4, 3, 2, 1]
+  first = manager.admit(x + t1 + [0])
+  second = manager.admit(x + t2 + [0])  # computes X again: a duplicate of first's X
+  _write(manager, x + t1 + [0], 0, first.slots, first.num_new)
+  _write(manager, x + t2 + [0], 0, second.slots, second.num_new)
+  manager.release([first.seq_id, second.seq_id])
+  assert manager.gc()["blocks_demoted"] == 3  # X once, T1, T2
+  blocks = {tuple(manager.store.peek(k).tokens) for k in manager.store.keys()}
+  assert blocks == {tuple(x), tuple(x + t1), tuple(x + t2)}
+  both = _prefill(manager, x + t2 + [0])  # X then T2 from host: every block that should hit
+  assert both.host_hit_tokens == 8
+  _assert_holds(manager, both.seq_id, x + t2 + [0])
+  wrong = manager.admit(y + t2 + [0])  # T2's key, after another prefix
+  assert (wrong.num_cached, wrong.host_hit_tokens) == (0, 0)

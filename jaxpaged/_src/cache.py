@@ -96,12 +96,14 @@ def init_cache(spec: CacheSpec) -> PagedKVCache:
 
 def num_free_pages(cache: PagedKVCache) -> jax.Array:
   """``int32[]`` pages holding nothing (cached blocks that could be evicted not included)."""
+  check_cache(cache)
   return cache.num_free
 
 
 def num_cached_free_pages(cache: PagedKVCache) -> jax.Array:
   """``int32[]`` unreferenced pages that keep a cached block until evicted (0 without prefix
   caching)."""
+  check_cache(cache)
   return cache.prefix.num_evictable if cache.prefix is not None else jnp.int32(0)
 
 
