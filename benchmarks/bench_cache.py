@@ -4,7 +4,10 @@
     the step must not cost more with a bigger pool (target: 16x / 1x <= 1.1);
 (b) write_kv against a dense contiguous cache updated with dynamic_update_slice, same tokens;
 (c) extend/release throughput in jit against a plain-Python host allocator doing the same
-    bookkeeping (free list, page table, reference counts), same workload.
+    bookkeeping (free list, page table, reference counts), same workload;
+(d) what purity costs an eager caller: a decode step's extend + write_kv called eagerly (each
+    call returns a new cache, so it copies the pools) against the same step jitted with the
+    cache donated, on a SmolLM2-135M-sized pool.
 """
 
 from __future__ import annotations
@@ -217,6 +220,41 @@ def bench_allocator_throughput(quick):
   ]
 
 
+def bench_eager_cost(quick):
+  """(d): eager pure calls copy the pools; a jitted step that donates the cache does not."""
+  batch, layers = 8, 30
+  spec = jp.CacheSpec(num_layers=layers, num_kv_heads=3, head_dim=64, page_size=PAGE_SIZE,
+                      num_pages=160, max_seqs=batch, max_pages_per_seq=16)
+  cache, ids = _prefilled(spec, batch, 100)
+  k = jax.random.normal(jax.random.key(2), (batch, 3, 64))
+  ones = jnp.ones_like(ids)
+
+  def eager(cache):
+    cache, slots, _ = jp.extend(cache, ids, ones)
+    for layer in range(layers):
+      cache = jp.write_kv(cache, layer, k, k, slots)
+    return cache
+
+  jitted = jax.jit(eager, donate_argnames=("cache",))
+  state = {"eager": cache, "jitted": jax.tree.map(jnp.copy, cache)}
+
+  def run(name, fn):  # at most 52 steps: 152 tokens of the 256 a sequence holds
+    def step():
+      state[name] = block(fn(state[name]))
+    return step
+
+  times = median_times_interleaved({"eager": run("eager", eager), "jitted": run("jitted", jitted)},
+                                   repeats=10 if quick else 40)
+  pool_mb = 2 * np.prod(spec.pages_shape) * 4 / 2**20
+  what = f"extend + {layers} write_kv, {batch} rows, pool {pool_mb:.0f} MiB"
+  return [
+      Row("eager-cost", f"eager calls (each copies the pools): {what}", times["eager"] * 1e3, "ms"),
+      Row("eager-cost", f"one jitted step, cache donated: {what}", times["jitted"] * 1e3, "ms"),
+      Row("eager-cost", "eager / jitted-donated step time", times["eager"] / times["jitted"], "x"),
+  ]
+
+
 def run(quick: bool = False) -> list[Row]:
   return (bench_pool_scaling(quick) + bench_pool_scaling(quick, prefix_caching=True)
-          + bench_write_vs_dense(quick) + bench_allocator_throughput(quick))
+          + bench_write_vs_dense(quick) + bench_allocator_throughput(quick)
+          + bench_eager_cost(quick))
