@@ -462,7 +462,7 @@ def release_core(cache, seq_ids):
         num_evictable=prefix.num_evictable + jnp.sum(kept, dtype=jnp.int32),
         seq_salt=prefix.seq_salt.at[rows].set(0, mode="drop"),
         seq_hashable=prefix.seq_hashable.at[rows].set(False, mode="drop"),
-        clock=prefix.clock + 1)
+        clock=prefix.clock + jnp.any(live))  # releasing nothing changes nothing
   push_to = jnp.where(freed, cache.num_free + jnp.cumsum(freed) - 1, num_pages)
   return dataclasses.replace(
       cache,
