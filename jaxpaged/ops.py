@@ -22,6 +22,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_scale=None
   of 0 rows an empty output. Keyword arguments, and NaN/inf handling, as
   `jaxpaged.paged_attention`.
   """
+  k_pages, v_pages = (_attention.pool_array(n, x, 4) for n, x in (("k_pages", k_pages),
+                                                                  ("v_pages", v_pages)))
   return _attention.paged_attention_arrays(
       q, k_pages[None], v_pages[None], jnp.int32(0), block_tables, lengths, sm_scale=sm_scale,
       soft_cap=soft_cap, sliding_window=sliding_window, impl=impl, interpret=interpret,
@@ -36,6 +38,8 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_lens, *
   tokens, causal among themselves; entries past ``sum(q_lens)`` (all of them with 0 rows) return
   zeros. Keyword arguments as `jaxpaged.ragged_paged_attention`.
   """
+  k_pages, v_pages = (_attention.pool_array(n, x, 4) for n, x in (("k_pages", k_pages),
+                                                                  ("v_pages", v_pages)))
   return _attention.ragged_paged_attention_arrays(
       q, k_pages[None], v_pages[None], jnp.int32(0), block_tables, kv_lens, q_lens,
       sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window, impl=impl,

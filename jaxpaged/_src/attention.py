@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 import numpy as np
 
+from jaxpaged._src import checks
 from jaxpaged._src import gpu
 from jaxpaged._src.cache import check_cache, check_layer, token_rows
 from jaxpaged._src.spec import JaxPagedError
@@ -416,6 +417,16 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, page_table, kv_lens, q
 
 # ----------------------------------------------------------------------------- public wrappers
 
+def pool_array(name: str, x, ndim: int):
+  """A K/V pool argument, checked to be an array of ``ndim`` dimensions (not a list)."""
+  if not isinstance(x, (jax.Array, np.ndarray)) or x.ndim != ndim:
+    raise JaxPagedError(f"{name} must be a {ndim}-D float array [num_kv_heads, num_pages, "
+                        f"page_size, head_dim], got {type(x).__name__}"
+                        f"{list(getattr(x, 'shape', []))}; pass the cache's pages, e.g. "
+                        f"cache.{name}[layer].")
+  return x
+
+
 def _check_attention_args(q, k_pages, v_pages, kind):
   """Static shape checks shared by every entry point."""
   if k_pages.shape != v_pages.shape or k_pages.ndim != 5:
@@ -537,7 +548,7 @@ def paged_attention_arrays(q, k_pages, v_pages, layer, page_table, kv_lens, *, s
   options = _check_options(k_pages.shape[4], sm_scale=sm_scale, soft_cap=soft_cap,
                            sliding_window=sliding_window, impl=impl, interpret=interpret,
                            num_splits=num_splits, block_kv=block_kv)
-  _check_tables(page_table, kv_lens, q.shape[0], "batch rows of q")
+  page_table, kv_lens = _check_tables(page_table, kv_lens, q.shape[0], k_pages.shape)
   options["impl"] = _resolve_impl(impl, k_pages)
   return _attention(q, k_pages, v_pages, layer, page_table, kv_lens, None, decode=True,
                     q_block=1, **options)
@@ -552,44 +563,54 @@ def ragged_paged_attention_arrays(q, k_pages, v_pages, layer, page_table, kv_len
   options = _check_options(k_pages.shape[4], sm_scale=sm_scale, soft_cap=soft_cap,
                            sliding_window=sliding_window, impl=impl, interpret=interpret,
                            q_block=q_block, num_splits=num_splits, block_kv=block_kv)
-  num_rows = _check_tables(page_table, kv_lens, None, "")
-  q_lens = _int_array(q_lens)
-  if q_lens.shape != (num_rows,) or not jnp.issubdtype(q_lens.dtype, jnp.integer):
-    raise JaxPagedError(f"q_lens must be int32[{num_rows}] (new tokens of each row, as given "
-                        f"to extend), got {q_lens.dtype}{list(q_lens.shape)}.")
+  page_table, kv_lens = _check_tables(page_table, kv_lens, None, k_pages.shape)
+  num_rows = page_table.shape[0]
+  q_lens = checks.index_vector("q_lens", q_lens, num_rows, per="row: new tokens of each row, "
+                               "as given to extend")
+  if not checks.is_traced(kv_lens):
+    _check_known(q_lens, "q_lens", lambda n: (n >= 0) & (n <= np.asarray(kv_lens)),
+                 "must be in [0, that row's length]: a row's new tokens are its last ones")
   options["q_block"] = options["q_block"] or _default_q_block(q.shape[0], num_rows)
   options["impl"] = _resolve_impl(impl, k_pages)
-  return _attention(q, k_pages, v_pages, layer, page_table, kv_lens, q_lens.astype(jnp.int32),
-                    decode=False, **options)
+  return _attention(q, k_pages, v_pages, layer, page_table, kv_lens, q_lens, decode=False,
+                    **options)
 
 
-def _int_array(x):
-  """``jnp.asarray``, but an empty list (float to NumPy) is an empty int32 array."""
-  x = jnp.asarray(x)
-  return x.astype(jnp.int32) if x.size == 0 else x
+def _check_known(x, name, ok, message):
+  """Checks concrete values (traced ones cannot be): ``ok(values)`` for every row."""
+  if checks.is_traced(x):
+    return
+  bad = np.flatnonzero(~ok(np.asarray(x)))
+  if bad.size:
+    raise JaxPagedError(f"{name} at rows {bad.tolist()[:8]}: {message}; got "
+                        f"{np.asarray(x)[bad].tolist()[:8]}.")
 
 
-def _check_tables(page_table, kv_lens, num_rows, what):
-  if page_table.ndim != 2 or not jnp.issubdtype(page_table.dtype, jnp.integer):
-    raise JaxPagedError(f"block_tables must be int32[batch, pages_per_seq], got "
-                        f"{page_table.dtype}{list(page_table.shape)}.")
-  if num_rows is not None and page_table.shape[0] != num_rows:
-    raise JaxPagedError(f"block_tables has {page_table.shape[0]} rows but there are {num_rows} "
-                        f"{what}; give one page-table row per sequence.")
-  if kv_lens.shape != (page_table.shape[0],) or not jnp.issubdtype(kv_lens.dtype, jnp.integer):
-    raise JaxPagedError(f"lengths must be int32[{page_table.shape[0]}] (one per block_tables "
-                        f"row), got {kv_lens.dtype}{list(kv_lens.shape)}.")
-  return page_table.shape[0]
+def _check_tables(page_table, kv_lens, num_rows, pool_shape):
+  """Block tables and lengths as int32, exactly; known lengths within the table's capacity and
+  the pages they use within the pool (-1 marks an unmapped page)."""
+  _, _, num_pages, page_size, _ = pool_shape
+  page_table = checks.index_table("block_tables", page_table, num_rows)
+  kv_lens = checks.index_vector("lengths", kv_lens, page_table.shape[0],
+                                per="block_tables row")
+  capacity = page_table.shape[1] * page_size
+  _check_known(kv_lens, "lengths", lambda n: (n >= 0) & (n <= capacity),
+               f"must be in [0, pages_per_seq * page_size = {capacity}]: a row cannot hold more "
+               "tokens than its block table names")
+  if not checks.is_traced(page_table) and not checks.is_traced(kv_lens):
+    used = np.arange(page_table.shape[1]) < -(-np.asarray(kv_lens)[:, None] // page_size)
+    pages = np.asarray(page_table)
+    _check_known(kv_lens, "block_tables", lambda _: ~np.any(
+        used & ((pages < -1) | (pages >= num_pages)), axis=1),
+                 f"name pages outside [0, {num_pages}) (or -1, unmapped) within the row's length")
+  return page_table, kv_lens
 
 
 # ----------------------------------------------------------------------------- on a cache
 
 def _rows_of(cache, seq_ids):
   """Page-table rows and lengths of a batch's sequences; padding and bad ids see nothing."""
-  seq_ids = _int_array(seq_ids)
-  if seq_ids.ndim != 1 or not jnp.issubdtype(seq_ids.dtype, jnp.integer):
-    raise JaxPagedError(f"seq_ids must be a 1-D integer array, got {seq_ids.dtype}"
-                        f"{list(seq_ids.shape)}.")
+  seq_ids = checks.index_vector("seq_ids", seq_ids)
   live = (seq_ids >= 0) & (seq_ids < cache.spec.max_seqs)
   rows = jnp.where(live, seq_ids, 0)
   page_table = jnp.where(live[:, None], cache.page_table[rows], -1)

@@ -16,7 +16,8 @@ Called eagerly, an update therefore copies the pools; jit your step and donate t
 (``jax.jit(step, donate_argnames="cache")``) to update it in place.
 
 Internal API (for the other ``jaxpaged._src`` modules): `check_cache`, `duplicated`,
-`extend_plan`, `extend_core`, `release_core`, `token_rows`, `check_layer`, `EXTEND_REASONS`.
+`extend_plan`, `extend_core`, `release_core`, `token_rows`, `check_layer`, `check_index`,
+`check_num_slots`, `EXTEND_REASONS`.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def num_cached_free_pages(cache: PagedKVCache) -> jax.Array:
 
 def num_used_pages(cache: PagedKVCache) -> jax.Array:
   """``int32[]`` pages referred to by at least one sequence."""
+  check_cache(cache)
   return cache.spec.num_pages - cache.num_free - num_cached_free_pages(cache)
 
 
@@ -127,6 +129,16 @@ def check_cache(cache, name: str = "cache") -> CacheSpec:
           "(donate_argnames='cache'). Use the cache that call returned; to keep this one, do "
           "not donate it (jaxpaged's own functions never donate their input).")
   return cache.spec
+
+
+def check_num_slots(spec: CacheSpec, num_slots, rows: int, default: int | None = None) -> int:
+  """The static length of a call's token layout (default ``rows``, one token a row): at most
+  ``rows`` sequences' worth of tokens, since no row can hold more."""
+  limit = max(rows, 1) * spec.max_seq_len
+  return checks.count("num_slots", (rows if default is None else default) if num_slots is None
+                      else num_slots, maximum=limit,
+                      why=f" ({max(rows, 1)} rows x max_seq_len {spec.max_seq_len}: more slots "
+                      "than any call can fill)")
 
 
 def duplicated(ids: jax.Array, live: jax.Array) -> jax.Array:
@@ -261,7 +273,7 @@ def extend(cache: PagedKVCache, seq_ids, num_new_tokens, *, num_slots: int | Non
 def _extend_args(cache, seq_ids, num_new_tokens, num_slots, tokens):
   seq_ids = checks.index_vector("seq_ids", seq_ids)
   num_new_tokens = checks.index_vector("num_new_tokens", num_new_tokens, seq_ids.shape[0])
-  num_slots = checks.count("num_slots", seq_ids.shape[0] if num_slots is None else num_slots)
+  num_slots = check_num_slots(cache.spec, num_slots, seq_ids.shape[0])
   if tokens is not None:
     tokens = checks.token_ids("tokens", tokens, (num_slots,))
     if not cache.spec.prefix_caching:
@@ -291,10 +303,10 @@ def extend_core(cache, seq_ids, num_new_tokens, tokens, *, num_slots):
     # choice sorts all pages).
     max_victims = seq_ids.shape[0] * width
     shortfall = jnp.maximum(total - cache.num_free, 0)
-    prefix, victims = jax.lax.cond(
-        shortfall > 0,
-        lambda p: prefix_state.select_victims(p, cache.ref_counts, shortfall, max_victims),
-        lambda p: (p, jnp.full((max_victims,), -1, jnp.int32)), prefix)
+    prefix, victims = prefix_state.evict_if(
+        shortfall > 0, prefix,
+        lambda p: prefix_state.choose_victims(p, cache.ref_counts, shortfall, max_victims),
+        max_victims)
     from_victims = alloc_index >= cache.num_free
     new_page = jnp.where(
         from_victims, victims[jnp.clip(alloc_index - cache.num_free, 0, max_victims - 1)],
@@ -350,7 +362,8 @@ def _note_tokens(prefix, cache, seq_ids, plan, row_ok, tokens, slots, cow_src, c
     page_tokens = page_tokens.at[at, slots % ps].set(tokens, mode="drop")
   # A page handed out holds nothing written yet; a copy holds what its source held.
   page_written = prefix.page_written.at[handed_out].set(False, mode="drop")
-  page_written = page_written.at[cow_dst].set(prefix.page_written[cow_src], mode="drop")
+  # (cow_src pages were not handed out: reading them from the updated array saves a copy)
+  page_written = page_written.at[cow_dst].set(page_written[cow_src], mode="drop")
   prefix = dataclasses.replace(
       prefix, page_tokens=page_tokens, page_written=page_written,
       page_gen=prefix.page_gen.at[handed_out].add(1, mode="drop"),
@@ -404,7 +417,7 @@ def token_positions(cache: PagedKVCache, seq_ids, num_new_tokens, *,
   check_cache(cache)
   seq_ids = checks.index_vector("seq_ids", seq_ids)
   counts = jnp.clip(checks.index_vector("num_new_tokens", num_new_tokens, seq_ids.shape[0]), 0)
-  num_slots = checks.count("num_slots", seq_ids.shape[0] if num_slots is None else num_slots)
+  num_slots = check_num_slots(cache.spec, num_slots, seq_ids.shape[0])
   if seq_ids.shape[0] == 0:
     return jnp.full((num_slots,), -1, jnp.int32)
   live = (seq_ids >= 0) & (seq_ids < cache.spec.max_seqs)
@@ -496,7 +509,7 @@ def check_fork(cache: PagedKVCache, src_ids, dst_ids) -> None:
   """Eagerly explains why `fork` would refuse these arguments; returns None if it would not."""
   spec = check_cache(cache)
   dst_ids = checks.index_vector("dst_ids", dst_ids)
-  src_ids = checks.index_vector("src_ids", src_ids, dst_ids.shape[0])
+  src_ids = checks.index_vector("src_ids", src_ids, dst_ids.shape[0], per="row of dst_ids")
   checks.raise_first(_FORK_REASONS, _fork_problems(cache, src_ids, dst_ids), max_seqs=spec.max_seqs)
 
 
@@ -518,7 +531,7 @@ def fork(cache: PagedKVCache, src_ids, dst_ids):
   """
   check_cache(cache)
   dst_ids = checks.index_vector("dst_ids", dst_ids)
-  src_ids = checks.index_vector("src_ids", src_ids, dst_ids.shape[0])
+  src_ids = checks.index_vector("src_ids", src_ids, dst_ids.shape[0], per="row of dst_ids")
   return _fork_jit(cache, src_ids, dst_ids)
 
 
@@ -586,8 +599,9 @@ def check_layer(spec: CacheSpec, layer):
 def check_index(name: str, value, size: int, size_name: str) -> jax.Array:
   """A scalar index in ``[0, size)`` as an int32 scalar: checked now when its value is known
   (Python, NumPy or concrete JAX integer); a traced one is taken as it is."""
-  if isinstance(value, (bool, np.bool_)) or np.ndim(value) != 0 or not jnp.issubdtype(
-      jnp.result_type(value), jnp.integer):
+  integer = isinstance(value, (int, np.integer)) or (
+      isinstance(value, (jax.Array, np.ndarray)) and jnp.issubdtype(value.dtype, jnp.integer))
+  if isinstance(value, (bool, np.bool_)) or not integer or np.ndim(value) != 0:
     raise JaxPagedError(f"{name} must be an int (or an int32 scalar inside jit), got "
                         f"{getattr(value, 'dtype', type(value).__name__)}"
                         f"{list(np.shape(value))}; pass the index as a scalar.")

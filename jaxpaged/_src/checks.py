@@ -6,8 +6,8 @@ on the host; JAX arrays of 32-bit (or narrower) integers are used as they are; a
 when traced, since its values could not be checked. Salts are 64-bit (`salt_lanes`).
 
 Internal API of ``jaxpaged._src`` (the public functions call these before anything is traced):
-`index_vector`, `token_ids`, `host_token_ids`, `salt_lanes`, `salt`,
-`salt_int`, `count`, `raise_first`.
+`index_vector`, `index_table`, `token_ids`, `host_token_ids`, `salt_lanes`, `salt`,
+`salt_int`, `count`, `integer`, `real`, `flag`, `raise_first`.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _as_array(name: str, value, *, bitcast_uint32: bool = False) -> jax.Array:
 def index_vector(name: str, value, length: int | None = None, *,
                  per: str = "row of seq_ids") -> jax.Array:
   """A 1-D vector of ids or counts (one per batch row) as ``int32[length]``, exactly."""
-  if isinstance(value, (bool, np.bool_)) or np.ndim(value) != 1:
+  if isinstance(value, (bool, np.bool_)) or _ndim(name, value) != 1:
     raise JaxPagedError(f"{name} must be a 1-D integer array (one entry per batch row), got "
                         f"{_describe(value)}; e.g. jnp.array([0, 1], jnp.int32).")
   vector = _as_array(name, value)
@@ -96,10 +96,29 @@ def index_vector(name: str, value, length: int | None = None, *,
   return vector
 
 
+def index_table(name: str, value, rows: int | None = None) -> jax.Array:
+  """A 2-D table of ids (a page table) as ``int32[rows, n]``, exactly."""
+  if isinstance(value, (bool, np.bool_)) or _ndim(name, value) != 2:
+    raise JaxPagedError(f"{name} must be a 2-D integer array, got {_describe(value)}.")
+  table = _as_array(name, value)
+  if rows is not None and table.shape[0] != rows:
+    raise JaxPagedError(f"{name} has {table.shape[0]} rows but {rows} are needed (one per "
+                        "sequence of the batch); give one row per sequence.")
+  return table
+
+
+def _ndim(name: str, value) -> int:
+  try:
+    return np.ndim(value)
+  except ValueError as e:  # ragged nested lists
+    raise JaxPagedError(f"{name} must be a rectangular integer array, got ragged rows "
+                        f"({e}); pad the rows to one length.") from None
+
+
 def token_ids(name: str, value, shape: tuple[int, ...] | None = None,
               ndim: int | None = None) -> jax.Array:
   """Token ids as int32, exactly (a traced uint32 array is bitcast: ids stay distinct)."""
-  if np.ndim(value) != (len(shape) if shape is not None else ndim):
+  if _ndim(name, value) != (len(shape) if shape is not None else ndim):
     expected = f"int32{list(shape)}" if shape is not None else f"a {ndim}-D integer array"
     raise JaxPagedError(f"{name} must be {expected} of token ids, got {_describe(value)}.")
   tokens = _as_array(name, value, bitcast_uint32=True)
@@ -161,9 +180,9 @@ def host_token_ids(name: str, value) -> np.ndarray:
   """A 1-D sequence of token ids as an ``int32`` NumPy array, exactly (host-side callers)."""
   if isinstance(value, jax.Array) and is_traced(value):
     raise JaxPagedError(f"{name} must be concrete token ids here, got a traced array.")
-  array = _host_integers(name, np.asarray(value))
-  if array.ndim != 1:
+  if _ndim(name, value) != 1:
     raise JaxPagedError(f"{name} must be a 1-D sequence of token ids, got {_describe(value)}.")
+  array = _host_integers(name, np.asarray(value))
   _fits_int32(name, array, "token ids")
   return array.astype(np.int32)
 
@@ -174,13 +193,16 @@ def salt_int(lanes) -> int:
   return low | high << 32
 
 
-def count(name: str, value: Any, *, minimum: int = 0) -> int:
-  """A static count (a Python or NumPy int >= minimum) as a Python int."""
+def count(name: str, value: Any, *, minimum: int = 0, maximum: int | None = None,
+          why: str = "") -> int:
+  """A static count (a Python or NumPy int in ``[minimum, maximum]``) as a Python int."""
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
     raise JaxPagedError(f"{name} must be a Python int >= {minimum}, got {_describe(value)}; it "
                         "is static (part of the compiled shape).")
   if value < minimum:
     raise JaxPagedError(f"{name} must be >= {minimum}, got {value}.")
+  if maximum is not None and value > maximum:
+    raise JaxPagedError(f"{name} must be at most {maximum}{why}, got {value}.")
   return int(value)
 
 
@@ -200,3 +222,41 @@ def _describe(value) -> str:
   if shape is not None and dtype is not None:
     return f"{dtype}{list(shape)}"
   return f"{value!r} ({type(value).__name__})"
+
+
+def is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def integer(name: str, value, *, minimum: int | None = None, below: int | None = None,
+               fix: str = "") -> int:
+  """``value`` as a Python int, if it is an int (NumPy ints too, bools not) in
+  ``[minimum, below)``."""
+  fix = f"; {fix}" if fix else ""
+  show = lambda n: (f"{'-' if n < 0 else ''}2**{abs(n).bit_length() - 1}"
+                    if abs(n) >= 1 << 32 and abs(n) & (abs(n) - 1) == 0 else str(n))
+  bounds = ("" if minimum is None and below is None else f" >= {show(minimum)}" if below is None
+            else f" < {show(below)}" if minimum is None
+            else f" in [{show(minimum)}, {show(below)})")
+  if not is_int(value):
+    raise JaxPagedError(f"{name} must be an int{bounds}, got {value!r} "
+                           f"({type(value).__name__}){fix}.")
+  if minimum is not None and value < minimum or below is not None and value >= below:
+    raise JaxPagedError(f"{name} must be an int{bounds}, got {value}{fix}.")
+  return int(value)
+
+
+def real(name: str, value) -> float:
+  """``value`` as a float, if it is an int or float (bools not)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                   np.floating)):
+    raise JaxPagedError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+  return float(value)
+
+
+def flag(name: str, value) -> bool:
+  """``value`` as a bool, if it is one (NumPy bools too)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise JaxPagedError(f"{name} must be True or False, got {value!r} "
+                           f"({type(value).__name__}).")
+  return bool(value)

@@ -36,8 +36,9 @@ import numpy as np
 
 from jaxpaged._src import checks
 from jaxpaged._src import swap
-from jaxpaged._src.cache import (PagedKVCache, extend, extend_core, extend_plan, init_cache,
-                                 num_cached_free_pages, num_used_pages, release_core)
+from jaxpaged._src.cache import (PagedKVCache, check_cache, check_num_slots, extend_core,
+                                 extend_plan, init_cache, num_cached_free_pages, num_used_pages,
+                                 release_core)
 from jaxpaged._src.hashing import block_hashes_numpy
 from jaxpaged._src.prefix import match_core, match_plan, prefix_stats
 from jaxpaged._src.spec import CacheSpec, JaxPagedError, next_pow2
@@ -110,9 +111,15 @@ def _extend_step(cache, released, victims, seq_ids, counts, tokens, *, num_slots
                      num_slots=num_slots)
 
 
-@functools.partial(jax.jit, static_argnames=("match",), donate_argnames=("cache",))
-def _restore_step(cache, victims, args, *, match):
-  return swap.restore_core(swap.evict_blocks(cache, victims), *args, match=match)
+@functools.partial(jax.jit, static_argnames=("matches",), donate_argnames=("cache",))
+def _restore_step(cache, victims, restores, *, matches):
+  """Evicts the planned victims, then restores each swapped sequence (`swap.restore_core`)."""
+  cache = swap.evict_blocks(cache, victims)
+  oks = []
+  for args, match in zip(restores, matches):
+    cache, ok = swap.restore_core(cache, *args, match=match)
+    oks.append(ok)
+  return cache, jnp.all(jnp.stack(oks))
 
 
 @functools.partial(jax.jit, static_argnames=("num_slots", "promote"), donate_argnames=("cache",))
@@ -179,7 +186,7 @@ class CacheManager:
       raise JaxPagedError(f"thresholds must be (medium, high, critical) with 0 < medium <= high "
                           f"<= critical <= 1, got {thresholds!r}; the default is (0.6, 0.8, 0.95).")
     self.spec = spec
-    self.cache: PagedKVCache = init_cache(spec)
+    self._cache: PagedKVCache = init_cache(spec)
     self.policy = LRUPolicy() if policy is None else policy
     self.store = TieredStore(tiers, self.policy, on_evict=self._on_host_evict)
     self.thresholds = thresholds
@@ -195,6 +202,21 @@ class CacheManager:
                          promoted_blocks=0, prompt_tokens=0, device_hit_tokens=0,
                          host_hit_tokens=0, lookup_blocks=0, device_hit_blocks=0,
                          host_hit_blocks=0)
+
+  @property
+  def cache(self) -> PagedKVCache:
+    """The managed cache. A model step that ran on it gives the new one back by assignment
+    (``manager.cache = new_cache``); it must be a live cache of this manager's spec."""
+    check_cache(self._cache, "manager.cache")
+    return self._cache
+
+  @cache.setter
+  def cache(self, cache: PagedKVCache) -> None:
+    if check_cache(cache, "manager.cache") != self.spec:
+      raise JaxPagedError(f"manager.cache must be a cache of this manager's spec {self.spec}, "
+                          f"got one of {cache.spec}; give back what your step returned for "
+                          "manager.cache.")
+    self._cache = cache
 
   # --------------------------------------------------------------------------- requests
 
@@ -256,8 +278,8 @@ class CacheManager:
       cached = (matched + len(host_blocks)) * ps
       new = min(length - cached, limit)
       if num_slots is None:
-        num_slots = max(next_pow2(new), 1)
-      num_slots = checks.count("num_slots", num_slots, minimum=new)
+        num_slots = min(max(next_pow2(new), 1), spec.max_seq_len)
+      num_slots = checks.count("num_slots", num_slots, minimum=new, maximum=spec.max_seq_len)
       need = self._pages(cached + new) - matched
       room = need if room_tokens is None else max(need, self._pages(room_tokens) - matched)
       if room > self.available_pages - idle:
@@ -401,6 +423,8 @@ class CacheManager:
     """Brings swapped-out sequences back into their slots, as room allows (demoting cached
     blocks first). A sequence that does not fit stays on host, intact; returns ``ok`` for each."""
     ids = self._ids(seq_ids)
+    if len(set(ids)) != len(ids):
+      raise JaxPagedError(f"seq_ids {ids} repeat a sequence; name each one once.")
     for s in ids:
       if s in self._dropped:
         raise JaxPagedError(f"sequence {s} was dropped from host RAM ({self._dropped[s]}); "
@@ -409,37 +433,46 @@ class CacheManager:
       if s not in self._swapped:
         raise JaxPagedError(f"sequence {s} is not swapped out; swap_in takes ids given to "
                             "swap_out.")
-    results = []
+    # Plan every sequence first (in order, each as room allows), then one device step for all.
+    ref_counts = np.asarray(self.cache.ref_counts)
+    available, need, keep, restores, chosen = self.available_pages, 0, set(), [], []
     for s in ids:
       swapped = self.store.peek(("seq", s))
       args, match = swap.swap_in_args(self.cache, swapped)
       # Its blocks still cached on device are attached, not copied: keep them while making room.
-      hits, idle = np.zeros((0,), np.int32), 0
+      hits = np.zeros((0,), np.int32)
       if match:
         matched, pages = _device_matches(
             self.cache, jnp.array([s], jnp.int32), self._row(swapped.tokens[:swapped.length]),
             jnp.array([swapped.length], jnp.int32), self._salt_lanes(swapped.salt)[None])
         hits = np.asarray(pages)[0, :int(matched[0])]
-        idle = int(np.sum(np.asarray(self.cache.ref_counts)[hits] == 0))
-      need = self._pages(swapped.length) - len(hits)
-      if need > self.available_pages - idle:
-        self.counters["swap_in_failures"] += 1
-        results.append(False)
+      idle = {int(p) for p in hits if ref_counts[p] == 0} - keep  # attached: not reclaimable
+      pages = self._pages(swapped.length) - len(hits)
+      if need + pages > available - len(idle):
         continue
+      available -= len(idle)
+      need += pages
+      keep |= {int(p) for p in hits}
+      restores.append((args, match))
+      chosen.append(s)
+    self.counters["swap_in_failures"] += len(ids) - len(chosen)
+    if chosen:
       with self._atomic():
-        victims, demoted = self._plan_demotion(need, keep=hits)
-        self.store.pop(("seq", s))
-        cache, ok = _restore_step(self.cache, victims, args, match=match)
+        victims, demoted = self._plan_demotion(need, keep=sorted(keep))
+        for s in chosen:
+          self.store.pop(("seq", s))
+        cache, ok = _restore_step(self.cache, victims, tuple(a for a, _ in restores),
+                                  matches=tuple(m for _, m in restores))
         self.cache = cache
         if not bool(ok):
           raise RuntimeError("jaxpaged bug: a planned swap-in was refused by the device")
         self._count_demoted(demoted)
-        self._swapped.discard(s)
-        self._active[s] = self._tick()
-        self.counters["swap_ins"] += 1
-      results.append(True)
+        for s in chosen:
+          self._swapped.discard(s)
+          self._active[s] = self._tick()
+        self.counters["swap_ins"] += len(chosen)
     self._update_pressure()
-    return results
+    return [s in chosen for s in ids]
 
   @property
   def available_pages(self) -> int:
@@ -480,7 +513,7 @@ class CacheManager:
     (with ``preempt``, least recently used first) and how many pages to free."""
     seq_ids = checks.index_vector("seq_ids", seq_ids)
     counts = checks.index_vector("num_new_tokens", num_new_tokens, seq_ids.shape[0])
-    num_slots = checks.count("num_slots", seq_ids.shape[0] if num_slots is None else num_slots)
+    num_slots = check_num_slots(self.spec, num_slots, seq_ids.shape[0])
     ids, n = np.asarray(seq_ids), np.asarray(counts)
     rows = [int(s) for s in ids if s != -1]
     strangers = [s for s in rows if s not in self._active]
@@ -658,13 +691,13 @@ class CacheManager:
     """Rolls the host store and the manager's bookkeeping back if the block raises (the device
     cache too: it is only replaced by the block's last, planned step). A `_Refused` inside ends
     the block quietly, with everything rolled back and ``self._refused`` set."""
-    saved = (self.cache, dict(self._active), set(self._swapped), dict(self._dropped),
+    saved = (self._cache, dict(self._active), set(self._swapped), dict(self._dropped),
              dict(self.counters), self._clock, self.store.snapshot())
     self._refused = False
     try:
       yield
     except BaseException as e:
-      (self.cache, self._active, self._swapped, self._dropped, self.counters, self._clock,
+      (self._cache, self._active, self._swapped, self._dropped, self.counters, self._clock,
        store) = saved
       self.store.restore(store)
       if not isinstance(e, _Refused):

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpaged._src import checks, hashing, prefix_state, table
-from jaxpaged._src.cache import (EXTEND_REASONS, PagedKVCache, check_cache, duplicated,
-                                 extend_core, extend_plan, token_rows)
+from jaxpaged._src.cache import (EXTEND_REASONS, PagedKVCache, check_cache, check_num_slots,
+                                 duplicated, extend_core, extend_plan, token_rows)
 from jaxpaged._src.prefix_state import STATS, bump, init_prefix_state
 from jaxpaged._src.spec import JaxPagedError
 
@@ -53,6 +53,8 @@ _MATCH_REASONS = {
     "in_use": ("seq_ids", "is a sequence that holds tokens; match_prefix starts new sequences "
                "(release it first, or extend it)"),
     "bad_length": ("lengths", "must be in [1, tokens.shape[1]] for live rows"),
+    "negative_new": ("max_new_tokens", "is negative; it is how many prompt tokens to append "
+                     "now (>= 0)"),
 }
 
 
@@ -71,6 +73,7 @@ def match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots
       "duplicate": duplicated(seq_ids, live),
       "in_use": live & in_range & (cache.seq_lens[rows] > 0),
       "bad_length": live & ((lengths < 1) | (lengths > width)),
+      "negative_new": live & (max_new_tokens < 0 if max_new_tokens is not None else False),
   }
   prefix = cache.prefix
   num_blocks = width // ps
@@ -84,7 +87,8 @@ def match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots
                               pages[:, :-1]], axis=1)
     j = jnp.arange(num_blocks)
     blocks = tokens[:, :num_blocks * ps].reshape(rows_count, num_blocks, ps)
-    verified = (prefix_state.holds_block(prefix, pages, hashes, salts[:, None], blocks, parent,
+    verified = (prefix_state.holds_block(prefix_state.block_view(prefix, pages), hashes,
+                                         salts[:, None], blocks, parent,
                                          prefix.page_gen[jnp.clip(parent, 0)])
                 & prefix_state.fully_written(prefix, pages)
                 & (j < usable[:, None]))
@@ -155,8 +159,7 @@ def _prepare(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots):
   salts = checks.salt_lanes("salts", salts, rows)
   if max_new_tokens is not None:
     max_new_tokens = checks.index_vector("max_new_tokens", max_new_tokens, rows)
-  num_slots = checks.count("num_slots", rows * tokens.shape[1] if num_slots is None
-                           else num_slots)
+  num_slots = check_num_slots(spec, num_slots, rows, default=rows * tokens.shape[1])
   return spec, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots
 
 
@@ -245,12 +248,15 @@ def _reset(cache):
   if prefix is None:
     return cache, ok
   fresh = init_prefix_state(spec)
+  # Blocks are forgotten; sequences are not: one started with no token yet (match_prefix
+  # appending 0 tokens) keeps its salt, so what it appends later stays under that salt.
   reset = dataclasses.replace(
       cache,
       free_pages=jnp.arange(spec.num_pages - 1, -1, -1, dtype=jnp.int32),
       num_free=jnp.int32(spec.num_pages),
       prefix=dataclasses.replace(fresh, page_gen=prefix.page_gen + 1, clock=prefix.clock,
-                                 stats=prefix.stats))
+                                 stats=prefix.stats, seq_salt=prefix.seq_salt,
+                                 seq_hashable=prefix.seq_hashable))
   keep = lambda new, old: jnp.where(ok, new, old)
   return dataclasses.replace(
       jax.tree.map(keep, dataclasses.replace(reset, k_pages=None, v_pages=None),

@@ -7,7 +7,7 @@ table is full around its key, or ``max_cached_blocks`` is reached. A registered 
 *cached*: when its last reference goes, it is not freed but becomes *evictable*, and a later
 prompt with the same prefix can take it back (`jaxpaged.match_prefix`). The allocator uses
 never-cached free pages first and evicts only when it must, least recently used first and,
-among blocks released together, the chain's tail before its head (`select_victims`).
+among blocks released together, the chain's tail before its head (`choose_victims`).
 
 One page per block content: a block's parent is the *registered* page holding the previous
 block (its *canonical* page), not necessarily the sequence's own page. So when two sequences
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -119,31 +120,31 @@ def fully_written(prefix: PrefixState, pages) -> jax.Array:
   return jnp.all(prefix.page_written[jnp.clip(pages, 0)], axis=(-2, -1))
 
 
-def holds_block(prefix: PrefixState, page, hashes, salts, tokens, parent, parent_gen):
-  """``bool[...]``: ``page`` is registered and holds exactly this block: the same hash
-  (``uint32[..., 2]``), salt (``uint32[..., 2]``), token ids (``int32[..., page_size]``), and
-  parent page at generation ``parent_gen`` (``parent`` is `NO_PARENT` for a first block)."""
-  safe = jnp.clip(page, 0)
-  return ((page >= 0) & prefix.page_cached[safe]
-          & jnp.all(prefix.page_hash[safe] == hashes, axis=-1)
-          & jnp.all(prefix.page_salt[safe] == salts, axis=-1)
-          & jnp.all(prefix.page_tokens[safe] == tokens, axis=-1)
-          & (prefix.page_parent[safe] == parent)
-          & ((parent < 0) | (prefix.page_parent_gen[safe] == parent_gen)))
+class BlockView(NamedTuple):
+  """What a page records of the block it holds (``...`` the pages' shape)."""
+  cached: jax.Array  # bool[...] registered in the table
+  hash: jax.Array  # uint32[..., 2]
+  salt: jax.Array  # uint32[..., 2]
+  tokens: jax.Array  # int32[..., page_size]
+  parent: jax.Array  # int32[...]
+  parent_gen: jax.Array  # int32[...]
 
 
-def canonical(prefix: PrefixState, pages):
-  """The registered page holding the same block as each full, hashed page of ``pages`` (itself
-  if registered), or `UNLINKED` if none does."""
+def block_view(prefix: PrefixState, pages) -> BlockView:
+  """The recorded blocks of ``pages`` (-1: not registered)."""
   safe = jnp.clip(pages, 0)
-  # Same parent page *at the same generation*: the same prefix, even if that parent has been
-  # evicted since (then both are unreachable, and registering after them costs only room).
-  found = table.lookup(prefix.table_lo, prefix.table_hi, prefix.table_pages,
-                       prefix.page_hash[safe], impl="xla")
-  same = holds_block(prefix, found, prefix.page_hash[safe], prefix.page_salt[safe],
-                     prefix.page_tokens[safe], prefix.page_parent[safe],
-                     prefix.page_parent_gen[safe])
-  return jnp.where(prefix.page_cached[safe], pages, jnp.where(same, found, UNLINKED))
+  return BlockView((pages >= 0) & prefix.page_cached[safe], prefix.page_hash[safe],
+                   prefix.page_salt[safe], prefix.page_tokens[safe], prefix.page_parent[safe],
+                   prefix.page_parent_gen[safe])
+
+
+def holds_block(view: BlockView, hashes, salts, tokens, parent, parent_gen):
+  """``bool[...]``: the page of ``view`` is registered and holds exactly this block: the same
+  hash (``uint32[..., 2]``), salt (``uint32[..., 2]``), token ids (``int32[..., page_size]``),
+  and parent page at generation ``parent_gen`` (``parent`` is `NO_PARENT` for a first block)."""
+  return (view.cached & jnp.all(view.hash == hashes, axis=-1)
+          & jnp.all(view.salt == salts, axis=-1) & jnp.all(view.tokens == tokens, axis=-1)
+          & (view.parent == parent) & ((parent < 0) | (view.parent_gen == parent_gen)))
 
 
 def choose_victims(prefix: PrefixState, ref_counts, count, max_count: int, protect=None):
@@ -183,10 +184,22 @@ def evict(prefix: PrefixState, victims) -> PrefixState:
                              stats=bump(prefix.stats, "evictions", count))
 
 
-def select_victims(prefix: PrefixState, ref_counts, count, max_count: int, protect=None):
-  """`choose_victims` then `evict`: ``(prefix, victims int32[max_count])``."""
-  victims = choose_victims(prefix, ref_counts, count, max_count, protect)
-  return evict(prefix, victims), victims
+_EVICTED_FIELDS = ("table_pages", "page_cached", "num_evictable", "num_cached", "stats")
+
+
+def evict_if(needed, prefix: PrefixState, choose, max_count: int):
+  """``(prefix, victims int32[max_count])``: evicts the pages ``choose(prefix)`` picks, only
+  when ``needed`` (choosing sorts all pages). Only the fields eviction changes go through the
+  branch, so the big ones (token ids, written flags) are never copied."""
+  def evict_chosen(fields):
+    victims = choose(prefix)
+    evicted = evict(dataclasses.replace(prefix, **fields), victims)
+    return {name: getattr(evicted, name) for name in _EVICTED_FIELDS}, victims
+
+  fields, victims = jax.lax.cond(
+      needed, evict_chosen, lambda fields: (fields, jnp.full((max_count,), -1, jnp.int32)),
+      {name: getattr(prefix, name) for name in _EVICTED_FIELDS})
+  return dataclasses.replace(prefix, **fields), victims
 
 
 def note_written(prefix: PrefixState, layer, slots, page_size: int) -> PrefixState:
@@ -204,11 +217,13 @@ def register_blocks(prefix: PrefixState, page_table, seq_ids, old_len, new_len, 
   """Hashes the blocks that became full (rows in ``row_ok`` whose sequences are hashable), in
   chain order, records their metadata and registers them in the table.
 
-  A block equal to a registered one (same hash, salt, token ids and canonical parent) is a
-  duplicate: not registered again, and the row's next block chains onto the registered copy.
-  A block whose key is taken by another block (a collision), or that finds the table or
-  ``max_cached`` full, is not registered, and neither is anything after it in its row (no
-  prompt could reach it). ``max_blocks`` (static) bounds the blocks one row fills in this call.
+  A block equal to a registered one (same hash, salt, token ids and parent) is a duplicate: not
+  registered again, and the row's next block chains onto the registered copy. A block's parent
+  is the registered page holding the previous block (for a row's first new block, looked up now:
+  another row of this very call may have registered it). A block whose key is taken by another
+  block, or that finds the table or ``max_cached`` full, is not registered, and neither is
+  anything after it in its row (no prompt could reach it). ``max_blocks`` (static) bounds the
+  blocks one row fills in this call.
   """
   num_pages, capacity = prefix.page_hash.shape[0], prefix.table_pages.shape[0]
   max_pages = page_table.shape[1]
@@ -232,49 +247,72 @@ def register_blocks(prefix: PrefixState, page_table, seq_ids, old_len, new_len, 
                                 prefix.page_hash)
 
   # Then block by block in chain order (rows in order), since each block's parent and each
-  # insert depend on the ones before. A decode step usually fills none.
-  j = (first_full[:, None] + jnp.arange(max_blocks)).reshape(-1)  # [B * K], row-major
+  # insert depend on the ones before. Only the table and small per-block results are carried;
+  # the pages' metadata is written after the loop. A decode step usually fills no block.
+  j = (first_full[:, None] + jnp.arange(max_blocks)).reshape(-1)  # [N = B * K], row-major
   row = jnp.repeat(jnp.arange(num_rows), max_blocks)
   valid = j < last_full[row]
   page = jnp.where(valid, page_table[rows[row], jnp.clip(j, 0, max_pages - 1)], num_pages)
   order = jnp.argsort(~valid, stable=True)
   previous = at(first_full - 1)  # the page before each row's first new block
+  old = lambda pages: block_view(prefix, pages)._replace(hash=page_hash[jnp.clip(pages, 0)])
 
   def one_block(i, state):
-    meta, parents, room = state
+    lo, hi, slots, parents, ent_parent, ent_gen, inserted, duplicates, room = state
+
+    def view(found):  # as recorded, or as registered earlier in this call
+      new = inserted & (page == found)
+      k = jnp.argmax(new)
+      recorded = old(found)
+      return recorded._replace(
+          cached=recorded.cached | jnp.any(new),
+          salt=jnp.where(jnp.any(new), salts[row[k]], recorded.salt),
+          parent=jnp.where(jnp.any(new), ent_parent[k], recorded.parent),
+          parent_gen=jnp.where(jnp.any(new), ent_gen[k], recorded.parent_gen))
+
     e = order[i]
     b, p = row[e], page[e]
-    current = dataclasses.replace(prefix, page_hash=page_hash, **meta)
-    # A row's first new block chains onto the block before it as registered now (it may have
-    # been registered by another row of this very call).
+    # The registered page holding the block before this one.
+    prev = old(previous[b])
+    prev_found = table.lookup(lo, hi, slots, prev.hash, impl="xla")
+    resolved = jnp.where(prev.cached, previous[b], jnp.where(holds_block(
+        view(prev_found), prev.hash, prev.salt, prev.tokens, prev.parent, prev.parent_gen),
+                                                            prev_found, UNLINKED))
     parent = jnp.where(parents[b] != _RESOLVE, parents[b],
-                       jnp.where(j[e] > 0, canonical(current, previous[b]), NO_PARENT))
+                       jnp.where(j[e] > 0, resolved, NO_PARENT))
     parent_gen = jnp.where(parent >= 0, prefix.page_gen[jnp.clip(parent, 0)], 0)
-    h, salt, tokens = page_hash[p], salts[b], prefix.page_tokens[p]
-    found, free_slot = table.probe(meta["table_lo"], meta["table_hi"], meta["table_pages"], h)
+    found, free_slot = table.probe(lo, hi, slots, page_hash[p])
     linked = parent != UNLINKED
-    duplicate = linked & holds_block(current, found, h, salt, tokens, parent, parent_gen)
+    duplicate = linked & holds_block(view(found), page_hash[p], salts[b],
+                                     prefix.page_tokens[p], parent, parent_gen)
     insert = linked & (found < 0) & (room > 0) & (free_slot < capacity)
-    lo, hi, pages = table.put(meta["table_lo"], meta["table_hi"], meta["table_pages"],
-                              jnp.where(insert, free_slot, capacity), h, p)
-    set_ = lambda name, value: meta[name].at[p].set(value)
-    meta = dict(
-        table_lo=lo, table_hi=hi, table_pages=pages,
-        page_cached=set_("page_cached", insert), page_salt=set_("page_salt", salt),
-        page_parent=set_("page_parent", parent), page_parent_gen=set_("page_parent_gen",
-                                                                       parent_gen),
-        page_depth=set_("page_depth", j[e]),
-        page_last_use=set_("page_last_use", jnp.where(insert, prefix.clock,
-                                                      meta["page_last_use"][p])),
-        stats=bump(bump(bump(meta["stats"], "registered", insert), "duplicate_blocks",
-                        duplicate), "not_registered", ~insert & ~duplicate))
+    lo, hi, slots = table.put(lo, hi, slots, jnp.where(insert, free_slot, capacity),
+                              page_hash[p], p)
     parents = parents.at[b].set(jnp.where(duplicate, found, jnp.where(insert, p, UNLINKED)))
-    return meta, parents, room - insert
+    return (lo, hi, slots, parents, ent_parent.at[e].set(parent), ent_gen.at[e].set(parent_gen),
+            inserted.at[e].set(insert), duplicates.at[e].set(duplicate), room - insert)
 
-  fields = ("table_lo", "table_hi", "table_pages", "page_cached", "page_salt", "page_parent",
-            "page_parent_gen", "page_depth", "page_last_use", "stats")
-  meta, _, room = jax.lax.fori_loop(
+  size = num_rows * max_blocks
+  lo, hi, slots, _, ent_parent, ent_gen, inserted, duplicates, room = jax.lax.fori_loop(
       0, jnp.sum(valid, dtype=jnp.int32), one_block,
-      ({name: getattr(prefix, name) for name in fields},
-       jnp.full((num_rows,), _RESOLVE, jnp.int32), jnp.int32(max_cached) - prefix.num_cached))
-  return dataclasses.replace(prefix, page_hash=page_hash, num_cached=max_cached - room, **meta)
+      (prefix.table_lo, prefix.table_hi, prefix.table_pages,
+       jnp.full((num_rows,), _RESOLVE, jnp.int32), jnp.zeros((size,), jnp.int32),
+       jnp.zeros((size,), jnp.int32), jnp.zeros((size,), bool), jnp.zeros((size,), bool),
+       jnp.int32(max_cached) - prefix.num_cached))
+  # Every hashed block records its metadata. (The mask reads the loop's output, which keeps the
+  # scatters after the loop: scheduled before it, they would force a copy of what it reads.)
+  at_page = jnp.where(valid & (ent_parent != _RESOLVE), page, num_pages)
+  registered = jnp.where(inserted, page, num_pages)
+  count = jnp.sum(inserted, dtype=jnp.int32)
+  set_ = lambda field, values, where=at_page: getattr(prefix, field).at[where].set(
+      values, mode="drop")
+  return dataclasses.replace(
+      prefix, page_hash=page_hash, table_lo=lo, table_hi=hi, table_pages=slots,
+      page_salt=set_("page_salt", salts[row]), page_parent=set_("page_parent", ent_parent),
+      page_parent_gen=set_("page_parent_gen", ent_gen), page_depth=set_("page_depth", j),
+      page_cached=set_("page_cached", True, registered),
+      page_last_use=set_("page_last_use", prefix.clock, registered),
+      num_cached=max_cached - room,
+      stats=bump(bump(bump(prefix.stats, "registered", count), "duplicate_blocks",
+                      jnp.sum(duplicates)), "not_registered",
+                 jnp.sum(valid & ~inserted & ~duplicates)))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _INT32_MAX = np.iinfo(np.int32).max
+_MAX_TABLE = 1 << 30  # table slots are int32 indices
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -89,14 +90,23 @@ class CacheSpec:
       raise JaxPagedError(f"CacheSpec.prefix_caching must be True or False, got "
                           f"{self.prefix_caching!r}.")
     if self.table_capacity is None:
-      object.__setattr__(self, "table_capacity", 1 << (2 * self.num_pages - 1).bit_length())
+      object.__setattr__(self, "table_capacity",
+                         min(1 << (2 * self.num_pages - 1).bit_length(), _MAX_TABLE))
     _check_positive_int("table_capacity", self.table_capacity)
     if self.table_capacity & (self.table_capacity - 1):
       raise JaxPagedError(f"CacheSpec.table_capacity must be a power of two, got "
                           f"{self.table_capacity}; e.g. {1 << self.table_capacity.bit_length()}.")
+    if self.table_capacity > _MAX_TABLE:
+      raise JaxPagedError(f"CacheSpec.table_capacity must be at most {_MAX_TABLE} (slots are "
+                          f"int32 and each takes 12 bytes), got {self.table_capacity}; the "
+                          "default (2 * num_pages, rounded up to a power of two) suffices.")
     if self.max_cached_blocks is None:
       object.__setattr__(self, "max_cached_blocks", self.num_pages)
     _check_positive_int("max_cached_blocks", self.max_cached_blocks)
+    if self.max_cached_blocks > self.num_pages:
+      raise JaxPagedError(f"CacheSpec.max_cached_blocks must be at most num_pages = "
+                          f"{self.num_pages} (a cached block is a page), got "
+                          f"{self.max_cached_blocks}; leave it None for num_pages.")
     if isinstance(self.min_prefix_tokens, bool) or not isinstance(
         self.min_prefix_tokens, (int, np.integer)) or self.min_prefix_tokens < 0:
       raise JaxPagedError(f"CacheSpec.min_prefix_tokens must be an int >= 0, got "
@@ -127,6 +137,11 @@ class CacheSpec:
       raise JaxPagedError(
           f"max_seqs * max_pages_per_seq = {self.max_seqs * self.max_pages_per_seq} "
           f"overflows int32 page-table indexing (max {_INT32_MAX}); lower either.")
+    if self.min_prefix_tokens > self.max_seq_len:
+      raise JaxPagedError(f"CacheSpec.min_prefix_tokens must be at most max_seq_len = "
+                          f"{self.max_seq_len} (a longer minimum would never hit), got "
+                          f"{self.min_prefix_tokens}.")
+    object.__setattr__(self, "min_prefix_tokens", int(self.min_prefix_tokens))
 
   @property
   def max_seq_len(self) -> int:

@@ -30,7 +30,8 @@ import numpy as np
 
 from jaxpaged._src import checks
 from jaxpaged._src import prefix_state
-from jaxpaged._src.cache import PagedKVCache, check_cache, extend_core, num_cached_free_pages, release
+from jaxpaged._src.cache import (PagedKVCache, check_cache, check_index, extend_core,
+                                 num_cached_free_pages, release)
 from jaxpaged._src.prefix import match_core
 from jaxpaged._src.spec import JaxPagedError, next_pow2
 
@@ -67,7 +68,15 @@ def block_key(page_hash) -> int:
   >>> block_key(block_hashes([1, 2, 3, 4], page_size=4)[0]) > 0
   True
   """
-  lo, hi = (int(x) for x in np.asarray(page_hash, np.uint32).reshape(2))
+  try:
+    lanes = np.asarray(page_hash)
+  except ValueError:
+    lanes = np.asarray(None)
+  if (lanes.shape != (2,) or lanes.dtype.kind not in "iu"
+      or not all(0 <= int(x) < 1 << 32 for x in lanes.tolist())):
+    raise JaxPagedError(f"page_hash must be a block hash: two uint32 lanes (a row of "
+                        f"block_hashes), got {page_hash!r}.")
+  lo, hi = (int(x) for x in lanes.tolist())
   return lo | hi << 32
 
 
@@ -281,6 +290,10 @@ def _seq_ids(cache, seq_ids, name: str = "seq_ids") -> list[int]:
   return ids
 
 
+def _one_id(spec, seq_id) -> int:
+  return int(check_index("seq_id", seq_id, spec.max_seqs, "max_seqs"))
+
+
 def swap_out(cache: PagedKVCache, seq_ids):
   """Copies sequences' K/V to host RAM and releases them on device.
 
@@ -352,7 +365,7 @@ def swap_in_args(cache: PagedKVCache, swapped, seq_id=None):
   if not isinstance(swapped, SwappedSequence):
     raise JaxPagedError(f"swapped must be a SwappedSequence from swap_out, got "
                         f"{type(swapped).__name__}.")
-  (target,) = _seq_ids(cache, swapped.seq_id if seq_id is None else seq_id, "seq_id")
+  target = _one_id(spec, swapped.seq_id if seq_id is None else seq_id)
   if int(cache.seq_lens[target]) > 0:
     raise JaxPagedError(f"seq_id {target} holds tokens; swap in into an empty slot (release it, "
                         "or pass another seq_id).")
@@ -459,7 +472,7 @@ def demote_blocks(cache: PagedKVCache, count: int, *, keep=()):
 def promote_args(cache: PagedKVCache, seq_id: int, blocks):
   """Checks a `promote_blocks` and returns ``(args, match)`` for `restore_core`."""
   spec = check_cache(cache)
-  (seq,) = _seq_ids(cache, seq_id, "seq_id")
+  seq = _one_id(spec, seq_id)
   if cache.prefix is None:
     raise JaxPagedError("promote_blocks needs prefix caching: build the cache with "
                         "CacheSpec(..., prefix_caching=True).")
@@ -492,9 +505,9 @@ def promote_arrays(spec, seq: int, held_tokens, salt: int, blocks):
             f"blocks[{i}].{name} is {getattr(x, 'dtype', None)}{list(getattr(x, 'shape', ()))} "
             f"but this cache's blocks are {spec.dtype}{list(expected)}; promote blocks demoted "
             "from a cache with the same spec.")
-    tokens = np.asarray(block.tokens)
+    tokens = checks.host_token_ids(f"blocks[{i}].tokens", block.tokens)
     full = length + (i + 1) * ps
-    if (tokens.ndim != 1 or tokens.dtype.kind not in "iu" or len(tokens) != full
+    if (len(tokens) != full
         or block.salt != salt or not np.array_equal(tokens[:length], held_tokens)
         or (i and not np.array_equal(tokens[:full - ps], blocks[i - 1].tokens))):
       raise JaxPagedError(f"blocks[{i}] does not continue seq_id {seq}: its prefix tokens or salt "
@@ -504,8 +517,7 @@ def promote_arrays(spec, seq: int, held_tokens, salt: int, blocks):
   k = pad(np.stack([b.k for b in blocks])).transpose(1, 2, 0, 3, 4)
   v = pad(np.stack([b.v for b in blocks])).transpose(1, 2, 0, 3, 4)
   tokens = np.zeros(pages * ps, np.int32)
-  tokens[:len(blocks) * ps] = np.concatenate([np.asarray(b.tokens[-ps:], np.int32)
-                                              for b in blocks])
+  tokens[:len(blocks) * ps] = np.concatenate([b.tokens[-ps:] for b in blocks])
   lanes = jnp.asarray(np.array([salt & 0xFFFFFFFF, salt >> 32], np.uint32))
   return (jnp.int32(seq), jnp.int32(len(blocks) * ps), jnp.asarray(tokens), lanes,
           jnp.asarray(k), jnp.asarray(v), None)

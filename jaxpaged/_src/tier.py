@@ -27,6 +27,8 @@ import dataclasses
 import numbers
 from typing import Any, Callable, Hashable, Iterable, NamedTuple, Protocol
 
+import numpy as np
+
 from jaxpaged._src.spec import JaxPagedError
 
 
@@ -298,7 +300,10 @@ class TieredStore:
     return list(self._entries)
 
   def used(self, tier: int) -> int:
-    """Bytes held by ``tier``."""
+    """Bytes held by ``tier`` (its index, fastest first)."""
+    if isinstance(tier, bool) or not isinstance(tier, int) or not 0 <= tier < len(self.tiers):
+      raise TierError(f"TieredStore.used: tier must be an index in [0, {len(self.tiers)}), got "
+                      f"{tier!r}.")
     return self._used[tier]
 
   def _tick(self, key) -> int:
@@ -362,6 +367,8 @@ class TieredStore:
       raise self._unhashable("put", key) from None
     size = _byte_count("TieredStore.put", "size", size,
                        "pass the value's size in bytes, e.g. value.nbytes.")
+    if not isinstance(pinned, (bool, np.bool_)):
+      raise TierError(f"TieredStore.put: pinned must be True or False, got {pinned!r}.")
     pinned = bool(pinned)
     if all(size > t.capacity for t in self.tiers):
       raise TierError(f"entry {key!r} of {size} bytes is larger than every tier (largest "
@@ -443,7 +450,11 @@ class TieredStore:
 
   def should_promote(self, key) -> bool:
     """The policy's decision for a hit on ``key`` (changes nothing, even if the policy raises)."""
-    return self.policy.should_promote(key, self.access_stats(key))
+    answer = self.policy.should_promote(key, self.access_stats(key))
+    if not isinstance(answer, (bool, np.bool_)) and answer is not None:
+      raise TierError(f"{type(self.policy).__name__}.should_promote returned {answer!r}; it must "
+                      "return True or False.")
+    return bool(answer)
 
   def snapshot(self) -> TierSnapshot:
     """The whole state of the store, for `restore`: entries (value, size, tier, pinned,

@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from jaxpaged._src import checks
@@ -114,6 +115,13 @@ def write_kv(cache: PagedKVCache, layer, k, v, slots, *, impl: str = "auto",
     raise JaxPagedError(f"k and v must have the same shape, got {k.shape} and {v.shape}.")
   slots = checks.index_vector("slots", slots, k.shape[0], per="row of k: the slots `extend` "
                               "returned")
+  capacity = spec.num_pages * spec.page_size
+  if not checks.is_traced(slots) and (np.asarray(slots) >= capacity).any():
+    raise JaxPagedError(f"slots holds {np.asarray(slots)[np.asarray(slots) >= capacity][:4]}, "
+                        f"past the pool's {capacity} slots (num_pages * page_size): their K/V "
+                        "would be lost; pass the slots `extend` returned (-1 skips a row).")
+  if not isinstance(interpret, (bool, np.bool_)):
+    raise JaxPagedError(f"interpret must be a bool, got {interpret!r}.")
   impl = gpu.resolve_impl(impl)
   if k.shape[0] == 0:
     return cache

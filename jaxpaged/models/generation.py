@@ -8,7 +8,6 @@ a row that produced its end-of-sequence token becomes padding (its cache stops g
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
 import functools
 import time
@@ -19,9 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxpaged as jp
+from jaxpaged._src import checks
 from jaxpaged._src.gpu import IMPLS
-from jaxpaged._src.spec import SUPPORTED_DTYPES
-from jaxpaged.models.llama import DenseKVCache, LlamaConfig, forward
+from jaxpaged._src.spec import SUPPORTED_DTYPES, next_pow2
+from jaxpaged.models import llama
+from jaxpaged.models.llama import DenseKVCache, LlamaConfig, forward, param_shapes
 
 _INT64 = 1 << 63
 
@@ -30,45 +31,8 @@ _INT64 = 1 << 63
 # argument, what was expected, what was given and the fix.
 
 
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _check_int(name: str, value, *, minimum: int | None = None, below: int | None = None,
-               fix: str = "") -> int:
-  """``value`` as a Python int, if it is an int (NumPy ints too, bools not) in
-  ``[minimum, below)``."""
-  fix = f"; {fix}" if fix else ""
-  show = lambda n: (f"{'-' if n < 0 else ''}2**{abs(n).bit_length() - 1}"
-                    if abs(n) >= 1 << 32 and abs(n) & (abs(n) - 1) == 0 else str(n))
-  bounds = ("" if minimum is None and below is None else f" >= {show(minimum)}" if below is None
-            else f" < {show(below)}" if minimum is None
-            else f" in [{show(minimum)}, {show(below)})")
-  if not _is_int(value):
-    raise jp.JaxPagedError(f"{name} must be an int{bounds}, got {value!r} "
-                           f"({type(value).__name__}){fix}.")
-  if minimum is not None and value < minimum or below is not None and value >= below:
-    raise jp.JaxPagedError(f"{name} must be an int{bounds}, got {value}{fix}.")
-  return int(value)
-
-
-def _check_real(name: str, value) -> float:
-  """``value`` as a float, if it is an int or float (bools not)."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
-                                                                   np.floating)):
-    raise jp.JaxPagedError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
-  return float(value)
-
-
-def _check_bool(name: str, value) -> bool:
-  if not isinstance(value, (bool, np.bool_)):
-    raise jp.JaxPagedError(f"{name} must be True or False, got {value!r} "
-                           f"({type(value).__name__}).")
-  return bool(value)
-
-
 def _check_sampling(temperature, top_p) -> tuple[float, float]:
-  temperature, top_p = _check_real("temperature", temperature), _check_real("top_p", top_p)
+  temperature, top_p = checks.real("temperature", temperature), checks.real("top_p", top_p)
   if not (np.isfinite(temperature) and temperature >= 0):
     raise jp.JaxPagedError(f"temperature must be a finite number >= 0, got {temperature}; use 0 "
                            "for greedy decoding, or e.g. 0.7 to sample.")
@@ -78,104 +42,13 @@ def _check_sampling(temperature, top_p) -> tuple[float, float]:
   return temperature, top_p
 
 
-def _check_tokens(name: str, tokens, vocab_size: int, *, allow_empty: bool = False,
-                  where: str = "") -> list[int]:
-  """``tokens`` (a sequence of int token ids, NumPy ints and int arrays too) as a list of Python
-  ints, if every id is in ``[0, vocab_size)``. Messages start with ``where`` (e.g. "request 3:
-  ") and call the tokens ``name``."""
-  if isinstance(tokens, (str, bytes)):
-    raise jp.JaxPagedError(f"{where}{name} must be a sequence of int token ids, got text "
-                           f"({type(tokens).__name__}); encode it first (e.g. "
-                           "tokenizer.encode(text) of `jaxpaged.models.gguf.load`).")
-  try:
-    ids = np.asarray(tokens)
-  except (TypeError, ValueError) as e:
-    raise jp.JaxPagedError(f"{where}{name} must be a sequence of int token ids, got "
-                           f"{type(tokens).__name__} ({e}).") from e
-  if ids.ndim != 1:
-    raise jp.JaxPagedError(f"{where}{name} must be a flat sequence of int token ids, got "
-                           f"{type(tokens).__name__} of shape {ids.shape}; pass one list of ids.")
-  if ids.size == 0:
-    if allow_empty:
-      return []
-    raise jp.JaxPagedError(f"{where}{name} is empty; a prompt needs at least one token.")
-  not_an_id = (f" is not a token id of this model: ids must be in [0, {vocab_size}) "
-               "(config.vocab_size); encode the prompt with this model's tokenizer.")
-  if ids.dtype.kind not in "iu":
-    column = next((i for i, t in enumerate(tokens) if not _is_int(t)), None)
-    if column is None:  # ints too large for any NumPy int type
-      column = next(i for i, t in enumerate(tokens) if not 0 <= t < vocab_size)
-      raise jp.JaxPagedError(f"{where}{name}[{column}] = {tokens[column]}{not_an_id}")
-    raise jp.JaxPagedError(f"{where}{name} must hold int token ids, but {name}[{column}] is "
-                           f"{tokens[column]!r} ({type(tokens[column]).__name__}); pass token ids "
-                           "(ints), e.g. from tokenizer.encode(text).")
-  bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
-  if bad.size:
-    column = int(bad[0])
-    raise jp.JaxPagedError(f"{where}{name}[{column}] = {int(ids[column])}{not_an_id}")
-  return ids.tolist()
-
-
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
   if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple, np.ndarray)):
     raise jp.JaxPagedError(f"prompts must be a list of prompts (each a list of int token ids), "
                            f"got {type(prompts).__name__}.")
   if len(prompts) == 0:
     raise jp.JaxPagedError("prompts is empty; pass at least one prompt (a list of token ids).")
-  return [_check_tokens(f"prompts[{row}]", p, vocab_size) for row, p in enumerate(prompts)]
-
-
-def _check_config(config) -> LlamaConfig:
-  if not isinstance(config, LlamaConfig):
-    raise jp.JaxPagedError(f"config must be a jaxpaged.models.LlamaConfig (from "
-                           f"jaxpaged.models.gguf.load), got {type(config).__name__}.")
-  for name in ("vocab_size", "hidden", "num_layers", "num_heads", "num_kv_heads", "ffn"):
-    _check_int(f"config.{name}", getattr(config, name), minimum=1)
-  if config.hidden % config.num_heads or config.head_dim % 2:
-    raise jp.JaxPagedError(f"config.num_heads ({config.num_heads}) must divide config.hidden "
-                           f"({config.hidden}) into heads of an even size (rotary embeddings "
-                           "rotate pairs).")
-  if config.num_heads % config.num_kv_heads:
-    raise jp.JaxPagedError(f"config.num_kv_heads ({config.num_kv_heads}) must divide "
-                           f"config.num_heads ({config.num_heads}).")
-  return config
-
-
-def param_shapes(config: LlamaConfig) -> dict:
-  """The shape of every weight `jaxpaged.models.llama.forward` takes for ``config``, as the
-  params pytree (``unembed`` is optional: without it the embeddings are tied)."""
-  c = config
-  layers, hidden, kv = c.num_layers, c.hidden, c.num_kv_heads * c.head_dim
-  return {"embed": (c.vocab_size, hidden), "norm": (hidden,), "unembed": (hidden, c.vocab_size),
-          "layers": {"attn_norm": (layers, hidden), "ffn_norm": (layers, hidden),
-                     "wq": (layers, hidden, hidden), "wk": (layers, hidden, kv),
-                     "wv": (layers, hidden, kv), "wo": (layers, hidden, hidden),
-                     "w_gate": (layers, hidden, c.ffn), "w_up": (layers, hidden, c.ffn),
-                     "w_down": (layers, c.ffn, hidden)}}
-
-
-def _check_params(params, config: LlamaConfig) -> None:
-  """Whether ``params`` has every weight, with the shapes ``config`` implies."""
-  fix = "pass the params and config that belong together (jaxpaged.models.gguf.load returns both)"
-
-  def walk(tree, expected, path):
-    if not isinstance(tree, collections.abc.Mapping):
-      raise jp.JaxPagedError(f"{path} must be a dict of weights, got {type(tree).__name__}; {fix}.")
-    for key, shape in expected.items():
-      where = f"{path}[{key!r}]"
-      if key not in tree:
-        if key == "unembed":
-          continue
-        raise jp.JaxPagedError(f"{where} is missing; {fix}.")
-      if isinstance(shape, dict):
-        walk(tree[key], shape, where)
-      elif tuple(getattr(tree[key], "shape", ())) != shape:
-        raise jp.JaxPagedError(
-            f"{where} has shape {tuple(getattr(tree[key], 'shape', ()))} but config (vocab "
-            f"{config.vocab_size}, hidden {config.hidden}, {config.num_layers} layers, "
-            f"{config.num_heads}/{config.num_kv_heads} heads, ffn {config.ffn}) needs {shape}; "
-            f"{fix}.")
-  walk(params, param_shapes(config), "params")
+  return [llama.check_tokens(f"prompts[{row}]", p, vocab_size) for row, p in enumerate(prompts)]
 
 
 def _check_cache(cache, config: LlamaConfig) -> int:
@@ -194,6 +67,15 @@ def _check_cache(cache, config: LlamaConfig) -> int:
     raise jp.JaxPagedError(f"cache holds (layers, KV heads, head size) {shape} but the model has "
                            f"{want}; make it with config.cache_spec(...) of this config.")
   return slots
+
+
+def _chunk(prefill_chunk, prompts) -> int:
+  """The prefill chunk (a static shape): at most the prompts' tokens, rounded up to a power of
+  two (so a huge chunk allocates nothing, and few shapes compile)."""
+  prefill_chunk = checks.integer("prefill_chunk", prefill_chunk, minimum=1,
+                                 below=checks.INT32_MAX,
+                                 fix="pass the prompt tokens computed per call, e.g. 256")
+  return min(prefill_chunk, next_pow2(sum(map(len, prompts))))
 
 
 def sample(logits, key, *, temperature: float, top_p: float):
@@ -285,12 +167,11 @@ def prefill(params, config: LlamaConfig, cache, seq_ids: list[int], prompts: lis
       pages, a prompt longer than a sequence holds); checked before the cache is touched, so
       the cache passed in is still valid (it is donated only once the call goes ahead).
   """
-  config = _check_config(config)
-  _check_params(params, config)
+  config = llama.check_config(config)
+  llama.check_params(params, config)
   prompts = _check_prompts(prompts, config.vocab_size)
   slots = _check_cache(cache, config)
-  prefill_chunk = _check_int("prefill_chunk", prefill_chunk, minimum=1,
-                             fix="pass the prompt tokens computed per call, e.g. 256")
+  prefill_chunk = _chunk(prefill_chunk, prompts)
   if impl not in IMPLS:
     raise jp.JaxPagedError(f"impl must be one of {IMPLS}, got {impl!r}.")
   if progress is not None and not callable(progress):
@@ -299,8 +180,9 @@ def prefill(params, config: LlamaConfig, cache, seq_ids: list[int], prompts: lis
   if isinstance(seq_ids, (str, bytes)) or not isinstance(seq_ids, (list, tuple, np.ndarray)):
     raise jp.JaxPagedError(f"seq_ids must be a list of ints (a sequence slot per prompt), got "
                            f"{type(seq_ids).__name__}.")
-  seq_ids = [_check_int(f"seq_ids[{row}]", s, minimum=0, below=slots,
-                        fix="pass a sequence slot of the cache") for row, s in enumerate(seq_ids)]
+  seq_ids = [checks.integer(f"seq_ids[{row}]", s, minimum=0, below=slots,
+                            fix="pass a sequence slot of the cache")
+             for row, s in enumerate(seq_ids)]
   if len(seq_ids) != len(prompts):
     raise jp.JaxPagedError(f"seq_ids has {len(seq_ids)} entries for {len(prompts)} prompts; pass "
                            "one sequence slot per prompt.")
@@ -403,23 +285,26 @@ def generate(params, config: LlamaConfig, prompts: list[list[int]], *, max_new_t
   Raises:
     JaxPagedError: for a bad argument, before anything runs.
   """
-  config = _check_config(config)
-  _check_params(params, config)
+  config = llama.check_config(config)
+  llama.check_params(params, config)
   prompts = _check_prompts(prompts, config.vocab_size)
-  max_new_tokens = _check_int("max_new_tokens", max_new_tokens, minimum=0,
-                              fix="pass how many tokens to generate per prompt (0: prefill only)")
-  eos_id = _check_int("eos_id", eos_id, minimum=0, below=config.vocab_size,
-                      fix="pass the tokenizer's end-of-sequence id (tokenizer.eos_token_id)")
+  max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, minimum=0,
+                                  fix="pass how many tokens to generate per prompt (0: prefill "
+                                  "only)")
+  eos_id = checks.integer("eos_id", eos_id, minimum=0, below=config.vocab_size,
+                          fix="pass the tokenizer's end-of-sequence id (tokenizer.eos_token_id)")
   temperature, top_p = _check_sampling(temperature, top_p)
-  seed = _check_int("seed", seed, minimum=-_INT64, below=_INT64)
-  page_size = _check_int("page_size", page_size, minimum=1,
-                         fix="pass the tokens per cache page, e.g. 16")
-  prefill_chunk = _check_int("prefill_chunk", prefill_chunk, minimum=1,
-                             fix="pass the prompt tokens computed per call, e.g. 256")
-  steps_per_call = _check_int("steps_per_call", steps_per_call, minimum=1,
-                              fix="pass the decode steps per jitted call, e.g. 8")
-  dense_cache = _check_bool("dense_cache", dense_cache)
-  prefix_caching = _check_bool("prefix_caching", prefix_caching)
+  seed = checks.integer("seed", seed, minimum=-_INT64, below=_INT64)
+  page_size = checks.integer("page_size", page_size, minimum=1,
+                             fix="pass the tokens per cache page, e.g. 16")
+  prefill_chunk = _chunk(prefill_chunk, prompts)
+  # Steps past the token budget would only run padding rows: no more than it (a static shape).
+  steps_per_call = min(checks.integer("steps_per_call", steps_per_call, minimum=1,
+                                      below=checks.INT32_MAX,
+                                      fix="pass the decode steps per jitted call, e.g. 8"),
+                       max(max_new_tokens, 1))
+  dense_cache = checks.flag("dense_cache", dense_cache)
+  prefix_caching = checks.flag("prefix_caching", prefix_caching)
   if dense_cache and prefix_caching:
     raise jp.JaxPagedError("prefix_caching=True needs the paged cache; pass dense_cache=False "
                            "(the dense baseline caches no prefix).")

@@ -18,7 +18,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
+import collections.abc
+
+import numpy as np
+
 import jaxpaged as jp
+from jaxpaged._src import checks
 from jaxpaged._src.cache import token_rows
 
 
@@ -66,6 +71,99 @@ def rope(x, positions, theta):
   even, odd = x[..., 0::2].astype(jnp.float32), x[..., 1::2].astype(jnp.float32)
   return jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1).reshape(
       x.shape).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def check_config(config) -> LlamaConfig:
+  if not isinstance(config, LlamaConfig):
+    raise jp.JaxPagedError(f"config must be a jaxpaged.models.LlamaConfig (from "
+                           f"jaxpaged.models.gguf.load), got {type(config).__name__}.")
+  for name in ("vocab_size", "hidden", "num_layers", "num_heads", "num_kv_heads", "ffn"):
+    checks.integer(f"config.{name}", getattr(config, name), minimum=1)
+  if config.hidden % config.num_heads or config.head_dim % 2:
+    raise jp.JaxPagedError(f"config.num_heads ({config.num_heads}) must divide config.hidden "
+                           f"({config.hidden}) into heads of an even size (rotary embeddings "
+                           "rotate pairs).")
+  if config.num_heads % config.num_kv_heads:
+    raise jp.JaxPagedError(f"config.num_kv_heads ({config.num_kv_heads}) must divide "
+                           f"config.num_heads ({config.num_heads}).")
+  return config
+
+
+def param_shapes(config: LlamaConfig) -> dict:
+  """The shape of every weight `jaxpaged.models.llama.forward` takes for ``config``, as the
+  params pytree (``unembed`` is optional: without it the embeddings are tied)."""
+  c = config
+  layers, hidden, kv = c.num_layers, c.hidden, c.num_kv_heads * c.head_dim
+  return {"embed": (c.vocab_size, hidden), "norm": (hidden,), "unembed": (hidden, c.vocab_size),
+          "layers": {"attn_norm": (layers, hidden), "ffn_norm": (layers, hidden),
+                     "wq": (layers, hidden, hidden), "wk": (layers, hidden, kv),
+                     "wv": (layers, hidden, kv), "wo": (layers, hidden, hidden),
+                     "w_gate": (layers, hidden, c.ffn), "w_up": (layers, hidden, c.ffn),
+                     "w_down": (layers, c.ffn, hidden)}}
+
+
+def check_params(params, config: LlamaConfig) -> None:
+  """Whether ``params`` has every weight, with the shapes ``config`` implies."""
+  fix = "pass the params and config that belong together (jaxpaged.models.gguf.load returns both)"
+
+  def walk(tree, expected, path):
+    if not isinstance(tree, collections.abc.Mapping):
+      raise jp.JaxPagedError(f"{path} must be a dict of weights, got {type(tree).__name__}; {fix}.")
+    for key, shape in expected.items():
+      where = f"{path}[{key!r}]"
+      if key not in tree:
+        if key == "unembed":
+          continue
+        raise jp.JaxPagedError(f"{where} is missing; {fix}.")
+      if isinstance(shape, dict):
+        walk(tree[key], shape, where)
+      elif tuple(getattr(tree[key], "shape", ())) != shape:
+        raise jp.JaxPagedError(
+            f"{where} has shape {tuple(getattr(tree[key], 'shape', ()))} but config (vocab "
+            f"{config.vocab_size}, hidden {config.hidden}, {config.num_layers} layers, "
+            f"{config.num_heads}/{config.num_kv_heads} heads, ffn {config.ffn}) needs {shape}; "
+            f"{fix}.")
+  walk(params, param_shapes(config), "params")
+
+
+def check_tokens(name: str, tokens, vocab_size: int, *, allow_empty: bool = False,
+                  where: str = "") -> list[int]:
+  """``tokens`` (a sequence of int token ids, NumPy ints and int arrays too) as a list of Python
+  ints, if every id is in ``[0, vocab_size)``. Messages start with ``where`` (e.g. "request 3:
+  ") and call the tokens ``name``."""
+  if isinstance(tokens, (str, bytes)):
+    raise jp.JaxPagedError(f"{where}{name} must be a sequence of int token ids, got text "
+                           f"({type(tokens).__name__}); encode it first (e.g. "
+                           "tokenizer.encode(text) of `jaxpaged.models.gguf.load`).")
+  try:
+    ids = np.asarray(tokens)
+  except (TypeError, ValueError) as e:
+    raise jp.JaxPagedError(f"{where}{name} must be a sequence of int token ids, got "
+                           f"{type(tokens).__name__} ({e}).") from e
+  if ids.ndim != 1:
+    raise jp.JaxPagedError(f"{where}{name} must be a flat sequence of int token ids, got "
+                           f"{type(tokens).__name__} of shape {ids.shape}; pass one list of ids.")
+  if ids.size == 0:
+    if allow_empty:
+      return []
+    raise jp.JaxPagedError(f"{where}{name} is empty; a prompt needs at least one token.")
+  not_an_id = (f" is not a token id of this model: ids must be in [0, {vocab_size}) "
+               "(config.vocab_size); encode the prompt with this model's tokenizer.")
+  if ids.dtype.kind not in "iu":
+    column = next((i for i, t in enumerate(tokens) if not checks.is_int(t)), None)
+    if column is None:  # ints too large for any NumPy int type
+      column = next(i for i, t in enumerate(tokens) if not 0 <= t < vocab_size)
+      raise jp.JaxPagedError(f"{where}{name}[{column}] = {tokens[column]}{not_an_id}")
+    raise jp.JaxPagedError(f"{where}{name} must hold int token ids, but {name}[{column}] is "
+                           f"{tokens[column]!r} ({type(tokens[column]).__name__}); pass token ids "
+                           "(ints), e.g. from tokenizer.encode(text).")
+  bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+  if bad.size:
+    column = int(bad[0])
+    raise jp.JaxPagedError(f"{where}{name}[{column}] = {int(ids[column])}{not_an_id}")
+  return ids.tolist()
 
 
 # ----------------------------------------------------------------------------- dense baseline
@@ -130,7 +228,22 @@ def forward(params, cache, tokens, seq_ids, q_lens, *, config: LlamaConfig, deco
   Returns:
     ``(cache, logits, ok)``: ``logits [B, vocab]`` float32 at each row's last new token;
     ``ok`` False if the cache refused the tokens (then nothing was appended).
+
+  Raises:
+    JaxPagedError: a config or params that do not go together, tokens that are not a 1-D
+      integer array, or (when their values are known) token ids outside the vocabulary.
   """
+  config = check_config(config)
+  check_params(params, config)
+  if not isinstance(cache, (jp.PagedKVCache, DenseKVCache)):
+    raise jp.JaxPagedError(f"cache must be a jaxpaged.PagedKVCache or a DenseKVCache, got "
+                           f"{type(cache).__name__}.")
+  tokens = checks.token_ids("tokens", tokens, ndim=1)
+  if not checks.is_traced(tokens):
+    bad = np.flatnonzero((np.asarray(tokens) < 0) | (np.asarray(tokens) >= config.vocab_size))
+    if bad.size:
+      raise jp.JaxPagedError(f"tokens[{int(bad[0])}] = {int(tokens[bad[0]])} is not a token id "
+                             f"of this model: ids must be in [0, {config.vocab_size}).")
   num_tokens = tokens.shape[0]
   paged = isinstance(cache, jp.PagedKVCache)
   if paged:

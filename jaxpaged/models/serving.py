@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxpaged as jp
+from jaxpaged._src import checks
 from jaxpaged._src.spec import next_pow2
-from jaxpaged.models.generation import (_check_bool, _check_config, _check_int, _check_params,
-                                        _check_tokens)
+from jaxpaged.models import llama
 from jaxpaged.models.llama import LlamaConfig, forward
 
 _SALTS = 1 << 64  # salts are 64-bit: [0, 2**64)
@@ -203,27 +203,32 @@ class Server:
                max_seqs: int = 16, page_size: int = 16, max_seq_len: int = 1024,
                token_budget: int = 128, prefix_caching: bool = True, host_bytes: int = 1 << 30,
                cache_dtype=jnp.float32):
-    config = _check_config(config)
-    _check_params(params, config)
-    eos_id = _check_int("eos_id", eos_id, minimum=0, below=config.vocab_size,
-                        fix="pass the tokenizer's end-of-sequence id (tokenizer.eos_token_id)")
-    num_pages = _check_int("num_pages", num_pages, minimum=1,
-                           fix="pass the size of the device pool in pages")
-    max_seqs = _check_int("max_seqs", max_seqs, minimum=1,
-                          fix="pass how many sequences may be in flight")
-    page_size = _check_int("page_size", page_size, minimum=1, fix="pass tokens per page, e.g. 16")
-    max_seq_len = _check_int("max_seq_len", max_seq_len, minimum=1,
-                             fix="pass the longest sequence (prompt plus answer) in tokens")
-    token_budget = _check_int("token_budget", token_budget, minimum=1,
-                              fix="pass the most tokens one step feeds, e.g. 128")
+    config = llama.check_config(config)
+    llama.check_params(params, config)
+    eos_id = checks.integer("eos_id", eos_id, minimum=0, below=config.vocab_size,
+                            fix="pass the tokenizer's end-of-sequence id (tokenizer.eos_token_id)")
+    num_pages = checks.integer("num_pages", num_pages, minimum=1,
+                               fix="pass the size of the device pool in pages")
+    max_seqs = checks.integer("max_seqs", max_seqs, minimum=1,
+                              fix="pass how many sequences may be in flight")
+    page_size = checks.integer("page_size", page_size, minimum=1,
+                               fix="pass tokens per page, e.g. 16")
+    max_seq_len = checks.integer("max_seq_len", max_seq_len, minimum=1,
+                                 fix="pass the longest sequence (prompt plus answer) in tokens")
+    token_budget = checks.integer("token_budget", token_budget, minimum=1,
+                                  fix="pass the most tokens one step feeds, e.g. 128")
+    if token_budget > max_seqs * max_seq_len:
+      raise jp.JaxPagedError(
+          f"token_budget must be at most max_seqs * max_seq_len = {max_seqs * max_seq_len} (no "
+          f"step can feed more), got {token_budget}; e.g. 128.")
     if token_budget & (token_budget - 1) or token_budget < max_seqs:
       raise jp.JaxPagedError(
           f"token_budget must be a power of two >= max_seqs ({max_seqs}), got {token_budget}; "
           f"e.g. {max(next_pow2(token_budget), next_pow2(max_seqs))} (each step feeds every "
           "running sequence a token, then prompt chunks).")
-    prefix_caching = _check_bool("prefix_caching", prefix_caching)
-    host_bytes = _check_int("host_bytes", host_bytes, minimum=0,
-                            fix="pass the host RAM for swapped sequences in bytes (0: none)")
+    prefix_caching = checks.flag("prefix_caching", prefix_caching)
+    host_bytes = checks.integer("host_bytes", host_bytes, minimum=0,
+                                fix="pass the host RAM for swapped sequences in bytes (0: none)")
     self.params, self.config, self.eos_id = params, config, eos_id
     self.spec = dataclasses.replace(
         config.cache_spec(num_pages=num_pages, max_seqs=max_seqs, max_seq_len=max_seq_len,
@@ -262,7 +267,7 @@ class Server:
       progress: called with a line of text every few steps.
     """
     self._validate(requests)
-    realtime = _check_bool("realtime", realtime)
+    realtime = checks.flag("realtime", realtime)
     if progress is not None and not callable(progress):
       raise jp.JaxPagedError(f"progress must be a callable taking a str, or None, got "
                              f"{type(progress).__name__}.")
@@ -427,19 +432,19 @@ class Server:
       if not isinstance(r, Request):
         raise jp.JaxPagedError(f"{where} must be a serving.Request, got {type(r).__name__}.")
       if r.follows is not None:
-        _check_int(f"{where}: follows", r.follows, minimum=0,
-                   fix="pass the index of an earlier request, or None")
+        checks.integer(f"{where}: follows", r.follows, minimum=0,
+                       fix="pass the index of an earlier request, or None")
         if r.follows >= i:
           earlier = f"an index in [0, {i})" if i else "request 0 has none"
           raise jp.JaxPagedError(f"{where}: follows={r.follows} must name an earlier request "
                                  f"({earlier}), or be None for a first turn.")
-      prompt = _check_tokens("prompt", r.prompt, self.config.vocab_size,
-                             allow_empty=r.follows is not None, where=f"{where}: ")
-      _check_int(f"{where}: max_new_tokens", r.max_new_tokens, minimum=1,
-                 fix="a request generates at least one token")
+      prompt = llama.check_tokens("prompt", r.prompt, self.config.vocab_size,
+                                  allow_empty=r.follows is not None, where=f"{where}: ")
+      checks.integer(f"{where}: max_new_tokens", r.max_new_tokens, minimum=1,
+                     fix="a request generates at least one token")
       _check_time(f"{where}: arrival", r.arrival)
-      _check_int(f"{where}: salt", r.salt, minimum=0, below=_SALTS,
-                 fix="salts are 64-bit: use e.g. a tenant id, or hash it to 64 bits")
+      checks.integer(f"{where}: salt", r.salt, minimum=0, below=_SALTS,
+                     fix="salts are 64-bit: use e.g. a tenant id, or hash it to 64 bits")
       history = 0 if r.follows is None else lengths[r.follows] + 1
       lengths.append(history + len(prompt) + r.max_new_tokens)
       if lengths[-1] > min(spec.max_seq_len, spec.num_pages * spec.page_size):
@@ -483,10 +488,10 @@ def chat_workload(tokenizer, *, num_requests: int = 16, max_new_tokens: int = 32
   (seconds, or steps under the step clock); every ``follow_up_every``-th request gets a second
   turn (a follow-up question asked ``mean_gap`` after its answer), which extends the first turn's
   prompt and answer. Returns first turns then follow-ups (``follows`` points back)."""
-  num_requests = _check_int("num_requests", num_requests, minimum=1)
-  max_new_tokens = _check_int("max_new_tokens", max_new_tokens, minimum=1)
-  follow_up_every = _check_int("follow_up_every", follow_up_every, minimum=1,
-                               fix="e.g. 4: every fourth request gets a second turn")
+  num_requests = checks.integer("num_requests", num_requests, minimum=1)
+  max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, minimum=1)
+  follow_up_every = checks.integer("follow_up_every", follow_up_every, minimum=1,
+                                   fix="e.g. 4: every fourth request gets a second turn")
   mean_gap = _check_time("mean_gap", mean_gap)
   rng = np.random.default_rng(seed)
   arrivals = np.cumsum(rng.exponential(mean_gap, num_requests)) - mean_gap
