@@ -13,7 +13,6 @@ per call, no recompilation per step) that stops each row at its end-of-sequence 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
@@ -21,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxpaged as jp
-from jaxpaged.models import generation, gguf
+from jaxpaged.models import cli, generation, gguf
 
 EXAMPLE_PROMPTS = (
     "What is the capital of France?",
@@ -31,50 +30,6 @@ EXAMPLE_PROMPTS = (
 )
 
 
-def int_at_least(minimum: int):
-  """An argparse type: an int >= ``minimum`` (a bad value exits with status 2 and a message)."""
-  def parse(text: str) -> int:
-    try:
-      value = int(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < minimum:
-      raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-    return value
-  return parse
-
-
-def number(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-  if not math.isfinite(value):
-    raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-  return value
-
-
-def temperature(text: str) -> float:
-  value = number(text)
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {value}")
-  return value
-
-
-def top_p(text: str) -> float:
-  value = number(text)
-  if not 0 < value <= 1:
-    raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-  return value
-
-
-def seed(text: str) -> int:
-  value = int_at_least(-(1 << 63))(text)
-  if value >= 1 << 63:
-    raise argparse.ArgumentTypeError(f"must be < 2**63, got {value}")
-  return value
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -82,13 +37,14 @@ def main(argv=None) -> int:
   parser.add_argument("prompts", nargs="*", help="user messages (default: built-in examples)")
   parser.add_argument("--gguf", help="a Llama-family GGUF file (default: SmolLM2-135M-Instruct)")
   parser.add_argument("--system", help="system message (default: the chat template's)")
-  parser.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
-  parser.add_argument("--temperature", type=temperature, default=0.0,
+  parser.add_argument("--max-new-tokens", type=cli.integer(1), default=64)
+  parser.add_argument("--temperature", type=cli.number(0, note=" (0 = greedy)"), default=0.0,
                       help="0 = greedy (default)")
-  parser.add_argument("--top-p", type=top_p, default=1.0, help="in (0, 1]")
-  parser.add_argument("--seed", type=seed, default=0)
-  parser.add_argument("--page-size", type=int_at_least(1), default=16)
-  parser.add_argument("--steps-per-call", type=int_at_least(1), default=8,
+  parser.add_argument("--top-p", type=cli.number(0, 1, above_minimum=True), default=1.0,
+                      help="in (0, 1]")
+  parser.add_argument("--seed", type=cli.integer(-(1 << 63), 1 << 63), default=0)
+  parser.add_argument("--page-size", type=cli.integer(1), default=16)
+  parser.add_argument("--steps-per-call", type=cli.integer(1), default=8,
                       help="decode steps per jitted call")
   args = parser.parse_args(argv)  # bad values: a usage message and exit status 2
 

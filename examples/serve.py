@@ -16,7 +16,6 @@ outgrows the pool, and resume with the same output. The loop itself is
 from __future__ import annotations
 
 import argparse
-import math
 import pathlib
 import sys
 import time
@@ -25,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxpaged as jp
-from jaxpaged.models import gguf, serving
+from jaxpaged.models import cli, gguf, serving
 
 
 def plot(report: serving.Report, path: pathlib.Path) -> bool:
@@ -58,57 +57,27 @@ def plot(report: serving.Report, path: pathlib.Path) -> bool:
   return True
 
 
-def int_at_least(minimum: int):
-  """An argparse type: an int >= ``minimum`` (a bad value exits with status 2 and a message)."""
-  def parse(text: str) -> int:
-    try:
-      value = int(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < minimum:
-      raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-    return value
-  return parse
-
-
-def power_of_two(text: str) -> int:
-  value = int_at_least(1)(text)
-  if value & (value - 1):
-    raise argparse.ArgumentTypeError(f"must be a power of two, got {value}")
-  return value
-
-
-def gap(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-  if not (math.isfinite(value) and value >= 0):
-    raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-  return value
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog="\n".join(__doc__.splitlines()[2:]))
   parser.add_argument("--gguf", help="a Llama-family GGUF file (default: SmolLM2-135M-Instruct)")
-  parser.add_argument("--requests", type=int_at_least(1), default=16,
+  parser.add_argument("--requests", type=cli.integer(1), default=16,
                       help="first turns in the workload")
-  parser.add_argument("--max-new-tokens", type=int_at_least(1), default=32)
-  parser.add_argument("--mean-gap", type=gap, default=0.25,
+  parser.add_argument("--max-new-tokens", type=cli.integer(1), default=32)
+  parser.add_argument("--mean-gap", type=cli.number(0), default=0.25,
                       help="mean time between arrivals (seconds, or steps with --step-clock)")
-  parser.add_argument("--pages", type=int_at_least(1), default=40, help="device pool, in pages")
-  parser.add_argument("--page-size", type=int_at_least(1), default=16)
-  parser.add_argument("--max-seqs", type=int_at_least(1), default=16, help="sequences in flight")
-  parser.add_argument("--token-budget", type=power_of_two, default=128,
+  parser.add_argument("--pages", type=cli.integer(1), default=40, help="device pool, in pages")
+  parser.add_argument("--page-size", type=cli.integer(1), default=16)
+  parser.add_argument("--max-seqs", type=cli.integer(1), default=16, help="sequences in flight")
+  parser.add_argument("--token-budget", type=cli.power_of_two, default=128,
                       help="most tokens per step: a power of two >= --max-seqs")
   parser.add_argument("--no-prefix-caching", action="store_true")
   parser.add_argument("--step-clock", action="store_true",
                       help="count time in model steps: a reproducible schedule")
   parser.add_argument("--plot", type=pathlib.Path, default=pathlib.Path("serve.png"),
                       help="where to write the PNG (needs matplotlib)")
-  parser.add_argument("--show", type=int_at_least(0), default=4, help="answers to print")
+  parser.add_argument("--show", type=cli.integer(0), default=4, help="answers to print")
   args = parser.parse_args(argv)  # bad values: a usage message and exit status 2
   if args.token_budget < args.max_seqs:
     parser.error(f"argument --token-budget: must be >= --max-seqs ({args.max_seqs}), got "

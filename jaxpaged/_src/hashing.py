@@ -137,7 +137,7 @@ def block_hashes_numpy(tokens, page_size: int, salt: int = 0, hash_fn: str = "mi
     salt: the request's salt, an int in ``[0, 2**64)``.
     hash_fn: the cache's ``CacheSpec.block_hash``.
 
-  >>> block_hashes([1, 2, 3, 4, 5], page_size=2).shape
+  >>> block_hashes_numpy([1, 2, 3, 4, 5], page_size=2).shape
   (2, 2)
   """
   from jaxpaged._src import checks  # pylint: disable=g-import-not-at-top

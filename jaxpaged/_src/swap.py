@@ -65,6 +65,7 @@ def block_key(page_hash) -> int:
   """The 64-bit host key of a chained block hash (``uint32[2]``, as `jaxpaged.block_hashes`
   and the device compute it).
 
+  >>> from jaxpaged import block_hashes
   >>> block_key(block_hashes([1, 2, 3, 4], page_size=4)[0]) > 0
   True
   """

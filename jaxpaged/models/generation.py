@@ -208,6 +208,8 @@ def prefill(params, config: LlamaConfig, cache, seq_ids: list[int], prompts: lis
           f"take {capacity - n} more ({capacity}, {what}, minus {n} held); build the cache for "
           "longer sequences or shorten the prompt.")
   batch = len(prompts)
+  # A chunk fills at most every row to its capacity (the cache refuses wider calls).
+  prefill_chunk = min(prefill_chunk, batch * capacity)
   ids = jnp.asarray(seq_ids, jnp.int32)
   fed = [0] * batch
   if paged:
