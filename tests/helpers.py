@@ -96,3 +96,18 @@ def key_values(tokens):
     h = (h * 31 + t + 1) % 65521
     values.append(float(h))
   return np.asarray(values, np.float32)
+
+
+def assert_usage_error(capsys, script: str, argv, message: str):
+  """Runs ``examples/<script>``'s ``main(argv)`` and checks that argparse refused it: exit status
+  2, a usage line and ``error: <message>``, no traceback."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import runpy  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(__file__).parent.parent / "examples" / script
+  module = runpy.run_path(str(path), run_name="usage-test")
+  with pytest.raises(SystemExit) as exit_:
+    module["main"](list(argv))
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("usage: ") and f"error: {message}\n" in err and "Traceback" not in err

@@ -14,6 +14,7 @@ import pytest
 
 import jaxpaged as jp
 from jaxpaged.models import DenseKVCache, LlamaConfig, generation, gguf
+from tests import helpers
 
 ROOT = pathlib.Path(__file__).parent.parent
 # Four chat prompts of different lengths whose answers run past 48 tokens.
@@ -472,12 +473,7 @@ BAD_GENERATE_OPTIONS = [
 @pytest.mark.parametrize("options, message", BAD_GENERATE_OPTIONS,
                          ids=[" ".join(o) for o, _ in BAD_GENERATE_OPTIONS])
 def test_generate_cli_refuses_bad_options_with_a_usage_error(capsys, options, message):
-  module = runpy.run_path(str(ROOT / "examples" / "generate.py"), run_name="cli")
-  with pytest.raises(SystemExit) as exit_:
-    module["main"](options + ["Hello"])
-  assert exit_.value.code == 2
-  err = capsys.readouterr().err
-  assert err.startswith("usage: ") and f"error: {message}\n" in err and "Traceback" not in err
+  helpers.assert_usage_error(capsys, "generate.py", options + ["Hello"], message)
 
 
 def test_generate_cli_reports_a_bad_model_file(capsys, tmp_path):

@@ -16,6 +16,7 @@ import pytest
 
 import jaxpaged as jp
 from jaxpaged.models import generation, gguf, serving
+from tests import helpers
 from tests.test_model import tiny_model
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -292,7 +293,8 @@ BAD_SERVE_OPTIONS = [
     (["--max-seqs", "0"], "argument --max-seqs: must be >= 1, got 0"),
     (["--token-budget", "48"], "argument --token-budget: must be a power of two, got 48"),
     (["--max-seqs", "32", "--token-budget", "16"],
-     "argument --token-budget: must be >= --max-seqs (32), got 16"),
+     "argument --token-budget: must be >= --max-seqs (32), got 16 (each step feeds every "
+     "running sequence a token)"),
     (["--mean-gap", "-1"], "argument --mean-gap: must be a finite number >= 0, got '-1'"),
     (["--mean-gap", "inf"], "argument --mean-gap: must be a finite number >= 0, got 'inf'"),
     (["--show", "-2"], "argument --show: must be >= 0, got -2"),
@@ -302,12 +304,7 @@ BAD_SERVE_OPTIONS = [
 @pytest.mark.parametrize("options, message", BAD_SERVE_OPTIONS,
                          ids=[" ".join(o) for o, _ in BAD_SERVE_OPTIONS])
 def test_serve_example_refuses_bad_options_with_a_usage_error(capsys, options, message):
-  module = runpy.run_path(str(ROOT / "examples" / "serve.py"), run_name="example")
-  with pytest.raises(SystemExit) as exit_:
-    module["main"](options)
-  assert exit_.value.code == 2
-  err = capsys.readouterr().err
-  assert err.startswith("usage: ") and f"error: {message}" in err and "Traceback" not in err
+  helpers.assert_usage_error(capsys, "serve.py", options, message)
 
 
 def test_serve_example_runs(capsys, monkeypatch, tmp_path, workload):
