@@ -63,7 +63,7 @@ def run(quick: bool = False) -> list[Row]:
 
     def ours(dense, prompts=prompts):
       result = generation.generate(params, config, prompts, max_new_tokens=new_tokens,
-                                   eos_id=-1, dense_cache=dense)  # -1: never stop early
+                                   eos_id=None, dense_cache=dense)  # fixed length
       assert result.decode_tokens == tokens
       return result.decode_seconds
 

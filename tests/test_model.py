@@ -2,6 +2,7 @@
 implementation loading the same GGUF file), with a dense-cache run of the same model, and the
 CLI end to end."""
 
+import collections
 import dataclasses
 import functools
 import pathlib
@@ -407,6 +408,19 @@ def test_generate_with_zero_new_tokens_only_prefills(tiny):
   assert np.abs(none.first_logits).sum() > 0
   np.testing.assert_allclose(none.first_logits, one.first_logits, rtol=1e-6)
   assert none.peak_pages == sum(-(-len(p) // 16) for p in prompts)  # the prompts are cached
+
+
+def test_generate_without_eos_runs_every_row_to_its_budget(tiny):
+  """eos_id=None: every row gets exactly max_new_tokens; with an eos_id, each row is the same
+  run cut before that token's first occurrence (greedy, so both runs produce the same tokens)."""
+  config, params = tiny
+  prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
+  free = generation.generate(params, config, prompts, max_new_tokens=12, eos_id=None)
+  assert [len(t) for t in free.tokens] == [12, 12, 12]
+  assert free.decode_tokens == 3 * 11
+  eos = collections.Counter(t for row in free.tokens for t in row).most_common(1)[0][0]
+  stopped = generation.generate(params, config, prompts, max_new_tokens=12, eos_id=eos)
+  assert stopped.tokens == [row[:row.index(eos)] if eos in row else row for row in free.tokens]
 
 
 def test_prefill_refuses_bad_arguments(tiny):

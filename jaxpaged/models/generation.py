@@ -25,6 +25,7 @@ from jaxpaged.models import llama
 from jaxpaged.models.llama import DenseKVCache, LlamaConfig, forward, param_shapes
 
 _INT64 = 1 << 63
+_NO_EOS = -1  # eos_id=None: no produced token (all >= 0) equals it, so no row stops early
 
 # ----------------------------------------------------------------------------- argument checks
 # Shared with `jaxpaged.models.serving`. Every check raises `jaxpaged.JaxPagedError` naming the
@@ -261,7 +262,7 @@ def prefill(params, config: LlamaConfig, cache, seq_ids: list[int], prompts: lis
 
 
 def generate(params, config: LlamaConfig, prompts: list[list[int]], *, max_new_tokens: int,
-             eos_id: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             eos_id: int | None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              page_size: int = 16, prefill_chunk: int = 256, steps_per_call: int = 8,
              cache_dtype=jnp.float32, impl: str = "auto", dense_cache: bool = False,
              prefix_caching: bool = False,
@@ -274,7 +275,8 @@ def generate(params, config: LlamaConfig, prompts: list[list[int]], *, max_new_t
       each id in ``[0, config.vocab_size)``.
     max_new_tokens: an int >= 0; 0 only prefills: every row gets no new token, and
       ``first_logits`` (the logits at each prompt's last token) are still computed.
-    eos_id: a row stops when it produces this token (an id in the vocabulary).
+    eos_id: a row stops when it produces this token (an id in the vocabulary); None: rows never
+      stop early, every row gets exactly ``max_new_tokens`` (fixed-length runs, benchmarks).
     temperature, top_p, seed: sampling: temperature >= 0 (0 = greedy), top_p in (0, 1], seed an
       int.
     page_size, prefill_chunk, steps_per_call: cache page size, prefill tokens per call (static
@@ -293,8 +295,12 @@ def generate(params, config: LlamaConfig, prompts: list[list[int]], *, max_new_t
   max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, minimum=0,
                                   fix="pass how many tokens to generate per prompt (0: prefill "
                                   "only)")
-  eos_id = checks.integer("eos_id", eos_id, minimum=0, below=config.vocab_size,
-                          fix="pass the tokenizer's end-of-sequence id (tokenizer.eos_token_id)")
+  if eos_id is None:
+    eos_id = _NO_EOS
+  else:
+    eos_id = checks.integer("eos_id", eos_id, minimum=0, below=config.vocab_size,
+                            fix="pass the tokenizer's end-of-sequence id (tokenizer.eos_token_id), "
+                            "or None to never stop early")
   temperature, top_p = _check_sampling(temperature, top_p)
   seed = checks.integer("seed", seed, minimum=-_INT64, below=_INT64)
   page_size = checks.integer("page_size", page_size, minimum=1,
