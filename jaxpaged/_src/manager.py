@@ -145,6 +145,7 @@ def _padded_ids(ids, size: int) -> jax.Array:
 
 
 _NO_VICTIMS = jnp.full((1,), -1, jnp.int32)
+_ENOUGH_SLOTS = object()  # `CacheManager.pages_needed`: as many slots as the rows' tokens
 
 
 # ----------------------------------------------------------------------------- the manager
@@ -350,6 +351,22 @@ class CacheManager:
     self._update_pressure()
     return True, list(plan.released)
 
+  def pages_needed(self, seq_ids, num_new_tokens) -> int:
+    """Pages an `extend` of these rows would take now (new pages, copies of shared last
+    pages). A scheduler compares it with `available_pages` to choose what to preempt
+    (`swap_out` or `release`) before it calls `reserve`; the manager never chooses for it.
+
+    Arguments as `reserve` (any ``num_slots``); raises as `reserve` does.
+
+    >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+    ...                  max_seqs=2, max_pages_per_seq=4)
+    >>> manager = CacheManager(spec, host_bytes=1 << 20)
+    >>> seq = manager.admit([1, 2, 3]).seq_id  # 3 tokens: one page, one slot left
+    >>> manager.pages_needed([seq], [1]), manager.pages_needed([seq], [2])
+    (0, 1)
+    """
+    return self._plan_rows(seq_ids, num_new_tokens, _ENOUGH_SLOTS, False).need
+
   def extend(self, seq_ids, num_new_tokens, *, tokens=None, num_slots: int | None = None,
              preempt: bool = False):
     """`jaxpaged.extend` on the managed cache, after making room for it as `reserve` does.
@@ -513,8 +530,10 @@ class CacheManager:
     (with ``preempt``, least recently used first) and how many pages to free."""
     seq_ids = checks.index_vector("seq_ids", seq_ids)
     counts = checks.index_vector("num_new_tokens", num_new_tokens, seq_ids.shape[0])
-    num_slots = check_num_slots(self.spec, num_slots, seq_ids.shape[0])
     ids, n = np.asarray(seq_ids), np.asarray(counts)
+    if num_slots is _ENOUGH_SLOTS:
+      num_slots = max(int(np.maximum(n, 0).sum()), 1)
+    num_slots = check_num_slots(self.spec, num_slots, seq_ids.shape[0])
     rows = [int(s) for s in ids if s != -1]
     strangers = [s for s in rows if s not in self._active]
     if strangers:
@@ -542,7 +561,7 @@ class CacheManager:
       plan.released.append(others.pop(0)[1])
       need, free, evictable = self._room_after(plan)
     plan.fits = need <= free + evictable
-    plan.shortfall = max(need - free, 0)
+    plan.need, plan.shortfall = need, max(need - free, 0)
     return plan
 
   def _room_after(self, plan) -> tuple[int, int, int]:
@@ -749,6 +768,7 @@ class _RowsPlan:
   released: list
   max_seqs: int
   fits: bool = False
+  need: int = 0
   shortfall: int = 0
 
   @property
