@@ -1,4 +1,5 @@
-"""Static cache configuration (`CacheSpec`) and jaxpaged's error type."""
+"""Static cache configuration (`CacheSpec`), the int32 limits every module shares, and jaxpaged's
+error type."""
 
 from __future__ import annotations
 
@@ -8,9 +9,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
-_INT32_MAX = np.iinfo(np.int32).max
-_MAX_TABLE = 1 << 30  # table slots are int32 indices
+from jaxpaged._src.hashing import HASH_FUNCTIONS
+
+# Every id, count, slot and token position is int32 on device (JAX's default integer width).
+INT32_MIN, INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
+# The largest power of two an int32 holds: the hash table's code uses ``capacity`` itself, an
+# int32, as "no slot" (`jaxpaged._src.table.probe`). At 12 bytes a slot that is 12 GiB of table.
+_MAX_TABLE = 1 << 30
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -21,7 +28,15 @@ def next_pow2(n: int) -> int:
 
 
 class JaxPagedError(ValueError):
-  """Bad input to a jaxpaged function: the message says what and how to fix it."""
+  """Bad input to a jaxpaged function: the message says what and how to fix it.
+
+  >>> try:
+  ...   CacheSpec(num_layers=0, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+  ...             max_seqs=1, max_pages_per_seq=2)
+  ... except JaxPagedError as e:
+  ...   print(isinstance(e, ValueError), str(e).split(";")[0])
+  True CacheSpec.num_layers must be positive, got 0
+  """
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -33,6 +48,26 @@ def _check_positive_int(name: str, value: Any) -> None:
     raise JaxPagedError(
         f"CacheSpec.{name} must be positive, got {value}; "
         f"every size in a CacheSpec is a count of at least 1.")
+
+
+def _check_min_prefix_tokens(value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise JaxPagedError(f"CacheSpec.min_prefix_tokens must be an int >= 0, got {value!r}.")
+
+
+def _canonical_dtype(dtype: Any) -> jnp.dtype:
+  """``dtype`` as a `jnp.dtype`, if it is one of `SUPPORTED_DTYPES`."""
+  try:
+    canonical = jnp.dtype(dtype)
+  except TypeError as e:
+    raise JaxPagedError(
+        f"CacheSpec.dtype must be a float dtype, got {dtype!r}; "
+        "use jnp.float32, jnp.bfloat16 or jnp.float16.") from e
+  if canonical not in SUPPORTED_DTYPES:
+    raise JaxPagedError(
+        f"CacheSpec.dtype must be one of float32, bfloat16, float16, got {canonical}; "
+        "store K/V in one of those (cast the model's K/V before write_kv).")
+  return canonical
 
 
 _SIZES = ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages", "max_seqs",
@@ -75,23 +110,43 @@ class CacheSpec:
   num_pages: int
   max_seqs: int
   max_pages_per_seq: int
-  dtype: Any = jnp.float32
+  dtype: DTypeLike = jnp.float32
   prefix_caching: bool = False
   table_capacity: int | None = None
   max_cached_blocks: int | None = None
   min_prefix_tokens: int = 0
   block_hash: str = "mix64"
 
-  def __post_init__(self):
-    for name in _SIZES:
-      _check_positive_int(name, getattr(self, name))
-      object.__setattr__(self, name, int(getattr(self, name)))
+  def __post_init__(self) -> None:
+    # In this order: a spec with several bad fields reports the first of them.
+    self._canonicalise_sizes()
     if not isinstance(self.prefix_caching, bool):
       raise JaxPagedError(f"CacheSpec.prefix_caching must be True or False, got "
                           f"{self.prefix_caching!r}.")
+    self._check_table_capacity()
+    self._check_max_cached_blocks()
+    _check_min_prefix_tokens(self.min_prefix_tokens)
+    if self.block_hash not in HASH_FUNCTIONS:
+      raise JaxPagedError(f"CacheSpec.block_hash must be 'mix64' (or 'constant' / 'unchained', "
+                          f"for testing), got {self.block_hash!r}.")
+    object.__setattr__(self, "dtype", _canonical_dtype(self.dtype))
+    self._check_int32_products()
+    if self.min_prefix_tokens > self.max_seq_len:
+      raise JaxPagedError(f"CacheSpec.min_prefix_tokens must be at most max_seq_len = "
+                          f"{self.max_seq_len} (a longer minimum would never hit), got "
+                          f"{self.min_prefix_tokens}.")
+    object.__setattr__(self, "min_prefix_tokens", int(self.min_prefix_tokens))
+
+  def _canonicalise_sizes(self) -> None:
+    """Every size field as a positive Python int."""
+    for name in _SIZES:
+      _check_positive_int(name, getattr(self, name))
+      object.__setattr__(self, name, int(getattr(self, name)))
+
+  def _check_table_capacity(self) -> None:
+    """Fills in the default table capacity; checks a given one."""
     if self.table_capacity is None:
-      object.__setattr__(self, "table_capacity",
-                         min(1 << (2 * self.num_pages - 1).bit_length(), _MAX_TABLE))
+      object.__setattr__(self, "table_capacity", min(next_pow2(2 * self.num_pages), _MAX_TABLE))
     _check_positive_int("table_capacity", self.table_capacity)
     if self.table_capacity & (self.table_capacity - 1):
       raise JaxPagedError(f"CacheSpec.table_capacity must be a power of two, got "
@@ -100,6 +155,9 @@ class CacheSpec:
       raise JaxPagedError(f"CacheSpec.table_capacity must be at most {_MAX_TABLE} (slots are "
                           f"int32 and each takes 12 bytes), got {self.table_capacity}; the "
                           "default (2 * num_pages, rounded up to a power of two) suffices.")
+
+  def _check_max_cached_blocks(self) -> None:
+    """Fills in the default (every page may hold a cached block); checks a given value."""
     if self.max_cached_blocks is None:
       object.__setattr__(self, "max_cached_blocks", self.num_pages)
     _check_positive_int("max_cached_blocks", self.max_cached_blocks)
@@ -107,41 +165,20 @@ class CacheSpec:
       raise JaxPagedError(f"CacheSpec.max_cached_blocks must be at most num_pages = "
                           f"{self.num_pages} (a cached block is a page), got "
                           f"{self.max_cached_blocks}; leave it None for num_pages.")
-    if isinstance(self.min_prefix_tokens, bool) or not isinstance(
-        self.min_prefix_tokens, (int, np.integer)) or self.min_prefix_tokens < 0:
-      raise JaxPagedError(f"CacheSpec.min_prefix_tokens must be an int >= 0, got "
-                          f"{self.min_prefix_tokens!r}.")
-    if self.block_hash not in ("mix64", "constant", "unchained"):
-      raise JaxPagedError(f"CacheSpec.block_hash must be 'mix64' (or 'constant' / 'unchained', "
-                          f"for testing), got {self.block_hash!r}.")
-    try:
-      dtype = jnp.dtype(self.dtype)
-    except TypeError as e:
-      raise JaxPagedError(
-          f"CacheSpec.dtype must be a float dtype, got {self.dtype!r}; "
-          "use jnp.float32, jnp.bfloat16 or jnp.float16.") from e
-    if dtype not in SUPPORTED_DTYPES:
-      raise JaxPagedError(
-          f"CacheSpec.dtype must be one of float32, bfloat16, float16, got {dtype}; "
-          "store K/V in one of those (cast the model's K/V before write_kv).")
-    object.__setattr__(self, "dtype", dtype)
-    if self.max_seq_len > _INT32_MAX:
-      raise JaxPagedError(
-          f"max_pages_per_seq * page_size = {self.max_seq_len} overflows int32 token "
-          f"positions (max {_INT32_MAX}); lower max_pages_per_seq or page_size.")
-    if self.num_pages * self.page_size > _INT32_MAX:
-      raise JaxPagedError(
-          f"num_pages * page_size = {self.num_pages * self.page_size} overflows int32 "
-          f"slot ids (max {_INT32_MAX}); lower num_pages or page_size.")
-    if self.max_seqs * self.max_pages_per_seq > _INT32_MAX:
-      raise JaxPagedError(
-          f"max_seqs * max_pages_per_seq = {self.max_seqs * self.max_pages_per_seq} "
-          f"overflows int32 page-table indexing (max {_INT32_MAX}); lower either.")
-    if self.min_prefix_tokens > self.max_seq_len:
-      raise JaxPagedError(f"CacheSpec.min_prefix_tokens must be at most max_seq_len = "
-                          f"{self.max_seq_len} (a longer minimum would never hit), got "
-                          f"{self.min_prefix_tokens}.")
-    object.__setattr__(self, "min_prefix_tokens", int(self.min_prefix_tokens))
+
+  def _check_int32_products(self) -> None:
+    """The products of sizes that index device arrays must fit int32."""
+    products = (
+        (self.max_seq_len, "max_pages_per_seq * page_size", "token positions",
+         "lower max_pages_per_seq or page_size"),
+        (self.num_pages * self.page_size, "num_pages * page_size", "slot ids",
+         "lower num_pages or page_size"),
+        (self.max_seqs * self.max_pages_per_seq, "max_seqs * max_pages_per_seq",
+         "page-table indexing", "lower either"))
+    for value, formula, what, fix in products:
+      if value > INT32_MAX:
+        raise JaxPagedError(f"{formula} = {value} overflows int32 {what} (max {INT32_MAX}); "
+                            f"{fix}.")
 
   @property
   def max_seq_len(self) -> int:
@@ -156,4 +193,5 @@ class CacheSpec:
   @property
   def page_bytes(self) -> int:
     """Bytes of K plus V that one page holds across all layers."""
-    return 2 * self.num_layers * self.num_kv_heads * self.page_size * self.head_dim * self.dtype.itemsize
+    k_or_v = self.num_layers * self.num_kv_heads * self.page_size * self.head_dim
+    return 2 * k_or_v * self.dtype.itemsize

@@ -180,11 +180,7 @@ class TieredStore:
     try:
       tier = plan.place(size)
     except NotOffered as e:
-      raise TierError(
-          f"{type_name(self.policy)}.eviction_candidate(tier={e.tier}, stats) returned "
-          f"{e.key!r}, which is not one of the keys of stats (the {e.offered} remaining entries "
-          f"of tier {e.tier}); return one of them, or None if none may go. The put changed "
-          "nothing.") from None
+      raise self._not_offered(e) from None
     if tier is None:
       raise TierError(f"no tier can make room for {size} bytes under {key!r}: the rest is pinned "
                       "(swapped-out sequences); swap some in, release them, or add capacity.")
@@ -215,6 +211,13 @@ class TieredStore:
                       f"{max(t.capacity for t in self.tiers)} bytes); give a tier more capacity "
                       "or store smaller entries.")
     return size, bool(pinned)
+
+  def _not_offered(self, e: NotOffered) -> TierError:
+    return TierError(
+        f"{type_name(self.policy)}.eviction_candidate(tier={e.tier}, stats) returned "
+        f"{e.key!r}, which is not one of the keys of stats (the {e.offered} remaining entries "
+        f"of tier {e.tier}); return one of them, or None if none may go. The put changed "
+        "nothing.")
 
   def _apply(self, ops: list[tuple[Hashable, int | None]]) -> list[tuple[Hashable, Any, bool]]:
     """Makes a `PutPlan`'s moves and evictions; returns the evicted ``(key, value, pinned)``."""
