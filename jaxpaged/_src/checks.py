@@ -7,28 +7,34 @@ when traced, since its values could not be checked. Salts are 64-bit (`salt_lane
 
 Internal API of ``jaxpaged._src`` (the public functions call these before anything is traced):
 `index_vector`, `index_table`, `token_ids`, `host_token_ids`, `salt_lanes`, `salt`,
-`salt_int`, `count`, `integer`, `real`, `flag`, `raise_first`.
+`split_salt`, `salt_int`, `count`, `integer`, `is_int`, `real`, `flag`, `raise_first`,
+`is_traced`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
-from jaxpaged._src.spec import JaxPagedError
+from jaxpaged._src.hashing import LANE_BITS
+from jaxpaged._src.spec import INT32_MAX, INT32_MIN, JaxPagedError
 
-INT32_MIN, INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
-SALT_LIMIT = 1 << 64
+SALT_LIMIT = 1 << 64  # salts are unsigned 64-bit
+# A salt is two uint32 lanes on device (JAX runs without 64-bit integers by default).
+LANE_MASK = (1 << LANE_BITS) - 1
+SHOWN_VALUES = 4  # bad values an error message quotes: enough to see what is wrong
 
 
-def is_traced(x) -> bool:
+def is_traced(x: Any) -> bool:
+  """Whether ``x`` is a tracer (its values are unknown until the program runs)."""
   return isinstance(x, jax.core.Tracer)
 
 
-def _host_integers(name: str, value) -> np.ndarray:
+def _host_integers(name: str, value: Any) -> np.ndarray:
   """``value`` as a NumPy integer array with its exact values (Python ints of any size kept)."""
   array = np.asarray(value)
   if array.dtype == object:  # Python ints beyond 64 bits, or mixed types
@@ -47,8 +53,9 @@ def _host_integers(name: str, value) -> np.ndarray:
 def _fits_int32(name: str, array: np.ndarray, what: str) -> None:
   if array.size and (int(array.min()) < INT32_MIN or int(array.max()) > INT32_MAX):
     bad = [int(x) for x in array.reshape(-1).tolist() if not INT32_MIN <= int(x) <= INT32_MAX]
-    raise JaxPagedError(f"{name} holds {bad[:4]}, outside int32 [{INT32_MIN}, {INT32_MAX}]: "
-                        f"{what} are int32 and are never truncated; pass values in range.")
+    raise JaxPagedError(f"{name} holds {bad[:SHOWN_VALUES]}, outside int32 [{INT32_MIN}, "
+                        f"{INT32_MAX}]: {what} are int32 and are never truncated; pass values "
+                        "in range.")
 
 
 def _device_int32(name: str, value: jax.Array, *, bitcast_uint32: bool) -> jax.Array:
@@ -75,7 +82,7 @@ def _device_int32(name: str, value: jax.Array, *, bitcast_uint32: bool) -> jax.A
                       f"int32 inside jit; pass int32 (or uint32) {name}.")
 
 
-def _as_array(name: str, value, *, bitcast_uint32: bool = False) -> jax.Array:
+def _as_array(name: str, value: Any, *, bitcast_uint32: bool = False) -> jax.Array:
   if isinstance(value, jax.Array):
     return _device_int32(name, value, bitcast_uint32=bitcast_uint32)
   array = _host_integers(name, value)
@@ -83,7 +90,7 @@ def _as_array(name: str, value, *, bitcast_uint32: bool = False) -> jax.Array:
   return jnp.asarray(array.astype(np.int32))
 
 
-def index_vector(name: str, value, length: int | None = None, *,
+def index_vector(name: str, value: ArrayLike, length: int | None = None, *,
                  per: str = "row of seq_ids") -> jax.Array:
   """A 1-D vector of ids or counts (one per batch row) as ``int32[length]``, exactly."""
   if isinstance(value, (bool, np.bool_)) or _ndim(name, value) != 1:
@@ -96,7 +103,7 @@ def index_vector(name: str, value, length: int | None = None, *,
   return vector
 
 
-def index_table(name: str, value, rows: int | None = None) -> jax.Array:
+def index_table(name: str, value: ArrayLike, rows: int | None = None) -> jax.Array:
   """A 2-D table of ids (a page table) as ``int32[rows, n]``, exactly."""
   if isinstance(value, (bool, np.bool_)) or _ndim(name, value) != 2:
     raise JaxPagedError(f"{name} must be a 2-D integer array, got {_describe(value)}.")
@@ -107,7 +114,7 @@ def index_table(name: str, value, rows: int | None = None) -> jax.Array:
   return table
 
 
-def _ndim(name: str, value) -> int:
+def _ndim(name: str, value: Any) -> int:
   try:
     return np.ndim(value)
   except ValueError as e:  # ragged nested lists
@@ -115,7 +122,7 @@ def _ndim(name: str, value) -> int:
                         f"({e}); pad the rows to one length.") from None
 
 
-def token_ids(name: str, value, shape: tuple[int, ...] | None = None,
+def token_ids(name: str, value: ArrayLike, shape: tuple[int, ...] | None = None,
               ndim: int | None = None) -> jax.Array:
   """Token ids as int32, exactly (a traced uint32 array is bitcast: ids stay distinct)."""
   if _ndim(name, value) != (len(shape) if shape is not None else ndim):
@@ -127,7 +134,7 @@ def token_ids(name: str, value, shape: tuple[int, ...] | None = None,
   return tokens
 
 
-def salt_lanes(name: str, value, rows: int) -> jax.Array:
+def salt_lanes(name: str, value: ArrayLike | Sequence[int] | None, rows: int) -> jax.Array:
   """Per-row 64-bit salts as ``uint32[rows, 2]`` (low, high 32 bits).
 
   Accepts None (salt 0), a Python int or NumPy integer (every row), a sequence or NumPy array of
@@ -145,7 +152,8 @@ def salt_lanes(name: str, value, rows: int) -> jax.Array:
     if is_traced(value):
       if value.dtype.itemsize == 8:  # only with jax_enable_x64: split exactly
         bits = jax.lax.bitcast_convert_type(value, jnp.uint64)
-        return jnp.stack([bits.astype(jnp.uint32), (bits >> 32).astype(jnp.uint32)], axis=-1)
+        return jnp.stack([bits.astype(jnp.uint32), (bits >> LANE_BITS).astype(jnp.uint32)],
+                         axis=-1)
       low = value if value.dtype == jnp.uint32 else jax.lax.bitcast_convert_type(
           value.astype(jnp.int32), jnp.uint32)
       return jnp.stack([low, jnp.zeros_like(low)], axis=-1)
@@ -157,11 +165,15 @@ def salt_lanes(name: str, value, rows: int) -> jax.Array:
     raise JaxPagedError(f"{name} must be {rows} integer salts (one per row), got "
                         f"{_describe(value)}.")
   salts = [_salt(name, x) for x in array.tolist()]
-  return jnp.asarray(np.array([[s & 0xFFFFFFFF, s >> 32] for s in salts],
-                              np.uint32).reshape(rows, 2))
+  return jnp.asarray(np.array([split_salt(s) for s in salts], np.uint32).reshape(rows, 2))
 
 
-def salt(name: str, value) -> int:
+def split_salt(value: int) -> tuple[int, int]:
+  """A salt in ``[0, 2**64)`` as its (low, high) 32-bit lanes; `salt_int` joins them."""
+  return value & LANE_MASK, value >> LANE_BITS
+
+
+def salt(name: str, value: Any) -> int:
   """One salt (a Python or NumPy int in ``[0, 2**64)``) as a Python int."""
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
     raise JaxPagedError(f"{name} must be an int in [0, 2**64), got {_describe(value)}.")
@@ -176,7 +188,7 @@ def _salt(name: str, value: int) -> int:
   return value
 
 
-def host_token_ids(name: str, value) -> np.ndarray:
+def host_token_ids(name: str, value: ArrayLike | Sequence[int]) -> np.ndarray:
   """A 1-D sequence of token ids as an ``int32`` NumPy array, exactly (host-side callers)."""
   if isinstance(value, jax.Array) and is_traced(value):
     raise JaxPagedError(f"{name} must be concrete token ids here, got a traced array.")
@@ -187,10 +199,10 @@ def host_token_ids(name: str, value) -> np.ndarray:
   return array.astype(np.int32)
 
 
-def salt_int(lanes) -> int:
-  """The Python int of one salt's ``uint32[2]`` lanes."""
+def salt_int(lanes: ArrayLike) -> int:
+  """The Python int of one salt's ``uint32[2]`` lanes (the inverse of `split_salt`)."""
   low, high = (int(x) for x in np.asarray(lanes, np.uint32).reshape(2))
-  return low | high << 32
+  return low | high << LANE_BITS
 
 
 def count(name: str, value: Any, *, minimum: int = 0, maximum: int | None = None,
@@ -206,7 +218,8 @@ def count(name: str, value: Any, *, minimum: int = 0, maximum: int | None = None
   return int(value)
 
 
-def raise_first(reasons: dict, problems: dict, **fmt) -> None:
+def raise_first(reasons: dict[str, tuple[str, str]], problems: dict[str, ArrayLike],
+                **fmt: Any) -> None:
   """Raises the first reason whose mask is set: ``reasons`` maps a name to (argument, message);
   ``problems`` maps it to a boolean mask over rows (or a scalar)."""
   for name, mask in problems.items():
@@ -217,36 +230,52 @@ def raise_first(reasons: dict, problems: dict, **fmt) -> None:
       raise JaxPagedError(f"{argument}{where}: {message.format(**fmt)}.")
 
 
-def _describe(value) -> str:
+def _describe(value: Any) -> str:
   shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
   if shape is not None and dtype is not None:
     return f"{dtype}{list(shape)}"
   return f"{value!r} ({type(value).__name__})"
 
 
-def is_int(value) -> bool:
+def is_int(value: Any) -> bool:
+  """Whether ``value`` is an int (NumPy ints too, bools not)."""
   return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def integer(name: str, value, *, minimum: int | None = None, below: int | None = None,
-               fix: str = "") -> int:
+def _show_bound(n: int) -> str:
+  """A bound as an error message writes it: ``2**64`` rather than 18446744073709551616 (powers of
+  two from 2**32 up, where the digits stop being readable)."""
+  if abs(n) >= 1 << 32 and abs(n) & (abs(n) - 1) == 0:
+    return f"{'-' if n < 0 else ''}2**{abs(n).bit_length() - 1}"
+  return str(n)
+
+
+def _bounds(minimum: int | None, below: int | None) -> str:
+  """``[minimum, below)`` as an error message writes it, after "must be an int"."""
+  if minimum is None and below is None:
+    return ""
+  if below is None:
+    return f" >= {_show_bound(minimum)}"
+  if minimum is None:
+    return f" < {_show_bound(below)}"
+  return f" in [{_show_bound(minimum)}, {_show_bound(below)})"
+
+
+def integer(name: str, value: Any, *, minimum: int | None = None, below: int | None = None,
+            fix: str = "") -> int:
   """``value`` as a Python int, if it is an int (NumPy ints too, bools not) in
   ``[minimum, below)``."""
   fix = f"; {fix}" if fix else ""
-  show = lambda n: (f"{'-' if n < 0 else ''}2**{abs(n).bit_length() - 1}"
-                    if abs(n) >= 1 << 32 and abs(n) & (abs(n) - 1) == 0 else str(n))
-  bounds = ("" if minimum is None and below is None else f" >= {show(minimum)}" if below is None
-            else f" < {show(below)}" if minimum is None
-            else f" in [{show(minimum)}, {show(below)})")
+  bounds = _bounds(minimum, below)
   if not is_int(value):
     raise JaxPagedError(f"{name} must be an int{bounds}, got {value!r} "
-                           f"({type(value).__name__}){fix}.")
+                        f"({type(value).__name__}){fix}.")
   if minimum is not None and value < minimum or below is not None and value >= below:
     raise JaxPagedError(f"{name} must be an int{bounds}, got {value}{fix}.")
   return int(value)
 
 
-def real(name: str, value) -> float:
+def real(name: str, value: Any) -> float:
   """``value`` as a float, if it is an int or float (bools not)."""
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
                                                                    np.floating)):
@@ -254,9 +283,9 @@ def real(name: str, value) -> float:
   return float(value)
 
 
-def flag(name: str, value) -> bool:
+def flag(name: str, value: Any) -> bool:
   """``value`` as a bool, if it is one (NumPy bools too)."""
   if not isinstance(value, (bool, np.bool_)):
     raise JaxPagedError(f"{name} must be True or False, got {value!r} "
-                           f"({type(value).__name__}).")
+                        f"({type(value).__name__}).")
   return bool(value)
