@@ -1,12 +1,14 @@
 """Where every kernel picks its GPU backend and implementation (one place to change them).
 
 Backend: Pallas Triton (see `jaxpaged._src.write_kv` for why). JAX 0.11+ warns that it is
-deprecated; that warning is expected and silenced here for jaxpaged's own kernels only.
+deprecated; that warning is expected and silenced here. The filter is process-wide and matches
+that one message, so it also silences the warning for Triton kernels outside jaxpaged.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import jax
 
@@ -27,13 +29,14 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
-def compiler_params(**kwargs):
-  """Triton compiler parameters (num_warps, num_stages) for `pl.pallas_call`."""
+def compiler_params(*, num_warps: int, num_stages: int) -> Any:
+  """Triton compiler parameters for `pl.pallas_call`: warps per program, and pipeline stages of
+  the kernel's loops of loads."""
   from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
-  return pltriton.CompilerParams(**kwargs)
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def dot(a, b, *, trans_b=False):
+def dot(a: jax.Array, b: jax.Array, *, trans_b: bool = False) -> jax.Array:
   """A Triton dot (float32 result) without TF32 rounding of float32 inputs."""
   from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
   return pltriton.dot(a, b, trans_b=trans_b, allow_tf32=False)

@@ -15,17 +15,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.typing import ArrayLike
 
 from jaxpaged._src import checks
 from jaxpaged._src import gpu
 from jaxpaged._src import prefix_state
 from jaxpaged._src.cache import PagedKVCache, check_cache, check_layer
-from jaxpaged._src.spec import JaxPagedError
+from jaxpaged._src.spec import CacheSpec, JaxPagedError
+
+# Where the pools are in the kernel's operands, (slots, layer, k, v, k_pages, v_pages): each is
+# aliased to the output it becomes, so the kernel writes the pools in place.
+_K_PAGES_OPERAND, _V_PAGES_OPERAND = 4, 5
 
 
 def _write_kv_kernel(
@@ -56,20 +62,24 @@ def _write_kv_kernel(
         v_pages_ref[layer, h, page, offset, d] = v_ref[t, h, d]
 
 
-def _write_kv_pallas(k_pages, v_pages, layer, k, v, slots, *, interpret: bool):
+def _write_kv_pallas(k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array, k: jax.Array,
+                     v: jax.Array, slots: jax.Array, *,
+                     interpret: bool) -> tuple[jax.Array, jax.Array]:
   num_tokens = k.shape[0]
   return pl.pallas_call(
       _write_kv_kernel,
       grid=(num_tokens,),
       out_shape=(jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),) * 2,
-      input_output_aliases={4: 0, 5: 1},
+      input_output_aliases={_K_PAGES_OPERAND: 0, _V_PAGES_OPERAND: 1},
+      # One warp: a program copies one token's few rows. One stage: no loop of loads to pipeline.
       compiler_params=gpu.compiler_params(num_warps=1, num_stages=1),
       interpret=interpret,
       name="jaxpaged_write_kv",
   )(slots, layer.reshape(1), k, v, k_pages, v_pages)
 
 
-def _write_kv_xla(k_pages, v_pages, layer, k, v, slots):
+def _write_kv_xla(k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array, k: jax.Array,
+                  v: jax.Array, slots: jax.Array) -> tuple[jax.Array, jax.Array]:
   num_layers, _, num_pages, page_size, _ = k_pages.shape
   valid = (slots >= 0) & (slots < num_pages * page_size)
   page = jnp.where(valid, slots // page_size, num_pages)  # out of bounds: dropped
@@ -79,8 +89,8 @@ def _write_kv_xla(k_pages, v_pages, layer, k, v, slots):
           v_pages.at[layer, :, page, slots % page_size].set(v, mode="drop"))
 
 
-def write_kv(cache: PagedKVCache, layer, k, v, slots, *, impl: str = "auto",
-             interpret: bool = False) -> PagedKVCache:
+def write_kv(cache: PagedKVCache, layer: int | jax.Array, k: jax.Array, v: jax.Array,
+             slots: ArrayLike, *, impl: str = "auto", interpret: bool = False) -> PagedKVCache:
   """Writes new keys and values into their cache slots (slots < 0 are skipped).
 
   Args:
@@ -102,6 +112,18 @@ def write_kv(cache: PagedKVCache, layer, k, v, slots, *, impl: str = "auto",
   """
   spec = check_cache(cache)
   layer = check_layer(spec, layer)
+  _check_kv(spec, k, v)
+  slots = _check_slots(spec, slots, k.shape[0])
+  if not isinstance(interpret, (bool, np.bool_)):
+    raise JaxPagedError(f"interpret must be a bool, got {interpret!r}.")
+  impl = gpu.resolve_impl(impl)
+  if k.shape[0] == 0:
+    return cache
+  return _write_kv(cache, layer, k, v, slots, impl=impl, interpret=bool(interpret))
+
+
+def _check_kv(spec: CacheSpec, k: Any, v: Any) -> None:
+  """``k`` and ``v`` must be ``[T, num_kv_heads, head_dim]`` arrays of the cache's dtype."""
   expected = f"[T, num_kv_heads={spec.num_kv_heads}, head_dim={spec.head_dim}]"
   for name, x in (("k", k), ("v", v)):
     if getattr(x, "ndim", None) != 3 or x.shape[1:] != (spec.num_kv_heads, spec.head_dim):
@@ -113,23 +135,24 @@ def write_kv(cache: PagedKVCache, layer, k, v, slots, *, impl: str = "auto",
                           f"cast with {name}.astype({spec.dtype.name!r}).")
   if k.shape != v.shape:
     raise JaxPagedError(f"k and v must have the same shape, got {k.shape} and {v.shape}.")
-  slots = checks.index_vector("slots", slots, k.shape[0], per="row of k: the slots `extend` "
-                              "returned")
+
+
+def _check_slots(spec: CacheSpec, slots: ArrayLike, rows: int) -> jax.Array:
+  """``slots`` as ``int32[rows]``; known values past the pool are refused (their K/V would be
+  lost), negative ones skip their row."""
+  slots = checks.index_vector("slots", slots, rows, per="row of k: the slots `extend` returned")
   capacity = spec.num_pages * spec.page_size
   if not checks.is_traced(slots) and (np.asarray(slots) >= capacity).any():
-    raise JaxPagedError(f"slots holds {np.asarray(slots)[np.asarray(slots) >= capacity][:4]}, "
-                        f"past the pool's {capacity} slots (num_pages * page_size): their K/V "
-                        "would be lost; pass the slots `extend` returned (-1 skips a row).")
-  if not isinstance(interpret, (bool, np.bool_)):
-    raise JaxPagedError(f"interpret must be a bool, got {interpret!r}.")
-  impl = gpu.resolve_impl(impl)
-  if k.shape[0] == 0:
-    return cache
-  return _write_kv(cache, layer, k, v, slots, impl=impl, interpret=bool(interpret))
+    past = np.asarray(slots)[np.asarray(slots) >= capacity]
+    raise JaxPagedError(f"slots holds {past[:checks.SHOWN_VALUES]}, past the pool's {capacity} "
+                        "slots (num_pages * page_size): their K/V would be lost; pass the slots "
+                        "`extend` returned (-1 skips a row).")
+  return slots
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "interpret"))
-def _write_kv(cache, layer, k, v, slots, *, impl, interpret):
+def _write_kv(cache: PagedKVCache, layer: jax.Array, k: jax.Array, v: jax.Array,
+              slots: jax.Array, *, impl: str, interpret: bool) -> PagedKVCache:
   if impl == "pallas":
     k_pages, v_pages = _write_kv_pallas(cache.k_pages, cache.v_pages, layer, k, v, slots,
                                         interpret=interpret)
