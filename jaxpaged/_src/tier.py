@@ -99,8 +99,8 @@ class TieredStore:
     self.policy = check_policy(policy)
     self.on_evict = check_on_evict(on_evict)
     self._entries: dict[Hashable, Entry] = {}
-    self._freq: dict[Hashable, int] = {}  # key -> accesses
-    self._recency: dict[Hashable, int] = {}  # key -> last access, least recently used first
+    self._frequency: dict[Hashable, int] = {}  # key -> accesses
+    self._last_access: dict[Hashable, int] = {}  # key -> clock then, least recently used first
     self._used = [0] * len(self.tiers)
     self._clock = 0
     self.evictions = 0
@@ -114,7 +114,7 @@ class TieredStore:
     return len(self._entries)
 
   def keys(self) -> list[Hashable]:
-    """The keys held, oldest put first."""
+    """The keys held, in the order of their latest `put`."""
     return list(self._entries)
 
   def used(self, tier: int) -> int:
@@ -127,8 +127,8 @@ class TieredStore:
   def _tick(self, key: Hashable) -> None:
     """Records an access of ``key``: it becomes the most recently used."""
     self._clock += 1
-    self._recency.pop(key, None)
-    self._recency[key] = self._clock  # to the end: most recent
+    self._last_access.pop(key, None)
+    self._last_access[key] = self._clock  # to the end: most recent
 
   def _entry(self, key: Hashable, method: str) -> Entry:
     try:
@@ -142,8 +142,9 @@ class TieredStore:
   def access_stats(self, key: Hashable) -> AccessStats:
     """The policy's view of ``key``."""
     entry = self._entry(key, "access_stats")
-    rank = list(reversed(self._recency)).index(key)
-    return AccessStats(self._freq[key], rank, self._recency[key], entry.size, entry.pinned)
+    rank = list(reversed(self._last_access)).index(key)
+    return AccessStats(self._frequency[key], rank, self._last_access[key], entry.size,
+                       entry.pinned)
 
   def can_put(self, size: int, *, pinned: bool = False) -> bool:
     """Whether a `put` of this many bytes would succeed without evicting a pinned entry."""
@@ -174,8 +175,9 @@ class TieredStore:
         the put is complete then.
     """
     size, pinned = self._check_put(key, size, pinned)
-    plan = PutPlan(key, entries=self._entries, frequency=self._freq, last_access=self._recency,
-                   used=self._used, capacities=[t.capacity for t in self.tiers],
+    plan = PutPlan(key, entries=self._entries, frequency=self._frequency,
+                   last_access=self._last_access, used=self._used,
+                   capacities=[t.capacity for t in self.tiers],
                    eviction_candidate=self.policy.eviction_candidate)
     try:
       tier = plan.place(size)
@@ -188,11 +190,11 @@ class TieredStore:
     old = self._entries.pop(key, None)
     if old is not None:
       self._used[old.tier] -= old.size
-      del self._freq[key], self._recency[key]
+      del self._frequency[key], self._last_access[key]
     evicted = self._apply(plan.ops)
     self._used[tier] += size
     self._entries[key] = Entry(value, size, tier, pinned)
-    self._freq[key] = 1
+    self._frequency[key] = 1
     self._tick(key)
     self._report(evicted)
 
@@ -226,7 +228,7 @@ class TieredStore:
       entry = self._entries[key]
       self._used[entry.tier] -= entry.size
       if lower is None:
-        del self._entries[key], self._freq[key], self._recency[key]
+        del self._entries[key], self._frequency[key], self._last_access[key]
         self.evictions += 1
         self.pinned_evictions += entry.pinned
         evicted.append((key, entry.value, entry.pinned))
@@ -260,7 +262,7 @@ class TieredStore:
       raise _unhashable("get", key) from None
     if entry is None:
       return default
-    self._freq[key] += 1
+    self._frequency[key] += 1
     self._tick(key)
     return entry.value
 
@@ -275,7 +277,7 @@ class TieredStore:
   def pop(self, key: Hashable) -> Any:
     """Removes ``key`` and returns its value (not counted as an eviction)."""
     entry = self._entry(key, "pop")
-    del self._entries[key], self._freq[key], self._recency[key]
+    del self._entries[key], self._frequency[key], self._last_access[key]
     self._used[entry.tier] -= entry.size
     return entry.value
 
@@ -296,8 +298,8 @@ class TieredStore:
     The snapshot is valid only for this store, any number of times.
     """
     return TierSnapshot(self, StoreState(
-        self._entries.copy(), self._freq.copy(), self._recency.copy(), tuple(self._used),
-        self._clock, self.evictions, self.pinned_evictions, self.demotions))
+        self._entries.copy(), self._frequency.copy(), self._last_access.copy(),
+        tuple(self._used), self._clock, self.evictions, self.pinned_evictions, self.demotions))
 
   def restore(self, snapshot: TierSnapshot) -> None:
     """Puts the store back exactly as it was when ``snapshot`` (from this store's `snapshot`)
@@ -317,8 +319,8 @@ class TieredStore:
                       "into that store, or take one of this store.")
     state = snapshot.state
     self._entries = state.entries.copy()
-    self._freq = state.frequency.copy()
-    self._recency = state.last_access.copy()
+    self._frequency = state.frequency.copy()
+    self._last_access = state.last_access.copy()
     self._used = list(state.used)
     self._clock = state.clock
     self.evictions, self.pinned_evictions = state.evictions, state.pinned_evictions
