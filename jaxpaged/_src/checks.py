@@ -1,9 +1,11 @@
 """Argument checks shared by every entry point: what each kind of argument must be, said once.
 
 Integers are used exactly or refused, never truncated. Python ints and NumPy arrays are checked
-on the host; JAX arrays of 32-bit (or narrower) integers are used as they are; a JAX array of
-64-bit integers (only with ``jax_enable_x64``) is checked when its values are known and refused
-when traced, since its values could not be checked. Salts are 64-bit (`salt_lanes`).
+on the host; JAX int32 arrays are used as they are, narrower ones widened. A JAX uint32 or 64-bit
+(only with ``jax_enable_x64``) array is checked when its values are known; traced, a uint32 array
+is bitcast (token ids: they stay distinct) or clamped to INT32_MAX (ids and counts: every check
+then refuses them), and a 64-bit one is refused, since its values could not be checked. Salts
+are 64-bit (`salt_lanes`).
 
 Internal API of ``jaxpaged._src`` (the public functions call these before anything is traced):
 `index_vector`, `index_table`, `token_ids`, `host_token_ids`, `salt_lanes`, `salt`,

@@ -90,8 +90,8 @@ class CacheSpec:
       ``max_pages_per_seq * page_size`` tokens.
     dtype: K/V element type: float32, bfloat16 or float16.
     prefix_caching: keep full blocks cached after their sequences end, for `match_prefix`.
-    table_capacity: prefix hash-table slots, a power of two (default: the smallest power of
-      two >= 2 * num_pages).
+    table_capacity: prefix hash-table slots, a power of two, at most 2**30 (default: the
+      smallest power of two >= 2 * num_pages, capped there).
     max_cached_blocks: at most this many pages hold registered blocks (default: num_pages).
     min_prefix_tokens: `match_prefix` takes a hit only if it covers at least this many tokens.
     block_hash: ``"mix64"``; ``"constant"`` (every block collides) and ``"unchained"`` (equal
@@ -99,8 +99,8 @@ class CacheSpec:
 
   >>> spec = CacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, page_size=16,
   ...                  num_pages=64, max_seqs=4, max_pages_per_seq=8)
-  >>> spec.max_seq_len
-  128
+  >>> spec.max_seq_len, spec.page_bytes  # 8 pages of 16 tokens; float32 K and V of 2 layers
+  (128, 32768)
   """
 
   num_layers: int
