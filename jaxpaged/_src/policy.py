@@ -1,9 +1,10 @@
 """Tier policies: what a policy sees of an entry (`AccessStats`), the contract (`TierPolicy`), and
 the two policies jaxpaged ships (`LRUPolicy`, `LFUPolicy`).
 
-A policy makes two decisions for a `jaxpaged.TieredStore` (and for `jaxpaged.CacheManager`'s
-device tier): whether a hit brings an entry to a faster tier, and which entry leaves a tier that
-must make room. It only decides; the store does the moving. Plain host-side Python, no JAX.
+A policy makes two decisions: whether a hit should bring an entry to a faster tier
+(`jaxpaged.TieredStore.should_promote` asks; `jaxpaged.CacheManager` then moves a host hit back
+to the device), and which entry leaves a tier that must make room (`TieredStore.put` asks, and
+moves it). It only decides. Plain host-side Python, no JAX.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class AccessStats:
 
 
 class TierPolicy(Protocol):
-  """Decides promotion and eviction for a `TieredStore` (and for `CacheManager`'s device tier).
+  """Decides promotion and eviction for a `TieredStore` (and host-hit promotion for a
+  `CacheManager`).
 
   ``should_promote(key, stats)``: bring this entry to a faster tier (the device) on a hit?
   ``eviction_candidate(tier, stats)``: the key to evict from ``tier`` given ``{key: AccessStats}``
