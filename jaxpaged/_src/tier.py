@@ -147,7 +147,9 @@ class TieredStore:
                        entry.pinned)
 
   def can_put(self, size: int, *, pinned: bool = False) -> bool:
-    """Whether a `put` of this many bytes would succeed without evicting a pinned entry."""
+    """Whether a `put` of this many bytes would succeed without evicting a pinned entry, if the
+    policy lets unpinned entries go (it is not asked). ``pinned`` is accepted as `put` takes it,
+    and does not change the answer."""
     del pinned
     size = byte_count("TieredStore.can_put", "size", size, "pass the entry's size in bytes.")
     for tier, spec in enumerate(self.tiers):
