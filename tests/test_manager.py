@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import jaxpaged as jp
-from benchmarks.bench_tier import toy_workload
 from tests.helpers import key_values
+from tests.workloads import toy_workload
 
 PS = 4
 
