@@ -4,17 +4,17 @@ from jaxpaged import ops
 from jaxpaged._src.attention import paged_attention
 from jaxpaged._src.attention import ragged_paged_attention
 from jaxpaged._src.cache import PagedKVCache
-from jaxpaged._src.cache import check_extend
-from jaxpaged._src.cache import check_fork
-from jaxpaged._src.cache import extend
-from jaxpaged._src.cache import fork
-from jaxpaged._src.cache import gather_kv
+from jaxpaged._src.paging import check_extend
+from jaxpaged._src.paging import check_fork
+from jaxpaged._src.paging import extend
+from jaxpaged._src.paging import fork
+from jaxpaged._src.paging import gather_kv
 from jaxpaged._src.cache import init_cache
 from jaxpaged._src.cache import num_cached_free_pages
 from jaxpaged._src.cache import num_free_pages
 from jaxpaged._src.cache import num_used_pages
-from jaxpaged._src.cache import release
-from jaxpaged._src.cache import token_positions
+from jaxpaged._src.paging import release
+from jaxpaged._src.paging import token_positions
 from jaxpaged._src.hashing import block_hashes_numpy as block_hashes
 from jaxpaged._src.prefix import PrefixMatch
 from jaxpaged._src.prefix import check_match_prefix

@@ -16,16 +16,15 @@ Internal API: `match_plan`, `match_core`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxpaged._src import checks, hashing, prefix_state, table
-from jaxpaged._src.cache import (EXTEND_REASONS, PagedKVCache, check_cache, check_num_slots,
-                                 duplicated, extend_core, extend_plan, token_rows)
+from jaxpaged._src.allocator import EXTEND_REASONS, any_problem, extend_core, extend_plan
+from jaxpaged._src.cache import (PagedKVCache, check_cache, check_num_slots, duplicated,
+                                 token_rows)
 from jaxpaged._src.prefix_state import STATS, bump, init_prefix_state
 from jaxpaged._src.spec import JaxPagedError
 
@@ -47,7 +46,7 @@ class PrefixMatch(NamedTuple):
   ok: jax.Array
 
 
-_MATCH_REASONS = {
+MATCH_REASONS = {
     "bad_id": ("seq_ids", "is out of range [-1, {max_seqs}) (use -1 for padding rows)"),
     "duplicate": ("seq_ids", "appears twice; give each sequence one row per call"),
     "in_use": ("seq_ids", "is a sequence that holds tokens; match_prefix starts new sequences "
@@ -58,10 +57,23 @@ _MATCH_REASONS = {
 }
 
 
+class MatchPlan(NamedTuple):
+  """What `match_prefix` decides, per row (``[B]`` arrays unless said); nothing changed yet."""
+  problems: dict  # reason (`MATCH_REASONS`) -> bool[B]
+  ok: jax.Array  # bool[]: no problem
+  live: jax.Array  # bool[B]: a row that starts a sequence (False for all when refused)
+  pages: jax.Array  # int32[B, n]: the table's page for each full block (-1: none)
+  matched: jax.Array  # leading verified blocks, attached
+  usable: jax.Array  # full blocks before the last prompt token (the ones looked up)
+  num_cached: jax.Array  # matched * page_size
+  num_new: jax.Array  # prompt tokens appended after them
+
+
 def match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots, impl,
-               interpret):
-  """What `match_prefix` decides (``salts`` as ``uint32[B, 2]`` lanes), as arrays; nothing is
-  changed. Traceable."""
+               interpret, hashes=None) -> MatchPlan:
+  """The `MatchPlan` of a `match_prefix` on checked arguments (``salts`` as ``uint32[B, 2]``
+  lanes; ``hashes`` the prompts' block hashes ``uint32[B, L // page_size, 2]`` when the caller
+  computed them already, e.g. on the host). Traceable."""
   spec = cache.spec
   ps = spec.page_size
   rows_count, width = tokens.shape
@@ -79,8 +91,9 @@ def match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots
   num_blocks = width // ps
   if prefix is not None and num_blocks:
     usable = jnp.where(live, (jnp.clip(lengths, 1) - 1) // ps, 0)  # the last token is computed
-    hashes = hashing.chain_block_hashes(jnp, tokens[:, :num_blocks * ps], salts, ps,
-                                        spec.block_hash)
+    if hashes is None:
+      hashes = hashing.chain_block_hashes(jnp, tokens[:, :num_blocks * ps], salts, ps,
+                                          spec.block_hash)
     pages = table.lookup(prefix.table_lo, prefix.table_hi, prefix.table_pages, hashes,
                          impl=impl, interpret=interpret)  # [B, n]
     parent = jnp.concatenate([jnp.full((rows_count, 1), prefix_state.NO_PARENT, jnp.int32),
@@ -102,32 +115,31 @@ def match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots
   num_new = jnp.where(live, lengths - num_cached, 0)
   if max_new_tokens is not None:
     num_new = jnp.minimum(num_new, max_new_tokens)
-  ok = ~jnp.any(jnp.stack([jnp.any(m) for m in problems.values()]))
-  return dict(problems=problems, ok=ok, live=live & ok, rows=rows, pages=pages,
-              matched=jnp.where(live & ok, matched, 0), usable=usable, num_cached=num_cached,
-              num_new=jnp.clip(num_new, 0))
+  ok = ~any_problem(problems)
+  return MatchPlan(problems, ok, live & ok, pages, jnp.where(live & ok, matched, 0), usable,
+                   num_cached, jnp.clip(num_new, 0))
 
 
 def _attach(cache, seq_ids, plan, salts):
   """Puts each row's verified cached blocks in its page table (reference +1, no copy)."""
   spec = cache.spec
   prefix = cache.prefix
-  num_blocks = plan["pages"].shape[1]
+  num_blocks = plan.pages.shape[1]
   j = jnp.arange(num_blocks)
-  attach = plan["live"][:, None] & (j < plan["matched"][:, None])
-  at_page = jnp.where(attach, plan["pages"], spec.num_pages)
-  seq = jnp.where(plan["live"], seq_ids, spec.max_seqs)
+  attach = plan.live[:, None] & (j < plan.matched[:, None])
+  at_page = jnp.where(attach, plan.pages, spec.num_pages)
+  seq = jnp.where(plan.live, seq_ids, spec.max_seqs)
   page_table = cache.page_table.at[jnp.where(attach, seq_ids[:, None], spec.max_seqs),
-                                   j].set(plan["pages"], mode="drop")
+                                   j].set(plan.pages, mode="drop")
   # Pages nobody referred to leave the evictable set (once, even if two rows take them).
-  revived = jnp.sort(jnp.where(attach & (cache.ref_counts[jnp.clip(plan["pages"], 0)] == 0),
-                               plan["pages"], spec.num_pages).reshape(-1))
+  revived = jnp.sort(jnp.where(attach & (cache.ref_counts[jnp.clip(plan.pages, 0)] == 0),
+                               plan.pages, spec.num_pages).reshape(-1))
   distinct = (revived < spec.num_pages) & jnp.ones(revived.shape, bool).at[1:].set(
       revived[1:] != revived[:-1])
   cache = dataclasses.replace(
       cache, page_table=page_table,
       ref_counts=cache.ref_counts.at[at_page].add(1, mode="drop"),
-      seq_lens=cache.seq_lens.at[seq].set(plan["num_cached"], mode="drop"))
+      seq_lens=cache.seq_lens.at[seq].set(plan.num_cached, mode="drop"))
   if prefix is None:
     return cache
   return dataclasses.replace(cache, prefix=dataclasses.replace(
@@ -140,11 +152,11 @@ def _attach(cache, seq_ids, plan, salts):
 
 
 def _count(stats, plan):
-  stats = bump(stats, "lookup_blocks", jnp.sum(plan["usable"]))
-  stats = bump(stats, "hit_blocks", jnp.sum(plan["matched"]))
-  stats = bump(stats, "lookup_tokens", jnp.sum(jnp.where(plan["live"], plan["num_new"]
-                                                          + plan["num_cached"], 0)))
-  return bump(stats, "hit_tokens", jnp.sum(jnp.where(plan["live"], plan["num_cached"], 0)))
+  stats = bump(stats, "lookup_blocks", jnp.sum(plan.usable))
+  stats = bump(stats, "hit_blocks", jnp.sum(plan.matched))
+  stats = bump(stats, "lookup_tokens", jnp.sum(jnp.where(plan.live, plan.num_new
+                                                          + plan.num_cached, 0)))
+  return bump(stats, "hit_tokens", jnp.sum(jnp.where(plan.live, plan.num_cached, 0)))
 
 
 def _prepare(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots):
@@ -170,10 +182,10 @@ def check_match_prefix(cache: PagedKVCache, seq_ids, tokens, lengths, *, salts=N
       cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots)
   plan = match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots, impl,
                     interpret)
-  checks.raise_first(_MATCH_REASONS, plan["problems"], max_seqs=spec.max_seqs)
+  checks.raise_first(MATCH_REASONS, plan.problems, max_seqs=spec.max_seqs)
   attached = _attach(cache, seq_ids, plan, salts)
-  extension = extend_plan(attached, seq_ids, plan["num_new"], num_slots)
-  checks.raise_first(EXTEND_REASONS, extension["problems"], max_seqs=spec.max_seqs,
+  extension = extend_plan(attached, seq_ids, plan.num_new, num_slots)
+  checks.raise_first(EXTEND_REASONS, extension.problems, max_seqs=spec.max_seqs,
                      max_seq_len=spec.max_seq_len, num_slots=num_slots)
 
 
@@ -207,25 +219,26 @@ def match_prefix(cache: PagedKVCache, seq_ids, tokens, lengths, *, salts=None,
 
 
 def match_core(cache, seq_ids, tokens, lengths, salts, max_new_tokens, *, num_slots, impl,
-               interpret):
-  """`match_prefix` on checked arguments (``salts`` as ``uint32[B, 2]``): traceable."""
+               interpret, hashes=None):
+  """`match_prefix` on checked arguments (``salts`` as ``uint32[B, 2]``; ``hashes`` as
+  `match_plan`): traceable. Returns ``(cache, PrefixMatch)``."""
   plan = match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots, impl,
-                    interpret)
+                    interpret, hashes)
   attached = _attach(cache, seq_ids, plan, salts)
-  row, offset, valid = token_rows(plan["num_new"], num_slots)
-  new_tokens = jnp.where(valid, tokens[row, jnp.clip(plan["num_cached"][row] + offset, 0,
+  row, offset, valid = token_rows(plan.num_new, num_slots)
+  new_tokens = jnp.where(valid, tokens[row, jnp.clip(plan.num_cached[row] + offset, 0,
                                                      tokens.shape[1] - 1)], 0)
   # Refused here: extend sees only padding, so the pools are untouched either way.
-  extended, slots, ok = extend_core(attached, jnp.where(plan["ok"], seq_ids, -1),
-                                   plan["num_new"], new_tokens, num_slots=num_slots)
-  ok = ok & plan["ok"]
+  extended, slots, ok = extend_core(attached, jnp.where(plan.ok, seq_ids, -1),
+                                   plan.num_new, new_tokens, num_slots=num_slots)
+  ok = ok & plan.ok
   keep = lambda new, old: jnp.where(ok, new, old)
   result = dataclasses.replace(
       jax.tree.map(keep, dataclasses.replace(extended, k_pages=None, v_pages=None),
                    dataclasses.replace(cache, k_pages=None, v_pages=None)),
       k_pages=extended.k_pages, v_pages=extended.v_pages)
   zero = lambda x: jnp.where(ok, x, jnp.zeros_like(x))
-  return result, PrefixMatch(zero(plan["num_cached"]), zero(plan["num_new"]),
+  return result, PrefixMatch(zero(plan.num_cached), zero(plan.num_new),
                              jnp.where(ok, slots, -1), ok)
 
 

@@ -1,18 +1,15 @@
 """Moving K/V between the device pool and host RAM: sequences swap out and in, cached prefix
 blocks are demoted and promoted back.
 
-The device half is jitted, pure and atomic like the rest of the core: `restore_core` makes room
-(through `match_prefix` or `extend`) and writes the K/V it brings in one call, so a refused call
-changes nothing; `demote_plan` chooses the blocks to evict exactly as the allocator would (least
-recently used first, a chain's tail first) and reads their contents, and `evict_blocks` frees
-their pages. The host half (this module's public functions) checks its arguments, starts
+The device half is `jaxpaged._src.transfer` (jitted, pure and atomic). This module is the host
+half: its public functions check their arguments, start
 device-to-host copies without waiting (into ``pinned_host`` memory when the device has it) and
 keeps what a sequence or a block needs to come back bit-exactly: K/V, token ids, the 64-bit salt
 and which K/V were written.
 
 Internal API (for `CacheManager`, which runs the device half in its own donating steps):
-`copy_out`, `swap_in_args`, `promote_args`, `promote_arrays`, `restore_core`, `demote_plan`,
-`evict_blocks`, `cached_blocks`, `keep_pages`, `block_key`, `host_copy`.
+`copy_out`, `swap_in_args`, `promote_args`, `promote_arrays`, `cached_blocks`, `keep_pages`,
+`bucket`, `block_key`, `host_copy`.
 
 A swapped-out sequence comes back through `match_prefix` when its token ids are known: its full
 blocks usually stay cached on device after the swap-out (they were only released), so only what
@@ -22,17 +19,15 @@ was evicted meanwhile is copied in again.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxpaged._src import checks
-from jaxpaged._src import prefix_state
-from jaxpaged._src.cache import (PagedKVCache, check_cache, check_index, extend_core,
-                                 num_cached_free_pages, release)
-from jaxpaged._src.prefix import match_core
+from jaxpaged._src import transfer
+from jaxpaged._src.cache import PagedKVCache, check_cache, check_index, num_cached_free_pages
+from jaxpaged._src.paging import release
 from jaxpaged._src.spec import JaxPagedError, next_pow2
 
 
@@ -46,7 +41,7 @@ def host_copy(x: jax.Array):
   return np.asarray(x)
 
 
-def _bucket(n: int, cap: int) -> int:
+def bucket(n: int, cap: int) -> int:
   """``n`` rounded up to a power of two (capped): a serving loop swaps sequences of every length,
   and each size compiles its own copy programs (seconds each); padding costs less."""
   return min(cap, next_pow2(n))
@@ -139,128 +134,6 @@ class CachedBlock:
     return int(self.k.nbytes + self.v.nbytes + self.tokens.nbytes)
 
 
-# ----------------------------------------------------------------------------- device half
-
-@functools.partial(jax.jit, static_argnames=("num_pages",))
-def _gather_sequence(cache, seq_id, *, num_pages):
-  """K/V pages ``[L, H, num_pages, ps, D]``, token ids and written flags of one sequence, in
-  logical order."""
-  pages = cache.page_table[seq_id, :num_pages]
-  prefix = cache.prefix
-  tokens = None if prefix is None else prefix.page_tokens[pages].reshape(-1)
-  written = None if prefix is None else prefix.page_written[pages]
-  take = lambda pool: jnp.take(pool, pages, axis=2, mode="clip")  # the fastest gather on CPU
-  return take(cache.k_pages), take(cache.v_pages), tokens, written
-
-
-def restore_core(cache, seq_id, length, tokens, salt, k, v, written, *, match: bool):
-  """Makes room for ``length`` tokens of ``seq_id`` and writes their K/V ``[L, H, n, ps, D]``.
-
-  ``match``: the sequence is new and its ``tokens`` are known, so blocks still cached on device
-  are attached (`match_prefix`) and only the rest is copied. Otherwise the tokens are appended
-  (`extend`, registering full blocks when ``tokens`` are given). ``salt`` is ``uint32[2]``;
-  ``written`` ``bool[n, L, ps]`` says which copied K/V count as written (None: every token
-  below ``length``). Traceable and atomic: ``(cache, ok)``.
-  """
-  spec = cache.spec
-  ps = spec.page_size
-  width = k.shape[2] * ps
-  seq_ids = seq_id[None]
-  if match:
-    cache, found = match_core(cache, seq_ids, tokens[None], length[None], salt[None], None,
-                              num_slots=width, impl="auto", interpret=False)
-    start, slots, ok = found.num_cached[0], found.slots, found.ok
-  else:
-    cache, slots, ok = extend_core(cache, seq_ids, length[None], tokens, num_slots=width)
-    start = 0
-  # New tokens start on a page boundary (hits and promoted blocks are whole pages), so whole
-  # pages are copied: source page i goes where the new range's page i - skip starts (skip: pages
-  # attached as hits). Only page ids are gathered; the K/V move once, in one scatter.
-  i = jnp.arange(k.shape[2]) - start // ps
-  first = slots[jnp.clip(i * ps, 0, width - 1)]
-  page = jnp.where((i >= 0) & (first >= 0), first // ps, spec.num_pages)  # else dropped
-  write = lambda pool, new: pool.at[:, :, page].set(new, mode="drop")
-  prefix = cache.prefix
-  if prefix is not None:
-    if written is None:
-      below = jnp.arange(width).reshape(-1, 1, ps) < length
-      written = jnp.broadcast_to(below, (k.shape[2], spec.num_layers, ps))
-    prefix = dataclasses.replace(prefix, page_written=prefix.page_written.at[page].set(
-        written, mode="drop"))
-  return dataclasses.replace(cache, k_pages=write(cache.k_pages, k),
-                             v_pages=write(cache.v_pages, v), prefix=prefix), ok
-
-
-_restore_jit = jax.jit(restore_core, static_argnames=("match",))
-
-
-def _prefix_tokens(prefix, pages, max_blocks: int, page_size: int):
-  """Token ids of the whole prefix each cached page ends, by walking its parent links.
-
-  Returns ``(tokens int32[M, max_blocks * page_size], complete bool[M])``; a walk is incomplete
-  when a parent page was handed out again since (its generation moved on).
-  """
-  rows = jnp.arange(pages.shape[0])[:, None]
-  width = max_blocks * page_size
-
-  def step(_, carry):
-    page, alive, complete, out = carry
-    depth = prefix.page_depth[page]
-    cols = jnp.where(alive[:, None], depth[:, None] * page_size + jnp.arange(page_size), width)
-    out = out.at[rows, cols].set(prefix.page_tokens[page], mode="drop")
-    parent = prefix.page_parent[page]
-    linked = (parent >= 0) & (prefix.page_gen[jnp.clip(parent, 0)] == prefix.page_parent_gen[page])
-    complete |= alive & (depth == 0)
-    alive &= linked
-    return jnp.where(linked, parent, page), alive, complete, out
-
-  start = (pages, jnp.ones(pages.shape, bool), jnp.zeros(pages.shape, bool),
-           jnp.zeros((pages.shape[0], width), jnp.int32))
-  _, _, complete, out = jax.lax.fori_loop(0, max_blocks, step, start)
-  return out, complete
-
-
-@functools.partial(jax.jit, static_argnames=("max_count",))
-def demote_plan(cache, count, keep, *, max_count: int):
-  """The ``min(count, evictable)`` cached blocks nobody uses that the allocator would evict
-  next, except the pages listed in ``keep`` (``int32[K]``, -1 padded), and their contents.
-  Changes nothing (apply with `evict_blocks`).
-
-  Returns ``(victims int32[max_count], contents)``: victims -1 past the count; ``contents`` a
-  dict of ``hashes``, ``salts``, ``depths``, ``tokens`` (the whole prefix), ``complete`` (that
-  prefix could be read back), ``k``, ``v`` per victim.
-  """
-  spec, prefix = cache.spec, cache.prefix
-  protect = jnp.zeros((spec.num_pages,), bool).at[
-      jnp.where(keep >= 0, keep, spec.num_pages)].set(True, mode="drop")
-  kept = jnp.sum(protect & prefix.page_cached & (cache.ref_counts == 0), dtype=jnp.int32)
-  count = jnp.clip(jnp.minimum(count, prefix.num_evictable - kept), 0, max_count)
-  victims = prefix_state.choose_victims(prefix, cache.ref_counts, count, max_count, protect)
-  safe = jnp.clip(victims, 0)
-  tokens, complete = _prefix_tokens(prefix, safe, spec.max_pages_per_seq, spec.page_size)
-  # Evictable blocks were all written (release drops the others); checked again all the same.
-  complete &= (victims >= 0) & prefix_state.fully_written(prefix, safe)
-  return victims, dict(hashes=prefix.page_hash[safe], salts=prefix.page_salt[safe],
-                       depths=prefix.page_depth[safe], tokens=tokens, complete=complete,
-                       k=cache.k_pages[:, :, safe], v=cache.v_pages[:, :, safe])
-
-
-def evict_blocks(cache, victims):
-  """Evicts the unreferenced cached pages ``victims`` (``int32[N]``, -1 padded at the end, as
-  `demote_plan` returns them) and frees them. Traceable."""
-  if cache.prefix is None:  # nothing is ever cached
-    return cache
-  take = victims >= 0
-  count = jnp.sum(take, dtype=jnp.int32)
-  push_to = jnp.where(take, cache.num_free + jnp.cumsum(take) - 1, cache.spec.num_pages)
-  return dataclasses.replace(
-      cache, prefix=prefix_state.evict(cache.prefix, victims), num_free=cache.num_free + count,
-      free_pages=cache.free_pages.at[push_to].set(victims, mode="drop"))
-
-
-_evict_jit = jax.jit(evict_blocks)
-
-
 def cached_blocks(spec, contents) -> list[CachedBlock]:
   """The host `CachedBlock`s of `demote_plan`'s contents (those whose prefix is complete)."""
   contents = jax.device_get(contents)
@@ -350,8 +223,8 @@ def copy_out(cache: PagedKVCache, seq_ids) -> list[SwappedSequence]:
       tokens = page_tokens[held].reshape(-1) if has_tokens else None
       written = None if prefix is None else page_written[held]
     else:
-      k, v, tokens, written = _gather_sequence(cache, jnp.int32(seq),
-                                               num_pages=_bucket(pages, spec.max_pages_per_seq))
+      k, v, tokens, written = transfer.gather_sequence(cache, jnp.int32(seq),
+                                               num_pages=bucket(pages, spec.max_pages_per_seq))
       k, v = host_copy(k), host_copy(v)
       tokens = host_copy(tokens) if has_tokens else None
       written = None if written is None else np.asarray(written)
@@ -404,7 +277,7 @@ def swap_in_args(cache: PagedKVCache, swapped, seq_id=None):
   # output of a jitted call, and jit compiles each function again for committed arguments.
   place = ((lambda x: jax.device_put(x, cache.k_pages.sharding)) if cache.k_pages.committed
            else jnp.asarray)
-  size = _bucket(swapped.k.shape[2], spec.max_pages_per_seq)  # few shapes: few compiles
+  size = bucket(swapped.k.shape[2], spec.max_pages_per_seq)  # few shapes: few compiles
   k, v = (place(_pad(x, size, axis=2)) for x in (swapped.k, swapped.v))
   tokens = place(_pad(np.asarray(swapped.tokens), size * spec.page_size, axis=0)) if match else None
   if written is not None:
@@ -429,7 +302,7 @@ def swap_in(cache: PagedKVCache, swapped: SwappedSequence, *, seq_id: int | None
     ``(cache, ok)``.
   """
   args, match = swap_in_args(cache, swapped, seq_id)
-  return _restore_jit(cache, *args, match=match)
+  return transfer.restore_jit(cache, *args, match=match)
 
 
 def keep_pages(spec, keep) -> jax.Array:
@@ -466,8 +339,9 @@ def demote_blocks(cache: PagedKVCache, count: int, *, keep=()):
   keep = keep_pages(spec, keep)
   if count == 0:
     return cache, []
-  victims, contents = demote_plan(cache, jnp.int32(count), keep, max_count=next_pow2(count))
-  return _evict_jit(cache, victims), cached_blocks(spec, contents)
+  victims, contents = transfer.demote_plan(cache, jnp.int32(count), keep,
+                                           max_count=next_pow2(count))
+  return transfer.evict_jit(cache, victims), cached_blocks(spec, contents)
 
 
 def promote_args(cache: PagedKVCache, seq_id: int, blocks):
@@ -513,7 +387,7 @@ def promote_arrays(spec, seq: int, held_tokens, salt: int, blocks):
         or (i and not np.array_equal(tokens[:full - ps], blocks[i - 1].tokens))):
       raise JaxPagedError(f"blocks[{i}] does not continue seq_id {seq}: its prefix tokens or salt "
                           "differ; promote only blocks whose prefix the sequence holds.")
-  pages = _bucket(len(blocks), spec.max_pages_per_seq)
+  pages = bucket(len(blocks), spec.max_pages_per_seq)
   pad = lambda x: np.concatenate([x, np.zeros((pages - len(blocks),) + x.shape[1:], x.dtype)])
   k = pad(np.stack([b.k for b in blocks])).transpose(1, 2, 0, 3, 4)
   v = pad(np.stack([b.v for b in blocks])).transpose(1, 2, 0, 3, 4)
@@ -540,4 +414,4 @@ def promote_blocks(cache: PagedKVCache, seq_id: int, blocks):
     ``(cache, ok)``; atomic, ``ok`` False when the pool has no room.
   """
   args, match = promote_args(cache, seq_id, blocks)
-  return _restore_jit(cache, *args, match=match)
+  return transfer.restore_jit(cache, *args, match=match)
