@@ -1,6 +1,8 @@
 """`CacheManager`: the host-side object serving code talks to.
 
-It owns a `PagedKVCache` and a `TieredStore` of host RAM and calls the jitted core: it admits
+It owns a `PagedKVCache`, a `HostTier` (`jaxpaged._src.host_tier`) and a `PressureMonitor`
+(`jaxpaged._src.pressure`), and runs the jitted core (`jaxpaged._src.admission`,
+`jaxpaged._src.manager_steps`): it admits
 requests (prefix hits on device, then on host), extends and releases sequences, swaps sequences
 out and in, demotes cached blocks to host RAM when the device pool must make room (instead of
 letting the allocator drop them), reports statistics and memory-pressure levels.
@@ -11,6 +13,8 @@ Every operation runs in three phases, so that it either completes or changes not
    into user code — the tier policy (`TierPolicy.should_promote`, `eviction_candidate`) while
    host entries are looked up and stored. A policy that raises, a full host tier or a refused
    request rolls the host store and the manager's bookkeeping back; the device was not touched.
+   Admission needs no read before its step (one host hash, one jitted call) unless cached
+   blocks must first be demoted to host RAM (`jaxpaged._src.admission`).
 2. **apply**: one jitted step that donates the manager's own cache (updated in place, no pool
    copy) and runs what was planned: it cannot be refused, and no user code runs inside it.
 3. **notify**: pressure callbacks, after the state is consistent (a callback that raises does so
@@ -18,39 +22,32 @@ Every operation runs in three phases, so that it either completes or changes not
 
 Model code that runs jitted steps on the cache takes ``manager.cache`` and gives the new one back
 (``manager.cache = new_cache``); allocation goes through the manager so that it can make room
-first (`reserve`).
+first (`reserve`). Which sequences to preempt is the scheduler's decision (it asks
+`pages_needed`, then calls `swap_out` or `release`); ``preempt=True`` in `reserve` and `extend`
+is a convenience for loops without a scheduler: least recently used first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
-import functools
-import math
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpaged._src import admission as steps_admit
 from jaxpaged._src import checks
+from jaxpaged._src import manager_steps as steps
 from jaxpaged._src import swap
-from jaxpaged._src.cache import (PagedKVCache, check_cache, check_num_slots, extend_core,
-                                 extend_plan, init_cache, num_cached_free_pages, num_used_pages,
-                                 release_core)
-from jaxpaged._src.hashing import block_hashes_numpy
-from jaxpaged._src.prefix import match_core, match_plan, prefix_stats
+from jaxpaged._src.cache import PagedKVCache, check_cache, check_num_slots, init_cache, cdiv
+from jaxpaged._src.host_tier import HostTier
+from jaxpaged._src.prefix import prefix_stats
+from jaxpaged._src.prefix_hooks import evictable
+from jaxpaged._src.pressure import DEFAULT_THRESHOLDS, MemoryPressure, PressureMonitor
 from jaxpaged._src.spec import CacheSpec, JaxPagedError, next_pow2
-from jaxpaged._src.tier import LRUPolicy, Tier, TieredStore, TierError, TierPolicy
-
-
-class MemoryPressure(enum.IntEnum):
-  """How full the device pool is: pages held by sequences over all pages, against thresholds."""
-  LOW = 0
-  MEDIUM = 1
-  HIGH = 2
-  CRITICAL = 3
+from jaxpaged._src.tier import LRUPolicy, Tier, TierPolicy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,84 +68,8 @@ class Admission:
   host_hit_tokens: int
 
 
-# ----------------------------------------------------------------------------- device steps
-# Plans are pure reads; the apply steps donate the manager's own cache (it owns it), so the
-# pools are updated in place. Sequence lists are padded to max_seqs (-1), page lists to powers
-# of two, so few programs compile.
-
-@functools.partial(jax.jit, static_argnames=("num_slots",))
-def _room(cache, released, seq_ids, counts, *, num_slots):
-  """After releasing ``released``: pages an `extend` of the rows takes, free pages, evictable
-  pages."""
-  cache = release_core(cache, released)
-  need = extend_plan(cache, seq_ids, counts, num_slots)["need"]
-  return (jnp.sum(jnp.where(seq_ids >= 0, need, 0)), cache.num_free,
-          num_cached_free_pages(cache))
-
-
-@functools.partial(jax.jit, static_argnames=("max_count",))
-def _demotion_plan(cache, released, count, keep, *, max_count):
-  return swap.demote_plan(release_core(cache, released), count, keep, max_count=max_count)
-
-
-@jax.jit
-def _device_matches(cache, seq_ids, tokens, lengths, salts):
-  """How many blocks `match_prefix` would attach, and their pages, without attaching them."""
-  plan = match_plan(cache, seq_ids, tokens, lengths, salts, None, 0, "auto", False)
-  return plan["matched"], plan["pages"]
-
-
-def _make_room(cache, released, victims):
-  return swap.evict_blocks(release_core(cache, released), victims)
-
-
-_room_step = jax.jit(_make_room, donate_argnames=("cache",))
-
-
-@functools.partial(jax.jit, static_argnames=("num_slots",), donate_argnames=("cache",))
-def _extend_step(cache, released, victims, seq_ids, counts, tokens, *, num_slots):
-  return extend_core(_make_room(cache, released, victims), seq_ids, counts, tokens,
-                     num_slots=num_slots)
-
-
-@functools.partial(jax.jit, static_argnames=("matches",), donate_argnames=("cache",))
-def _restore_step(cache, victims, restores, *, matches):
-  """Evicts the planned victims, then restores each swapped sequence (`swap.restore_core`)."""
-  cache = swap.evict_blocks(cache, victims)
-  oks = []
-  for args, match in zip(restores, matches):
-    cache, ok = swap.restore_core(cache, *args, match=match)
-    oks.append(ok)
-  return cache, jnp.all(jnp.stack(oks))
-
-
-@functools.partial(jax.jit, static_argnames=("num_slots", "promote"), donate_argnames=("cache",))
-def _admit_step(cache, victims, seq, row, length, salt, matched, promoted, new_tokens, num_new, *,
-                num_slots, promote):
-  """Evicts the planned victims, attaches the device hits (``matched`` blocks), appends the
-  promoted host blocks, then makes room for the prompt's next ``num_new`` tokens."""
-  cache = swap.evict_blocks(cache, victims)
-  cache, found = match_core(cache, seq[None], row, length[None], salt[None],
-                            jnp.zeros((1,), jnp.int32), num_slots=1, impl="auto",
-                            interpret=False)
-  ok = found.ok & (found.num_cached[0] == matched * cache.spec.page_size)
-  if promote:
-    cache, promoted_ok = swap.restore_core(cache, *promoted, match=False)
-    ok &= promoted_ok
-  cache, slots, extended = extend_core(cache, seq[None], num_new[None], new_tokens,
-                                       num_slots=num_slots)
-  return cache, slots, ok & extended
-
-
-def _padded_ids(ids, size: int) -> jax.Array:
-  return jnp.asarray(np.pad(np.asarray(ids, np.int32), (0, size - len(ids)), constant_values=-1))
-
-
-_NO_VICTIMS = jnp.full((1,), -1, jnp.int32)
 _ENOUGH_SLOTS = object()  # `CacheManager.pages_needed`: as many slots as the rows' tokens
 
-
-# ----------------------------------------------------------------------------- the manager
 
 class CacheManager:
   """Paged KV cache plus host RAM tier, for serving loops.
@@ -174,28 +95,17 @@ class CacheManager:
 
   def __init__(self, spec: CacheSpec, *, host_bytes: int = 1 << 30,
                tiers: Sequence[Tier] | None = None, policy: TierPolicy | None = None,
-               thresholds: tuple[float, float, float] = (0.6, 0.8, 0.95)):
+               thresholds: tuple[float, float, float] = DEFAULT_THRESHOLDS):
     if not isinstance(spec, CacheSpec):
       raise JaxPagedError(f"spec must be a jaxpaged.CacheSpec, got {type(spec).__name__}.")
     if tiers is None:
       tiers = [Tier("host", checks.count("host_bytes", host_bytes))]
-    try:
-      thresholds = tuple(float(t) for t in thresholds)
-    except (TypeError, ValueError):
-      thresholds = ()
-    if not (len(thresholds) == 3 and 0 < thresholds[0] <= thresholds[1] <= thresholds[2] <= 1):
-      raise JaxPagedError(f"thresholds must be (medium, high, critical) with 0 < medium <= high "
-                          f"<= critical <= 1, got {thresholds!r}; the default is (0.6, 0.8, 0.95).")
+    self._monitor = PressureMonitor(thresholds)
     self.spec = spec
     self._cache: PagedKVCache = init_cache(spec)
     self.policy = LRUPolicy() if policy is None else policy
-    self.store = TieredStore(tiers, self.policy, on_evict=self._on_host_evict)
-    self.thresholds = thresholds
+    self.host = HostTier(tiers, self.policy)
     self._active: dict[int, int] = {}  # seq -> clock of last use (preemption picks the oldest)
-    self._swapped: set[int] = set()
-    self._dropped: dict[int, str] = {}
-    self._callbacks: list[Callable[[MemoryPressure, MemoryPressure], None]] = []
-    self._pressure = MemoryPressure.LOW
     self._clock = 0
     self._refused = False
     self.counters = dict(allocations=0, allocation_failures=0, swap_outs=0, swap_ins=0,
@@ -203,6 +113,16 @@ class CacheManager:
                          promoted_blocks=0, prompt_tokens=0, device_hit_tokens=0,
                          host_hit_tokens=0, lookup_blocks=0, device_hit_blocks=0,
                          host_hit_blocks=0)
+
+  @property
+  def store(self):
+    """The host tier's `TieredStore`."""
+    return self.host.store
+
+  @property
+  def thresholds(self) -> tuple[float, float, float]:
+    """The pressure thresholds (medium, high, critical)."""
+    return self._monitor.thresholds
 
   @property
   def cache(self) -> PagedKVCache:
@@ -222,20 +142,37 @@ class CacheManager:
   # --------------------------------------------------------------------------- requests
 
   def estimate_bytes(self, num_tokens: int) -> int:
-    """Device bytes ``num_tokens`` tokens take (whole pages, K and V, all layers)."""
+    """Device bytes ``num_tokens`` tokens take (whole pages, K and V, all layers).
+
+    >>> spec = CacheSpec(num_layers=2, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+    ...                  max_seqs=2, max_pages_per_seq=4)
+    >>> CacheManager(spec).estimate_bytes(5) == 2 * spec.page_bytes
+    True
+    """
     return self._pages(checks.count("num_tokens", num_tokens)) * self.spec.page_bytes
 
   def can_allocate(self, num_tokens: int) -> bool:
     """Whether a new sequence of ``num_tokens`` fits now: a free slot and enough pages (free or
-    held only by cached blocks, which are demoted to make room). Prefix hits only help."""
+    held only by cached blocks, which are demoted to make room). Prefix hits only help.
+
+    >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+    ...                  max_seqs=2, max_pages_per_seq=8)
+    >>> manager = CacheManager(spec)
+    >>> manager.can_allocate(32), manager.can_allocate(33)
+    (True, False)
+    """
     num_tokens = checks.count("num_tokens", num_tokens)
     return (self._free_slot() is not None and num_tokens <= self.spec.max_seq_len
             and self._pages(num_tokens) <= self.available_pages)
 
-  def admit(self, tokens, *, salt: int = 0, max_new_tokens: int | None = None,
-            room_tokens: int | None = None, num_slots: int | None = None) -> Admission | None:
+  def admit(self, tokens: Sequence[int] | np.ndarray, *, salt: int = 0,
+            max_new_tokens: int | None = None, room_tokens: int | None = None,
+            num_slots: int | None = None) -> Admission | None:
     """Starts a request: attaches its cached prefix (device hits, then host hits the policy
     promotes), then makes room for up to ``max_new_tokens`` of the remaining prompt tokens.
+
+    The prompt is hashed once, on the host; the admission is one jitted call (two when cached
+    blocks must first be demoted to host RAM to make room).
 
     Args:
       tokens: the prompt's token ids (1-D).
@@ -246,76 +183,93 @@ class CacheManager:
       room_tokens: admit only if the pages of a sequence this long are available now (prefix
         hits count as held), e.g. the whole prompt plus headroom for decoding, so that a serving
         loop does not admit what it would preempt at once. Default: the tokens appended now.
-      num_slots: static length of ``slots`` (default: a power of two >= the tokens appended).
+      num_slots: static length of ``slots``: at most this many tokens are appended now (default:
+        a power of two >= the prompt tokens that may be appended).
 
     Returns:
       The `Admission`, or None (nothing changed) when no slot or too few pages are free: wait for
       releases, or `swap_out` running sequences.
+
+    >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+    ...                  max_seqs=2, max_pages_per_seq=4, prefix_caching=True)
+    >>> manager = CacheManager(spec)
+    >>> first = manager.admit([1, 2, 3, 4, 5, 6])
+    >>> k = jnp.ones((first.num_new, 1, 8))
+    >>> manager.cache = write_kv(manager.cache, 0, k, k, first.slots[:first.num_new])
+    >>> manager.release([first.seq_id])
+    >>> again = manager.admit([1, 2, 3, 4, 9])  # the first block is cached
+    >>> again.num_cached, again.num_new
+    (4, 1)
     """
-    spec, ps = self.spec, self.spec.page_size
-    tokens = checks.host_token_ids("tokens", tokens)
-    length = len(tokens)
-    if not 1 <= length <= spec.max_seq_len:
-      raise JaxPagedError(f"tokens must hold 1..{spec.max_seq_len} ids (max_pages_per_seq * "
-                          f"page_size), got {length}.")
-    salt = checks.salt("salt", salt)
-    limit = length if max_new_tokens is None else checks.count("max_new_tokens", max_new_tokens)
-    room_tokens = None if room_tokens is None else checks.count("room_tokens", room_tokens)
+    request, tokens, salt = steps_admit.make_request(self.spec, tokens, salt, max_new_tokens,
+                                               room_tokens)
     seq = self._free_slot()
     if seq is None:
       self.counters["allocation_failures"] += 1
       self._update_pressure()
       return None
-    row, salt_lanes = self._row(tokens), self._salt_lanes(salt)
-    matched, hit_pages, idle = 0, np.zeros((0,), np.int32), 0
-    if self.cache.prefix is not None:
-      found, pages = _device_matches(self.cache, jnp.array([seq], jnp.int32), row,
-                                     jnp.array([length], jnp.int32), salt_lanes[None])
-      matched = int(found[0])
-      hit_pages = np.asarray(pages)[0, :matched]
-      idle = int(np.sum(np.asarray(self.cache.ref_counts)[hit_pages] == 0))  # reclaimable
+    length, limit = len(tokens), int(request.limit)
+    num_slots = checks.count("num_slots", min(max(next_pow2(min(length, limit)), 1),
+                                              self.spec.max_seq_len)
+                             if num_slots is None else num_slots, minimum=1,
+                             maximum=self.spec.max_seq_len)
+    request = request._replace(seq=np.int32(seq))
     with self._atomic():
-      host_blocks = self._host_hits(tokens, salt, matched)
-      cached = (matched + len(host_blocks)) * ps
-      new = min(length - cached, limit)
-      if num_slots is None:
-        num_slots = min(max(next_pow2(new), 1), spec.max_seq_len)
-      num_slots = checks.count("num_slots", num_slots, minimum=new, maximum=spec.max_seq_len)
-      need = self._pages(cached + new) - matched
-      room = need if room_tokens is None else max(need, self._pages(room_tokens) - matched)
-      if room > self.available_pages - idle:
-        raise _Refused
-      victims, demoted = self._plan_demotion(need, keep=hit_pages)
-      for block in host_blocks:  # on device again (making room may have evicted it from host)
-        if ("block", block.key) in self.store:
-          self.store.pop(("block", block.key))
-      promoted = None
-      if host_blocks:
-        promoted = swap.promote_arrays(spec, seq, tokens[:matched * ps], salt, host_blocks)
-      new_tokens = jnp.asarray(np.pad(tokens[cached:cached + new], (0, num_slots - new)))
-      cache, slots, ok = _admit_step(
-          self.cache, victims, jnp.int32(seq), row, jnp.int32(length), salt_lanes,
-          jnp.int32(matched), promoted, new_tokens, jnp.int32(new), num_slots=num_slots,
-          promote=bool(host_blocks))
+      blocks = self._host_candidates(tokens, salt, request)
+      host = steps_admit.host_blocks(self.spec, blocks)
+      victims, demoted = self._admission_room(request, host, num_slots, length)
+      cache, plan, slots, done = steps_admit.admit_step(self.cache, victims, request, host,
+                                                        num_slots=num_slots)
       self.cache = cache
-      if not bool(ok):
+      plan, done = jax.device_get((plan, done))
+      if not plan.ok:
+        raise _Refused
+      if not done:
         raise RuntimeError("jaxpaged bug: a planned admission was refused by the device")
+      promoted = [b for i, b in blocks if plan.matched <= i < plan.matched + plan.promoted]
+      self.host.take_blocks(promoted)
       self._count_demoted(demoted)
       self._active[seq] = self._tick()
-      c = self.counters
-      c["allocations"] += 1
-      c["prompt_tokens"] += length
-      c["device_hit_tokens"] += matched * ps
-      c["host_hit_tokens"] += len(host_blocks) * ps
-      c["lookup_blocks"] += (length - 1) // ps
-      c["device_hit_blocks"] += matched
-      c["host_hit_blocks"] += len(host_blocks)
-      c["promoted_blocks"] += len(host_blocks)
+      self._count_admission(length, int(plan.matched), len(promoted))
     self._update_pressure()
     if self._refused:
       self.counters["allocation_failures"] += 1
       return None
-    return Admission(seq, cached, new, slots, len(host_blocks) * ps)
+    ps = self.spec.page_size
+    cached = (int(plan.matched) + int(plan.promoted)) * ps
+    return Admission(seq, cached, int(plan.num_new), slots, int(plan.promoted) * ps)
+
+  def _host_candidates(self, tokens, salt, request):
+    if not self.spec.prefix_caching or not len(self.host.store):
+      return []
+    usable = (len(tokens) - 1) // self.spec.page_size
+    hashes = request.hashes[0, :usable]
+    return self.host.candidates(tokens, hashes, salt, self.spec.page_size)
+
+  def _admission_room(self, request, host, num_slots: int, length: int):
+    """``(victims, demoted)``: when the pool may run short (the most the admission can take
+    is over the free pages), plans it first and demotes the cached blocks it needs to host
+    RAM; otherwise nothing (no device call)."""
+    bound = max(self._pages(length), int(request.room_pages))
+    free = int(self.cache.num_free)
+    if self.cache.prefix is None or bound <= free:
+      return steps.NO_VICTIMS, (0, 0)
+    plan, victims, contents = steps_admit.admit_plan(
+        self.cache, request, host, num_slots=num_slots, max_victims=next_pow2(bound - free))
+    if not bool(plan.ok):
+      raise _Refused
+    return victims, self.host.store_blocks(swap.cached_blocks(self.spec, contents))
+
+  def _count_admission(self, length: int, matched: int, promoted: int) -> None:
+    ps, c = self.spec.page_size, self.counters
+    c["allocations"] += 1
+    c["prompt_tokens"] += length
+    c["device_hit_tokens"] += matched * ps
+    c["host_hit_tokens"] += promoted * ps
+    c["lookup_blocks"] += (length - 1) // ps
+    c["device_hit_blocks"] += matched
+    c["host_hit_blocks"] += promoted
+    c["promoted_blocks"] += promoted
 
   def reserve(self, seq_ids, num_new_tokens, *, num_slots: int | None = None,
               preempt: bool = False):
@@ -346,7 +300,7 @@ class CacheManager:
       return plan.fits, []
     with self._atomic():
       victims, demoted = self._stage(plan)
-      self.cache = _room_step(self.cache, plan.released_ids, victims)
+      self.cache = steps.room_step(self.cache, plan.released_ids, victims)
       self._commit(plan, demoted)
     self._update_pressure()
     return True, list(plan.released)
@@ -386,7 +340,7 @@ class CacheManager:
       return jnp.full((plan.num_slots,), -1, jnp.int32), jnp.bool_(False), []
     with self._atomic():
       victims, demoted = self._stage(plan)
-      cache, slots, ok = _extend_step(self.cache, plan.released_ids, victims, plan.seq_ids,
+      cache, slots, ok = steps.extend_step(self.cache, plan.released_ids, victims, plan.seq_ids,
                                       plan.counts, tokens, num_slots=plan.num_slots)
       self.cache = cache
       if not bool(ok):
@@ -402,13 +356,11 @@ class CacheManager:
     held = [s for s in ids if s in self._active]
     with self._atomic():
       for s in ids:
-        if s in self._swapped:
-          self.store.pop(("seq", s))
-          self._swapped.discard(s)
+        self.host.forget(s)
         self._active.pop(s, None)
-        self._dropped.pop(s, None)
       if held:
-        self.cache = _room_step(self.cache, _padded_ids(held, self.spec.max_seqs), _NO_VICTIMS)
+        self.cache = steps.room_step(self.cache, steps.padded_ids(held, self.spec.max_seqs),
+                                     steps.NO_VICTIMS)
     self._update_pressure()
 
   # --------------------------------------------------------------------------- swapping
@@ -428,11 +380,11 @@ class CacheManager:
     if len(set(ids)) != len(ids):
       raise JaxPagedError(f"seq_ids {ids} repeat a sequence; name each one once.")
     with self._atomic():
-      self._put_swapped(swap.copy_out(self.cache, ids))
-      self.cache = _room_step(self.cache, _padded_ids(ids, self.spec.max_seqs), _NO_VICTIMS)
+      self.host.put_sequences(swap.copy_out(self.cache, ids))
+      self.cache = steps.room_step(self.cache, steps.padded_ids(ids, self.spec.max_seqs),
+                                   steps.NO_VICTIMS)
       for s in ids:
         del self._active[s]
-        self._swapped.add(s)
       self.counters["swap_outs"] += len(ids)
     self._update_pressure()
 
@@ -443,23 +395,23 @@ class CacheManager:
     if len(set(ids)) != len(ids):
       raise JaxPagedError(f"seq_ids {ids} repeat a sequence; name each one once.")
     for s in ids:
-      if s in self._dropped:
-        raise JaxPagedError(f"sequence {s} was dropped from host RAM ({self._dropped[s]}); "
+      if s in self.host.dropped:
+        raise JaxPagedError(f"sequence {s} was dropped from host RAM ({self.host.dropped[s]}); "
                             "it must be recomputed. Use a policy that never evicts pinned entries "
                             "to keep swapped sequences.")
-      if s not in self._swapped:
+      if s not in self.host.swapped:
         raise JaxPagedError(f"sequence {s} is not swapped out; swap_in takes ids given to "
                             "swap_out.")
     # Plan every sequence first (in order, each as room allows), then one device step for all.
     ref_counts = np.asarray(self.cache.ref_counts)
     available, need, keep, restores, chosen = self.available_pages, 0, set(), [], []
     for s in ids:
-      swapped = self.store.peek(("seq", s))
+      swapped = self.host.sequence(s)
       args, match = swap.swap_in_args(self.cache, swapped)
       # Its blocks still cached on device are attached, not copied: keep them while making room.
       hits = np.zeros((0,), np.int32)
       if match:
-        matched, pages = _device_matches(
+        matched, pages = steps.device_matches(
             self.cache, jnp.array([s], jnp.int32), self._row(swapped.tokens[:swapped.length]),
             jnp.array([swapped.length], jnp.int32), self._salt_lanes(swapped.salt)[None])
         hits = np.asarray(pages)[0, :int(matched[0])]
@@ -477,15 +429,14 @@ class CacheManager:
       with self._atomic():
         victims, demoted = self._plan_demotion(need, keep=sorted(keep))
         for s in chosen:
-          self.store.pop(("seq", s))
-        cache, ok = _restore_step(self.cache, victims, tuple(a for a, _ in restores),
+          self.host.take_sequence(s)
+        cache, ok = steps.restore_step(self.cache, victims, tuple(a for a, _ in restores),
                                   matches=tuple(m for _, m in restores))
         self.cache = cache
         if not bool(ok):
           raise RuntimeError("jaxpaged bug: a planned swap-in was refused by the device")
         self._count_demoted(demoted)
         for s in chosen:
-          self._swapped.discard(s)
           self._active[s] = self._tick()
         self.counters["swap_ins"] += len(chosen)
     self._update_pressure()
@@ -495,12 +446,12 @@ class CacheManager:
   def available_pages(self) -> int:
     """Pages an allocation can take now: free ones plus those held only by cached blocks
     (demoted to host RAM first)."""
-    return int(self.cache.num_free) + int(num_cached_free_pages(self.cache))
+    return int(self.cache.num_free) + int(evictable(self.cache.prefix))
 
   @property
   def swapped(self) -> list[int]:
     """Ids of the sequences on host."""
-    return sorted(self._swapped)
+    return sorted(self.host.swapped)
 
   @property
   def active(self) -> list[int]:
@@ -515,8 +466,8 @@ class CacheManager:
     before_free = int(self.cache.num_free)
     before = self.counters["demoted_blocks"]
     with self._atomic():
-      victims, demoted = self._plan_demotion(before_free + int(num_cached_free_pages(self.cache)))
-      self.cache = _room_step(self.cache, _padded_ids([], self.spec.max_seqs), victims)
+      victims, demoted = self._plan_demotion(before_free + int(evictable(self.cache.prefix)))
+      self.cache = steps.room_step(self.cache, steps.padded_ids([], self.spec.max_seqs), victims)
       self._count_demoted(demoted)
     freed = int(self.cache.num_free) - before_free
     self._update_pressure()
@@ -555,31 +506,30 @@ class CacheManager:
       raise JaxPagedError(f"num_new_tokens sums to {int(n.sum())}, more than num_slots = "
                           f"{num_slots}; pass a larger num_slots.")
     plan = _RowsPlan(seq_ids, counts, num_slots, [], self.spec.max_seqs)
-    need, free, evictable = self._room_after(plan)
+    need, free, spare = self._room_after(plan)
     others = sorted((t, s) for s, t in self._active.items() if s not in rows)
-    while need > free + evictable and preempt and others:
+    while need > free + spare and preempt and others:
       plan.released.append(others.pop(0)[1])
-      need, free, evictable = self._room_after(plan)
-    plan.fits = need <= free + evictable
+      need, free, spare = self._room_after(plan)
+    plan.fits = need <= free + spare
     plan.need, plan.shortfall = need, max(need - free, 0)
     return plan
 
   def _room_after(self, plan) -> tuple[int, int, int]:
-    return tuple(int(x) for x in _room(self.cache, plan.released_ids, plan.seq_ids, plan.counts,
-                                       num_slots=plan.num_slots))
+    return tuple(int(x) for x in steps.room(self.cache, plan.released_ids, plan.seq_ids,
+                                            plan.counts, num_slots=plan.num_slots))
 
   def _stage(self, plan):
     """Host half of a rows plan: the preempted sequences go to host RAM (pinned), the blocks
     to demote are chosen and stored. Returns ``(victims, demoted)`` (`_plan_demotion`)."""
     if plan.released:
-      self._put_swapped(swap.copy_out(self.cache, plan.released))
+      self.host.put_sequences(swap.copy_out(self.cache, plan.released))
     return self._plan_demotion(plan.shortfall, released=plan.released_ids, absolute=True)
 
   def _commit(self, plan, demoted) -> None:
     self._count_demoted(demoted)
     for s in plan.released:
       del self._active[s]
-      self._swapped.add(s)
     self.counters["swap_outs"] += len(plan.released)
     self._touch(plan)
 
@@ -597,57 +547,16 @@ class CacheManager:
     the victims for the device step, blocks stored, blocks the host had no room for."""
     shortfall = pages if absolute else pages - int(self.cache.num_free)
     if shortfall <= 0 or self.cache.prefix is None:
-      return _NO_VICTIMS, (0, 0)
-    released = _padded_ids([], self.spec.max_seqs) if released is None else released
-    victims, contents = _demotion_plan(self.cache, released, jnp.int32(shortfall),
+      return steps.NO_VICTIMS, (0, 0)
+    released = steps.padded_ids([], self.spec.max_seqs) if released is None else released
+    victims, contents = steps.demotion_plan(self.cache, released, jnp.int32(shortfall),
                                        swap.keep_pages(self.spec, keep),
                                        max_count=next_pow2(shortfall))
-    dropped = 0
-    blocks = swap.cached_blocks(self.spec, contents)
-    for block in blocks:
-      try:
-        self.store.put(("block", block.key), block, block.nbytes)
-      except TierError:  # the host tier is full of swapped sequences: the block is recomputable
-        dropped += 1
-    return victims, (len(blocks), dropped)
+    return victims, self.host.store_blocks(swap.cached_blocks(self.spec, contents))
 
   def _count_demoted(self, demoted) -> None:
     self.counters["demoted_blocks"] += demoted[0]
     self.counters["demote_dropped"] += demoted[1]
-
-  def _put_swapped(self, swapped) -> None:
-    for s in swapped:
-      self.store.put(("seq", s.seq_id), s, s.nbytes, pinned=True)
-
-  # --------------------------------------------------------------------------- host tier
-
-  def _host_hits(self, tokens, salt: int, matched: int) -> list:
-    """Consecutive blocks after the device hits that the host holds for exactly this prefix and
-    the policy promotes."""
-    if self.cache.prefix is None or not len(self.store):
-      return []
-    ps = self.spec.page_size
-    usable = (len(tokens) - 1) // ps
-    hashes = block_hashes_numpy(tokens[:usable * ps], ps, salt, self.spec.block_hash)
-    blocks = []
-    for i in range(matched, usable):
-      key = ("block", swap.block_key(hashes[i]))
-      block = self.store.peek(key)
-      if (not isinstance(block, swap.CachedBlock) or block.salt != salt
-          or len(block.tokens) != (i + 1) * ps
-          or not np.array_equal(block.tokens, tokens[:(i + 1) * ps])):
-        break
-      self.store.get(key)  # an access, for recency and frequency
-      if not self.store.should_promote(key):
-        break
-      blocks.append(block)
-    return blocks
-
-  def _on_host_evict(self, key, value, pinned: bool) -> None:
-    del value
-    if pinned and key[0] == "seq":
-      self._swapped.discard(key[1])
-      self._dropped[key[1]] = f"evicted by {type(self.policy).__name__} to make room"
 
   # --------------------------------------------------------------------------- stats, pressure
 
@@ -658,69 +567,66 @@ class CacheManager:
     ``device_hit_rate`` found on device, ``host_hit_rate`` brought back from host RAM.
     """
     spec, cache = self.spec, self.cache
-    used = int(num_used_pages(cache))
+    used = spec.num_pages - int(cache.num_free) - int(evictable(cache.prefix))
     lookups = max(self.counters["lookup_blocks"], 1)
     host = self.store.stats()
     return dict(
         total_pages=spec.num_pages, free_pages=int(cache.num_free),
-        cached_free_pages=int(num_cached_free_pages(cache)), used_pages=used,
+        cached_free_pages=int(evictable(cache.prefix)), used_pages=used,
         total_bytes=spec.num_pages * spec.page_bytes, used_bytes=used * spec.page_bytes,
         host_tiers=host["tiers"], host_used_bytes=sum(t["used"] for t in host["tiers"]),
         host_entries=host["entries"], host_evictions=host["evictions"],
         dropped_sequences=host["pinned_evictions"],
-        active_sequences=len(self._active), swapped_sequences=len(self._swapped),
+        active_sequences=len(self._active), swapped_sequences=len(self.host.swapped),
         device_hit_rate=self.counters["device_hit_blocks"] / lookups,
         host_hit_rate=self.counters["host_hit_blocks"] / lookups,
         device_evictions=int(prefix_stats(cache)["evictions"]),
-        pressure=self._pressure.name, **self.counters)
+        pressure=self.pressure.name, **self.counters)
 
   def on_pressure(self, callback: Callable[[MemoryPressure, MemoryPressure], None]) -> None:
     """Registers ``callback(old_level, new_level)``, called once on every level change, after
-    the operation that changed the level completed."""
-    if not callable(callback):
-      raise JaxPagedError(f"callback must be callable as callback(old_level, new_level), got "
-                          f"{callback!r}.")
-    self._callbacks.append(callback)
+    the operation that changed the level completed.
+
+    >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=4,
+    ...                  max_seqs=2, max_pages_per_seq=4)
+    >>> manager, heard = CacheManager(spec), []
+    >>> manager.on_pressure(lambda old, new: heard.append(new.name))
+    >>> _ = manager.admit(list(range(1, 15)))  # 4 of 4 pages
+    >>> heard, manager.pressure.name
+    (['CRITICAL'], 'CRITICAL')
+    """
+    self._monitor.on_change(callback)
 
   @property
   def pressure(self) -> MemoryPressure:
     """The current `MemoryPressure` level."""
-    return self._pressure
+    return self._monitor.level
 
   def _update_pressure(self) -> None:
     """Every operation ends here (pages the caller's own steps took since are counted now)."""
-    fraction = int(num_used_pages(self.cache)) / self.spec.num_pages
-    level = MemoryPressure(sum(fraction >= t for t in self.thresholds))
-    if level == self._pressure:
-      return
-    old, self._pressure = self._pressure, level
-    errors = []
-    for callback in list(self._callbacks):  # every callback hears of the change
-      try:
-        callback(old, level)
-      except Exception as e:  # pylint: disable=broad-except
-        errors.append(e)
-    if errors:
-      raise errors[0]
+    used = self.spec.num_pages - int(self.cache.num_free) - int(evictable(self.cache.prefix))
+    self._monitor.update(used / self.spec.num_pages)
 
   # --------------------------------------------------------------------------- helpers
 
   @contextlib.contextmanager
   def _atomic(self):
-    """Rolls the host store and the manager's bookkeeping back if the block raises (the device
-    cache too: it is only replaced by the block's last, planned step). A `_Refused` inside ends
-    the block quietly, with everything rolled back and ``self._refused`` set."""
-    saved = (self._cache, dict(self._active), set(self._swapped), dict(self._dropped),
-             dict(self.counters), self._clock, self.store.snapshot())
+    """Rolls the host tier and the manager's bookkeeping back if the block raises. The device
+    cache too: it is only replaced by the block's last, planned step, and a step that refuses
+    (a `_Refused` after it) returns it unchanged. A `_Refused` ends the block quietly, with
+    everything else rolled back and ``self._refused`` set."""
+    saved = (self._cache, dict(self._active), dict(self.counters), self._clock,
+             self.host.snapshot())
     self._refused = False
     try:
       yield
     except BaseException as e:
-      (self._cache, self._active, self._swapped, self._dropped, self.counters, self._clock,
-       store) = saved
-      self.store.restore(store)
+      cache = self._cache
+      (self._cache, self._active, self.counters, self._clock, host) = saved
+      self.host.restore(host)
       if not isinstance(e, _Refused):
         raise
+      self._cache = cache  # the unchanged cache a refusing step gave back (or the same one)
       self._refused = True
 
   def _ids(self, seq_ids) -> list[int]:
@@ -734,10 +640,10 @@ class CacheManager:
     return ids
 
   def _pages(self, num_tokens: int) -> int:
-    return -(-num_tokens // self.spec.page_size)
+    return cdiv(num_tokens, self.spec.page_size)
 
   def _free_slot(self) -> int | None:
-    taken = set(self._active) | self._swapped | set(self._dropped)
+    taken = set(self._active) | self.host.swapped | set(self.host.dropped)
     return next((s for s in range(self.spec.max_seqs) if s not in taken), None)
 
   def _row(self, tokens) -> jax.Array:
@@ -773,4 +679,4 @@ class _RowsPlan:
 
   @property
   def released_ids(self) -> jax.Array:
-    return _padded_ids(self.released, self.max_seqs)
+    return steps.padded_ids(self.released, self.max_seqs)

@@ -1,0 +1,110 @@
+"""The manager's host tier: swapped-out sequences and demoted prefix blocks in host RAM.
+
+Internal API: `HostTier` (owned by `CacheManager`). Keys: ``("seq", seq_id)`` for a swapped
+sequence (pinned: evicting it loses the sequence, which is then recorded as dropped) and
+``("block", block_key)`` for a cached block (recomputable, so the store may evict it freely).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from jaxpaged._src import swap
+from jaxpaged._src.tier import Tier, TieredStore, TierError, TierPolicy
+
+
+class HostTier:
+  """Sequences and blocks on host, in a `TieredStore` under ``policy``.
+
+  Attributes:
+    store: the `TieredStore`.
+    swapped: ids of the sequences held here.
+    dropped: id -> why, for swapped sequences the store evicted (they must be recomputed).
+  """
+
+  def __init__(self, tiers: Sequence[Tier], policy: TierPolicy):
+    self.policy = policy
+    self.store = TieredStore(tiers, policy, on_evict=self._on_evict)
+    self.swapped: set[int] = set()
+    self.dropped: dict[int, str] = {}
+
+  # --------------------------------------------------------------------------- sequences
+
+  def put_sequences(self, sequences: Sequence[swap.SwappedSequence]) -> None:
+    """Holds swapped-out sequences (pinned). Raises `TierError` when the tiers cannot."""
+    for s in sequences:
+      self.store.put(("seq", s.seq_id), s, s.nbytes, pinned=True)
+      self.swapped.add(s.seq_id)
+
+  def sequence(self, seq_id: int) -> swap.SwappedSequence:
+    """The swapped sequence ``seq_id`` (no access recorded)."""
+    return self.store.peek(("seq", seq_id))
+
+  def take_sequence(self, seq_id: int) -> None:
+    """Forgets a swapped sequence (it went back to the device, or was released)."""
+    self.store.pop(("seq", seq_id))
+    self.swapped.discard(seq_id)
+
+  def forget(self, seq_id: int) -> None:
+    """Forgets a sequence on release, wherever it is on host (held or dropped)."""
+    if seq_id in self.swapped:
+      self.take_sequence(seq_id)
+    self.dropped.pop(seq_id, None)
+
+  # --------------------------------------------------------------------------- blocks
+
+  def candidates(self, tokens: np.ndarray, hashes: np.ndarray, salt: int, page_size: int
+                 ) -> list[tuple[int, swap.CachedBlock]]:
+    """``(block index, block)`` of the prompt's full blocks (``hashes``, one each) that the host
+    holds for exactly this prefix and salt and the policy promotes (each lookup is an access),
+    in block order; stops at the first block the policy keeps on host. Which of them continue
+    the device's hits is decided on device (`jaxpaged._src.admission`)."""
+    found = []
+    for i, page_hash in enumerate(hashes):
+      key = ("block", swap.block_key(page_hash))
+      block = self.store.peek(key)
+      end = (i + 1) * page_size
+      if (not isinstance(block, swap.CachedBlock) or block.salt != salt
+          or len(block.tokens) != end or not np.array_equal(block.tokens, tokens[:end])):
+        continue
+      self.store.get(key)  # an access, for recency and frequency
+      if not self.store.should_promote(key):
+        break
+      found.append((i, block))
+    return found
+
+  def store_blocks(self, blocks: Sequence[swap.CachedBlock]) -> tuple[int, int]:
+    """Holds demoted blocks; ``(demoted, dropped)``: of the ``demoted`` blocks, those the tiers
+    have no room for (they are full of swapped sequences) are dropped, since they can be
+    recomputed."""
+    dropped = 0
+    for block in blocks:
+      try:
+        self.store.put(("block", block.key), block, block.nbytes)
+      except TierError:
+        dropped += 1
+    return len(blocks), dropped
+
+  def take_blocks(self, blocks: Sequence[swap.CachedBlock]) -> None:
+    """Forgets blocks that went back to the device (if making room did not evict them)."""
+    for block in blocks:
+      if ("block", block.key) in self.store:
+        self.store.pop(("block", block.key))
+
+  # --------------------------------------------------------------------------- state
+
+  def snapshot(self):
+    """Everything, to `restore` after a failed operation."""
+    return self.store.snapshot(), set(self.swapped), dict(self.dropped)
+
+  def restore(self, snapshot) -> None:
+    store, self.swapped, self.dropped = snapshot
+    self.store.restore(store)
+
+  def _on_evict(self, key, value, pinned: bool) -> None:
+    del value
+    if pinned and key[0] == "seq":
+      self.swapped.discard(key[1])
+      self.dropped[key[1]] = f"evicted by {type(self.policy).__name__} to make room"
