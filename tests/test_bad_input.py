@@ -166,7 +166,7 @@ def test_promote_blocks_refuses_blocks_of_another_shape():
   cache, blocks = jp.demote_blocks(jp.release(cache, jnp.array([0])), 4)
   first = [b for b in blocks if b.depth == 0]
   cache, match = jp.match_prefix(cache, jnp.array([1]), jnp.zeros((1, 4), jnp.int32),
-                                 jnp.array([1]), max_new_tokens=jnp.array([0]), num_slots=1)
+                                 jnp.array([1]), max_prompt_tokens=jnp.array([0]), num_slots=1)
   cache = jax.tree.map(jnp.asarray, cache)
   before = _snapshot(cache)
   for change, message in ((dict(k=first[0].k[..., :2]), r"blocks\[0\].k is float32\[2, 1, 4, 2\]"),

@@ -67,7 +67,7 @@ def _prefill(manager, tokens, **kw):
 
 
 def _manager_state(manager):
-  return dict(cache=_snap(manager.cache), active=dict(manager._active),  # pylint: disable=protected-access
+  return dict(cache=_snap(manager.cache), active=dict(manager.registry.active),
               swapped=sorted(manager.swapped), counters=dict(manager.counters),
               store=sorted(map(repr, manager.store.keys())), host=manager.store.stats())
 
@@ -260,7 +260,7 @@ def test_reset_prefix_cache_does_not_move_a_started_request_to_salt_zero():
   prompt = jnp.array([[1, 2, 3, 4, 5]])
   cache = jp.init_cache(spec)
   cache, started = jp.match_prefix(cache, jnp.array([0]), prompt, jnp.array([5]), salts=7,
-                                   max_new_tokens=jnp.array([0]), num_slots=5)
+                                   max_prompt_tokens=jnp.array([0]), num_slots=5)
   assert bool(started.ok) and int(started.num_new[0]) == 0
   cache, ok = jp.reset_prefix_cache(cache)
   if not bool(ok):
@@ -277,17 +277,31 @@ def test_reset_prefix_cache_does_not_move_a_started_request_to_salt_zero():
   assert int(same.num_cached[0]) == 4
 
 
-def test_match_prefix_refuses_negative_max_new_tokens():
+def test_the_old_name_of_max_prompt_tokens_still_works_with_a_deprecation_warning():
   cache = jp.init_cache(_spec())
-  with pytest.raises(jp.JaxPagedError, match="max_new_tokens"):
+  args = (cache, jnp.array([0]), jnp.array([[1, 2, 3]]), jnp.array([3]))
+  _, new = jp.match_prefix(*args, max_prompt_tokens=jnp.array([1]))
+  with pytest.warns(DeprecationWarning, match="max_new_tokens is renamed max_prompt_tokens"):
+    _, old = jp.match_prefix(*args, max_new_tokens=jnp.array([1]))
+  assert int(old.num_new[0]) == int(new.num_new[0]) == 1
+  with pytest.raises(jp.JaxPagedError, match="pass max_prompt_tokens only"):
+    jp.match_prefix(*args, max_prompt_tokens=jnp.array([1]), max_new_tokens=jnp.array([1]))
+  manager = jp.CacheManager(_spec())
+  with pytest.warns(DeprecationWarning, match="max_new_tokens is renamed"):
+    assert manager.admit([1, 2, 3], max_new_tokens=1).num_new == 1
+
+
+def test_match_prefix_refuses_negative_max_prompt_tokens():
+  cache = jp.init_cache(_spec())
+  with pytest.raises(jp.JaxPagedError, match="max_prompt_tokens"):
     jp.check_match_prefix(cache, jnp.array([0]), jnp.array([[1, 2, 3]]), jnp.array([3]),
-                          max_new_tokens=jnp.array([-1]))
+                          max_prompt_tokens=jnp.array([-1]))
   before = _snap(cache)
   try:
     new, match = jp.match_prefix(cache, jnp.array([0]), jnp.array([[1, 2, 3]]), jnp.array([3]),
-                                 max_new_tokens=jnp.array([-1]))
+                                 max_prompt_tokens=jnp.array([-1]))
   except jp.JaxPagedError as e:
-    assert "max_new_tokens" in str(e)
+    assert "max_prompt_tokens" in str(e)
     return
   assert not bool(match.ok)  # refused in jit: nothing changed
   _assert_same(before, _snap(new))
@@ -302,7 +316,7 @@ def test_promote_blocks_never_truncates_a_blocks_token_ids():
   cache, blocks = jp.demote_blocks(jp.release(cache, jnp.array([0])), 8)
   second = next(b for b in blocks if b.depth == 1)
   cache, m = jp.match_prefix(cache, jnp.array([1]), jnp.array([[1, 2, 9]]), jnp.array([3]),
-                             max_new_tokens=jnp.array([2]), num_slots=3)
+                             max_prompt_tokens=jnp.array([2]), num_slots=3)
   cache = jp.write_kv(cache, 0, jnp.ones((3, 1, 2)), jnp.ones((3, 1, 2)), m.slots)
   forged = dataclasses.replace(second, tokens=np.array([1, 2, 3, 2**32 + 4], np.int64))
   before = _snap(cache)

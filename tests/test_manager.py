@@ -117,16 +117,16 @@ def test_room_tokens_counts_prefix_pages_held_by_others_as_already_held():
   longer = prompt + [20, 21, 22, 23]
   before = jax.tree.map(np.asarray, manager.cache)
   # 9 pages of room, 3 of them the shared hits: 6 more than the 5 available.
-  assert manager.admit(longer, max_new_tokens=0, room_tokens=36) is None
+  assert manager.admit(longer, max_prompt_tokens=0, room_tokens=36) is None
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, manager.cache), before)
-  admission = manager.admit(longer, max_new_tokens=0, room_tokens=32)  # 8 pages: 3 + 5
+  admission = manager.admit(longer, max_prompt_tokens=0, room_tokens=32)  # 8 pages: 3 + 5
   assert admission.num_cached == 12 and admission.num_new == 0
   assert manager.stats()["free_pages"] == 5  # attached, not allocated
   # Once both end, the blocks are idle cached pages: a hit on them takes them from the pool.
   manager.release([0, admission.seq_id])
   assert manager.available_pages == 8
-  assert manager.admit(longer, max_new_tokens=0, room_tokens=36) is None
-  assert manager.admit(longer, max_new_tokens=0, room_tokens=32).num_cached == 12
+  assert manager.admit(longer, max_prompt_tokens=0, room_tokens=36) is None
+  assert manager.admit(longer, max_prompt_tokens=0, room_tokens=32).num_cached == 12
 
 
 def test_swap_out_and_in_through_the_manager_keep_every_token():

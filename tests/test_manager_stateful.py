@@ -150,8 +150,8 @@ class ManagerMachine(RuleBasedStateMachine):
     salt = data.draw(st.sampled_from(SALTS))
     chunk = data.draw(st.sampled_from([None, 5]))
     active_before = set(self.manager.active)
-    outcome, admission = self._call(self.manager.admit, tokens, salt=salt, max_new_tokens=chunk,
-                                    num_slots=24)
+    outcome, admission = self._call(self.manager.admit, tokens, salt=salt,
+                                    max_prompt_tokens=chunk, num_slots=24)
     if outcome == "callback":  # admitted, but the caller never saw the slots: give it back
       (seq,) = set(self.manager.active) - active_before
       self.callback_armed = False

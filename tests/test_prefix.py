@@ -361,5 +361,5 @@ def test_a_refilled_parent_page_cannot_vouch_for_an_old_child():
   cache, _ = _admit_and_write(cache, 3, b)
   assert int(cache.page_table[3, 0]) == x_page  # refilled with B
   assert int(cache.prefix.page_parent[t_page]) == x_page  # the hazard is set up
-  cache, match = _admit(cache, 4, b + t + [0], max_new_tokens=jnp.array([0]), num_slots=1)
+  cache, match = _admit(cache, 4, b + t + [0], max_prompt_tokens=jnp.array([0]), num_slots=1)
   assert bool(match.ok) and int(match.num_cached[0]) == PS  # B only: T's K/V are X's

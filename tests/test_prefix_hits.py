@@ -202,7 +202,7 @@ class PrefixHitMachine(RuleBasedStateMachine):
     self.cache, match = jp.match_prefix(
         self.cache, jnp.array(ids + [-1] * pad, jnp.int32), jnp.asarray(tokens),
         jnp.array([len(p) for p in prompts] + [1] * pad), salts=salts + [0] * pad,
-        max_new_tokens=jnp.array(chunks + [0] * pad), num_slots=SLOTS)
+        max_prompt_tokens=jnp.array(chunks + [0] * pad), num_slots=SLOTS)
     assert bool(match.ok)
     # Every row's hits are decided before any row registers.
     seqs = [Seq(salt) for salt in salts]

@@ -347,7 +347,7 @@ class PrefixCacheMachine(RuleBasedStateMachine):
     tokens[0, :len(prompt)] = prompt
     args = (jnp.array([seq], jnp.int32), jnp.asarray(tokens), jnp.array([len(prompt)]))
     kwargs = dict(salts=[salt], num_slots=PROMPT_WIDTH,
-                  max_new_tokens=None if chunk is None else jnp.array([chunk]))
+                  max_prompt_tokens=None if chunk is None else jnp.array([chunk]))
     before = self._snapshot()
     self.cache, match = jp.match_prefix(self.cache, *args, **kwargs)
     event(f"admit {'ok' if match.ok else 'refused'}")
@@ -527,7 +527,7 @@ class PrefixCacheMachine(RuleBasedStateMachine):
     tokens[0, :len(block.tokens)] = block.tokens
     self.cache, match = jp.match_prefix(
         self.cache, jnp.array([seq]), jnp.asarray(tokens), jnp.array([len(block.tokens)]),
-        salts=[block.salt], max_new_tokens=jnp.array([0]), num_slots=1)
+        salts=[block.salt], max_prompt_tokens=jnp.array([0]), num_slots=1)
     assert bool(match.ok)
     cached = int(match.num_cached[0])
     self.tokens[seq], self.salts[seq] = list(block.tokens[:cached]), block.salt

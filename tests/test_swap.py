@@ -206,7 +206,7 @@ def test_demote_evicts_like_the_allocator_and_promote_restores_and_registers():
 
   # A device hit on A0 A1, then the host's A2 is promoted after them.
   prompt = list(range(1, 14))
-  cache, match = _admit(cache, 2, prompt, max_new_tokens=jnp.array([0]))
+  cache, match = _admit(cache, 2, prompt, max_prompt_tokens=jnp.array([0]))
   assert int(match.num_cached[0]) == 8
   a2 = next(b for b in blocks if b.depth == 2)
   b1 = next(b for b in blocks if b.depth == 1)
@@ -227,7 +227,7 @@ def test_promote_without_room_changes_nothing():
   cache = jp.release(cache, jnp.array([0]))
   cache, blocks = jp.demote_blocks(cache, 1)
   (block,) = blocks
-  cache, match = _admit(cache, 1, list(range(1, 10)), max_new_tokens=jnp.array([0]))
+  cache, match = _admit(cache, 1, list(range(1, 10)), max_prompt_tokens=jnp.array([0]))
   assert int(match.num_cached[0]) == 4 * block.depth
   cache, _, ok = jp.extend(cache, jnp.array([2]), jnp.array([12]), num_slots=12)
   assert bool(ok)

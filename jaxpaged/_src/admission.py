@@ -63,11 +63,11 @@ class AdmissionPlan(NamedTuple):
 
 # ----------------------------------------------------------------------------- host half
 
-def make_request(spec, tokens, salt, max_new_tokens, room_tokens
-                 ) -> tuple[AdmitRequest, np.ndarray, int]:
+def make_request(spec, tokens, salt, max_prompt_tokens, room_tokens, num_slots
+                 ) -> tuple[AdmitRequest, np.ndarray, int, int]:
   """The checked `AdmitRequest` of `CacheManager.admit`'s arguments (``seq`` -1: the slot is
-  chosen later), the prompt's ids and the salt, as NumPy values: the step's call moves them
-  (no staging programs of their own). The prompt is hashed here, once."""
+  chosen later), the prompt's ids, the salt and ``num_slots``. NumPy values: the step's call
+  moves them (no staging programs of their own). The prompt is hashed here, once."""
   ps = spec.page_size
   tokens = checks.host_token_ids("tokens", tokens)
   length = len(tokens)
@@ -75,7 +75,8 @@ def make_request(spec, tokens, salt, max_new_tokens, room_tokens
     raise JaxPagedError(f"tokens must hold 1..{spec.max_seq_len} ids (max_pages_per_seq * "
                         f"page_size), got {length}.")
   salt = checks.salt("salt", salt)
-  limit = length if max_new_tokens is None else checks.count("max_new_tokens", max_new_tokens)
+  limit = (length if max_prompt_tokens is None
+           else checks.count("max_prompt_tokens", max_prompt_tokens))
   room = 0 if room_tokens is None else cdiv(checks.count("room_tokens", room_tokens), ps)
   width = max(next_pow2(length), ps)
   hashes = np.zeros((1, width // ps, 2), np.uint32)
@@ -89,7 +90,10 @@ def make_request(spec, tokens, salt, max_new_tokens, room_tokens
       np.int32(-1), row, hashes, np.int32(length),
       np.array(checks.split_salt(salt), np.uint32), np.int32(min(limit, length)),
       np.int32(room))
-  return request, tokens, salt
+  if num_slots is None:
+    num_slots = min(max(next_pow2(min(length, limit)), 1), spec.max_seq_len)
+  num_slots = checks.count("num_slots", num_slots, minimum=1, maximum=spec.max_seq_len)
+  return request, tokens, salt, num_slots
 
 
 def host_blocks(spec, blocks) -> HostBlocks | None:

@@ -48,6 +48,12 @@ class PagedKVCache:
     num_free: ``int32[]`` pages on that stack.
     prefix: the prefix cache's `PrefixState` (None unless ``spec.prefix_caching``).
     spec: the static `CacheSpec` (pytree metadata, not a leaf).
+
+  >>> spec = CacheSpec(num_layers=2, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+  ...                  max_seqs=2, max_pages_per_seq=4)
+  >>> cache = init_cache(spec)
+  >>> cache.k_pages.shape, cache.page_table.shape, len(jax.tree.leaves(cache))
+  ((2, 1, 8, 4, 8), (2, 4), 7)
   """
 
   k_pages: jax.Array
@@ -117,7 +123,14 @@ def num_cached_free_pages(cache: PagedKVCache) -> jax.Array:
 
 
 def num_used_pages(cache: PagedKVCache) -> jax.Array:
-  """``int32[]`` pages referred to by at least one sequence (example: `num_free_pages`)."""
+  """``int32[]`` pages referred to by at least one sequence.
+
+  >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+  ...                  max_seqs=2, max_pages_per_seq=4)
+  >>> int(num_used_pages(extend(init_cache(spec), jnp.array([0]), jnp.array([9]),
+  ...                           num_slots=9)[0]))
+  3
+  """
   check_cache(cache)
   return cache.spec.num_pages - cache.num_free - num_cached_free_pages(cache)
 

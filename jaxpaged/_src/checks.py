@@ -15,6 +15,7 @@ Internal API of ``jaxpaged._src`` (the public functions call these before anythi
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -291,3 +292,18 @@ def flag(name: str, value: Any) -> bool:
     raise JaxPagedError(f"{name} must be True or False, got {value!r} "
                         f"({type(value).__name__}).")
   return bool(value)
+
+
+UNSET = object()  # `renamed`: the old keyword was not passed
+
+
+def renamed(new_name: str, new_value: Any, old_name: str, old_value: Any) -> Any:
+  """The value of a keyword argument renamed from ``old_name`` to ``new_name``: the old name
+  still works for now, with a `DeprecationWarning`; passing both is an error."""
+  if old_value is UNSET:
+    return new_value
+  if new_value is not None:
+    raise JaxPagedError(f"pass {new_name} only ({old_name} is its old name), got both.")
+  warnings.warn(f"{old_name} is renamed {new_name}; the old name will be removed.",
+                DeprecationWarning, stacklevel=3)
+  return old_value

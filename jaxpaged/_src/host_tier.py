@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxpaged._src import swap
+from jaxpaged._src.blocks import CachedBlock, block_key
 from jaxpaged._src.tier import Tier, TieredStore, TierError, TierPolicy
 
 
@@ -56,17 +57,17 @@ class HostTier:
   # --------------------------------------------------------------------------- blocks
 
   def candidates(self, tokens: np.ndarray, hashes: np.ndarray, salt: int, page_size: int
-                 ) -> list[tuple[int, swap.CachedBlock]]:
+                 ) -> list[tuple[int, CachedBlock]]:
     """``(block index, block)`` of the prompt's full blocks (``hashes``, one each) that the host
     holds for exactly this prefix and salt and the policy promotes (each lookup is an access),
     in block order; stops at the first block the policy keeps on host. Which of them continue
     the device's hits is decided on device (`jaxpaged._src.admission`)."""
     found = []
     for i, page_hash in enumerate(hashes):
-      key = ("block", swap.block_key(page_hash))
+      key = ("block", block_key(page_hash))
       block = self.store.peek(key)
       end = (i + 1) * page_size
-      if (not isinstance(block, swap.CachedBlock) or block.salt != salt
+      if (not isinstance(block, CachedBlock) or block.salt != salt
           or len(block.tokens) != end or not np.array_equal(block.tokens, tokens[:end])):
         continue
       self.store.get(key)  # an access, for recency and frequency
@@ -75,7 +76,7 @@ class HostTier:
       found.append((i, block))
     return found
 
-  def store_blocks(self, blocks: Sequence[swap.CachedBlock]) -> tuple[int, int]:
+  def store_blocks(self, blocks: Sequence[CachedBlock]) -> tuple[int, int]:
     """Holds demoted blocks; ``(demoted, dropped)``: of the ``demoted`` blocks, those the tiers
     have no room for (they are full of swapped sequences) are dropped, since they can be
     recomputed."""
@@ -87,7 +88,7 @@ class HostTier:
         dropped += 1
     return len(blocks), dropped
 
-  def take_blocks(self, blocks: Sequence[swap.CachedBlock]) -> None:
+  def take_blocks(self, blocks: Sequence[CachedBlock]) -> None:
     """Forgets blocks that went back to the device (if making room did not evict them)."""
     for block in blocks:
       if ("block", block.key) in self.store:

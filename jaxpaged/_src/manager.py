@@ -29,9 +29,8 @@ is a convenience for loops without a scheduler: least recently used first.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,14 +39,12 @@ import numpy as np
 from jaxpaged._src import admission as steps_admit
 from jaxpaged._src import checks
 from jaxpaged._src import manager_steps as steps
+from jaxpaged._src import planning
+from jaxpaged._src import blocks
 from jaxpaged._src import swap
-from jaxpaged._src.cache import PagedKVCache, check_cache, check_num_slots, init_cache, cdiv
-from jaxpaged._src.host_tier import HostTier
-from jaxpaged._src.prefix import prefix_stats
+from jaxpaged._src.manager_core import ManagerCore, Refused
 from jaxpaged._src.prefix_hooks import evictable
-from jaxpaged._src.pressure import DEFAULT_THRESHOLDS, MemoryPressure, PressureMonitor
-from jaxpaged._src.spec import CacheSpec, JaxPagedError, next_pow2
-from jaxpaged._src.tier import LRUPolicy, Tier, TierPolicy
+from jaxpaged._src.spec import JaxPagedError, next_pow2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +57,11 @@ class Admission:
     num_new: prompt tokens appended now, to compute: ``tokens[num_cached:num_cached + num_new]``.
     slots: ``int32[num_slots]`` their cache slots (`jaxpaged.extend` layout, one row).
     host_hit_tokens: the part of ``num_cached`` brought back from host RAM.
+
+  Example: `CacheManager.admit`.
+
+  >>> [f.name for f in dataclasses.fields(Admission)]
+  ['seq_id', 'num_cached', 'num_new', 'slots', 'host_hit_tokens']
   """
   seq_id: int
   num_cached: int
@@ -68,10 +70,8 @@ class Admission:
   host_hit_tokens: int
 
 
-_ENOUGH_SLOTS = object()  # `CacheManager.pages_needed`: as many slots as the rows' tokens
 
-
-class CacheManager:
+class CacheManager(ManagerCore):
   """Paged KV cache plus host RAM tier, for serving loops.
 
   Args:
@@ -92,52 +92,6 @@ class CacheManager:
   >>> manager.swap_in([0])
   [True]
   """
-
-  def __init__(self, spec: CacheSpec, *, host_bytes: int = 1 << 30,
-               tiers: Sequence[Tier] | None = None, policy: TierPolicy | None = None,
-               thresholds: tuple[float, float, float] = DEFAULT_THRESHOLDS):
-    if not isinstance(spec, CacheSpec):
-      raise JaxPagedError(f"spec must be a jaxpaged.CacheSpec, got {type(spec).__name__}.")
-    if tiers is None:
-      tiers = [Tier("host", checks.count("host_bytes", host_bytes))]
-    self._monitor = PressureMonitor(thresholds)
-    self.spec = spec
-    self._cache: PagedKVCache = init_cache(spec)
-    self.policy = LRUPolicy() if policy is None else policy
-    self.host = HostTier(tiers, self.policy)
-    self._active: dict[int, int] = {}  # seq -> clock of last use (preemption picks the oldest)
-    self._clock = 0
-    self._refused = False
-    self.counters = dict(allocations=0, allocation_failures=0, swap_outs=0, swap_ins=0,
-                         swap_in_failures=0, demoted_blocks=0, demote_dropped=0,
-                         promoted_blocks=0, prompt_tokens=0, device_hit_tokens=0,
-                         host_hit_tokens=0, lookup_blocks=0, device_hit_blocks=0,
-                         host_hit_blocks=0)
-
-  @property
-  def store(self):
-    """The host tier's `TieredStore`."""
-    return self.host.store
-
-  @property
-  def thresholds(self) -> tuple[float, float, float]:
-    """The pressure thresholds (medium, high, critical)."""
-    return self._monitor.thresholds
-
-  @property
-  def cache(self) -> PagedKVCache:
-    """The managed cache. A model step that ran on it gives the new one back by assignment
-    (``manager.cache = new_cache``); it must be a live cache of this manager's spec."""
-    check_cache(self._cache, "manager.cache")
-    return self._cache
-
-  @cache.setter
-  def cache(self, cache: PagedKVCache) -> None:
-    if check_cache(cache, "manager.cache") != self.spec:
-      raise JaxPagedError(f"manager.cache must be a cache of this manager's spec {self.spec}, "
-                          f"got one of {cache.spec}; give back what your step returned for "
-                          "manager.cache.")
-    self._cache = cache
 
   # --------------------------------------------------------------------------- requests
 
@@ -166,10 +120,10 @@ class CacheManager:
             and self._pages(num_tokens) <= self.available_pages)
 
   def admit(self, tokens: Sequence[int] | np.ndarray, *, salt: int = 0,
-            max_new_tokens: int | None = None, room_tokens: int | None = None,
-            num_slots: int | None = None) -> Admission | None:
+            max_prompt_tokens: int | None = None, room_tokens: int | None = None,
+            num_slots: int | None = None, max_new_tokens=checks.UNSET) -> Admission | None:
     """Starts a request: attaches its cached prefix (device hits, then host hits the policy
-    promotes), then makes room for up to ``max_new_tokens`` of the remaining prompt tokens.
+    promotes), then makes room for up to ``max_prompt_tokens`` of the remaining prompt tokens.
 
     The prompt is hashed once, on the host; the admission is one jitted call (two when cached
     blocks must first be demoted to host RAM to make room).
@@ -178,8 +132,8 @@ class CacheManager:
       tokens: the prompt's token ids (1-D).
       salt: prefix-cache salt (tenant), an int in ``[0, 2**64)``; blocks are shared only under
         equal salts.
-      max_new_tokens: chunked prefill: at most this many prompt tokens are appended now
-        (continue with `extend`). Default: all.
+      max_prompt_tokens: chunked prefill: at most this many prompt tokens are appended now
+        (continue with `extend`). Default: all. (Old name: ``max_new_tokens``, deprecated.)
       room_tokens: admit only if the pages of a sequence this long are available now (prefix
         hits count as held), e.g. the whole prompt plus headroom for decoding, so that a serving
         loop does not admit what it would preempt at once. Default: the tokens appended now.
@@ -201,43 +155,46 @@ class CacheManager:
     >>> again.num_cached, again.num_new
     (4, 1)
     """
-    request, tokens, salt = steps_admit.make_request(self.spec, tokens, salt, max_new_tokens,
-                                               room_tokens)
+    limit = checks.renamed("max_prompt_tokens", max_prompt_tokens, "max_new_tokens",
+                           max_new_tokens)
+    request, tokens, salt, num_slots = steps_admit.make_request(
+        self.spec, tokens, salt, limit, room_tokens, num_slots)
     seq = self._free_slot()
     if seq is None:
       self.counters["allocation_failures"] += 1
       self._update_pressure()
       return None
-    length, limit = len(tokens), int(request.limit)
-    num_slots = checks.count("num_slots", min(max(next_pow2(min(length, limit)), 1),
-                                              self.spec.max_seq_len)
-                             if num_slots is None else num_slots, minimum=1,
-                             maximum=self.spec.max_seq_len)
-    request = request._replace(seq=np.int32(seq))
     with self._atomic():
-      blocks = self._host_candidates(tokens, salt, request)
-      host = steps_admit.host_blocks(self.spec, blocks)
-      victims, demoted = self._admission_room(request, host, num_slots, length)
-      cache, plan, slots, done = steps_admit.admit_step(self.cache, victims, request, host,
-                                                        num_slots=num_slots)
-      self.cache = cache
-      plan, done = jax.device_get((plan, done))
-      if not plan.ok:
-        raise _Refused
-      if not done:
-        raise RuntimeError("jaxpaged bug: a planned admission was refused by the device")
-      promoted = [b for i, b in blocks if plan.matched <= i < plan.matched + plan.promoted]
-      self.host.take_blocks(promoted)
-      self._count_demoted(demoted)
-      self._active[seq] = self._tick()
-      self._count_admission(length, int(plan.matched), len(promoted))
+      plan, slots = self._admit_step(request._replace(seq=np.int32(seq)), tokens, salt,
+                                     num_slots)
     self._update_pressure()
     if self._refused:
       self.counters["allocation_failures"] += 1
       return None
     ps = self.spec.page_size
-    cached = (int(plan.matched) + int(plan.promoted)) * ps
-    return Admission(seq, cached, int(plan.num_new), slots, int(plan.promoted) * ps)
+    return Admission(seq, (int(plan.matched) + int(plan.promoted)) * ps, int(plan.num_new), slots,
+                     int(plan.promoted) * ps)
+
+  def _admit_step(self, request, tokens, salt: int, num_slots: int):
+    """Inside a transaction: host candidates, room (demoting first if need be), the step, and
+    the bookkeeping of what it did. Returns the device's ``(plan, slots)``."""
+    blocks = self._host_candidates(tokens, salt, request)
+    host = steps_admit.host_blocks(self.spec, blocks)
+    victims, demoted = self._admission_room(request, host, num_slots, len(tokens))
+    cache, plan, slots, done = steps_admit.admit_step(self.cache, victims, request, host,
+                                                      num_slots=num_slots)
+    self.cache = cache
+    plan, done = jax.device_get((plan, done))
+    if not plan.ok:
+      raise Refused
+    if not done:
+      raise RuntimeError("jaxpaged bug: a planned admission was refused by the device")
+    promoted = [b for i, b in blocks if plan.matched <= i < plan.matched + plan.promoted]
+    self.host.take_blocks(promoted)
+    self._count_demoted(demoted)
+    self.registry.add(int(request.seq))
+    self._count_admission(len(tokens), int(plan.matched), len(promoted))
+    return plan, slots
 
   def _host_candidates(self, tokens, salt, request):
     if not self.spec.prefix_caching or not len(self.host.store):
@@ -257,8 +214,8 @@ class CacheManager:
     plan, victims, contents = steps_admit.admit_plan(
         self.cache, request, host, num_slots=num_slots, max_victims=next_pow2(bound - free))
     if not bool(plan.ok):
-      raise _Refused
-    return victims, self.host.store_blocks(swap.cached_blocks(self.spec, contents))
+      raise Refused
+    return victims, self.host.store_blocks(blocks.cached_blocks(self.spec, contents))
 
   def _count_admission(self, length: int, matched: int, promoted: int) -> None:
     ps, c = self.spec.page_size, self.counters
@@ -319,7 +276,7 @@ class CacheManager:
     >>> manager.pages_needed([seq], [1]), manager.pages_needed([seq], [2])
     (0, 1)
     """
-    return self._plan_rows(seq_ids, num_new_tokens, _ENOUGH_SLOTS, False).need
+    return self._plan_rows(seq_ids, num_new_tokens, planning.ENOUGH_SLOTS, False).need
 
   def extend(self, seq_ids, num_new_tokens, *, tokens=None, num_slots: int | None = None,
              preempt: bool = False):
@@ -352,12 +309,12 @@ class CacheManager:
   def release(self, seq_ids) -> None:
     """Ends sequences (their full blocks stay cached); a swapped-out one is dropped from host.
     Ids this manager does not hold are ignored."""
-    ids = self._ids(seq_ids)
-    held = [s for s in ids if s in self._active]
+    ids = self.registry.check_ids(seq_ids)
+    held = [s for s in ids if s in self.registry.active]
     with self._atomic():
       for s in ids:
         self.host.forget(s)
-        self._active.pop(s, None)
+        self.registry.remove(s)
       if held:
         self.cache = steps.room_step(self.cache, steps.padded_ids(held, self.spec.max_seqs),
                                      steps.NO_VICTIMS)
@@ -372,8 +329,8 @@ class CacheManager:
       TierError: the host tier cannot hold them without dropping other swapped sequences;
         nothing changed.
     """
-    ids = self._ids(seq_ids)
-    unknown = [s for s in ids if s not in self._active]
+    ids = self.registry.check_ids(seq_ids)
+    unknown = [s for s in ids if s not in self.registry.active]
     if unknown:
       raise JaxPagedError(f"seq_ids {unknown} are not active sequences of this manager; swap out "
                           "sequences that were admitted and not released or swapped out.")
@@ -384,14 +341,14 @@ class CacheManager:
       self.cache = steps.room_step(self.cache, steps.padded_ids(ids, self.spec.max_seqs),
                                    steps.NO_VICTIMS)
       for s in ids:
-        del self._active[s]
+        self.registry.remove(s)
       self.counters["swap_outs"] += len(ids)
     self._update_pressure()
 
   def swap_in(self, seq_ids) -> list[bool]:
     """Brings swapped-out sequences back into their slots, as room allows (demoting cached
     blocks first). A sequence that does not fit stays on host, intact; returns ``ok`` for each."""
-    ids = self._ids(seq_ids)
+    ids = self.registry.check_ids(seq_ids)
     if len(set(ids)) != len(ids):
       raise JaxPagedError(f"seq_ids {ids} repeat a sequence; name each one once.")
     for s in ids:
@@ -403,31 +360,12 @@ class CacheManager:
         raise JaxPagedError(f"sequence {s} is not swapped out; swap_in takes ids given to "
                             "swap_out.")
     # Plan every sequence first (in order, each as room allows), then one device step for all.
-    ref_counts = np.asarray(self.cache.ref_counts)
-    available, need, keep, restores, chosen = self.available_pages, 0, set(), [], []
-    for s in ids:
-      swapped = self.host.sequence(s)
-      args, match = swap.swap_in_args(self.cache, swapped)
-      # Its blocks still cached on device are attached, not copied: keep them while making room.
-      hits = np.zeros((0,), np.int32)
-      if match:
-        matched, pages = steps.device_matches(
-            self.cache, jnp.array([s], jnp.int32), self._row(swapped.tokens[:swapped.length]),
-            jnp.array([swapped.length], jnp.int32), self._salt_lanes(swapped.salt)[None])
-        hits = np.asarray(pages)[0, :int(matched[0])]
-      idle = {int(p) for p in hits if ref_counts[p] == 0} - keep  # attached: not reclaimable
-      pages = self._pages(swapped.length) - len(hits)
-      if need + pages > available - len(idle):
-        continue
-      available -= len(idle)
-      need += pages
-      keep |= {int(p) for p in hits}
-      restores.append((args, match))
-      chosen.append(s)
+    need, keep, restores, chosen = planning.plan_swap_ins(self.spec, self.cache, self.host, ids,
+                                                          self.available_pages)
     self.counters["swap_in_failures"] += len(ids) - len(chosen)
     if chosen:
       with self._atomic():
-        victims, demoted = self._plan_demotion(need, keep=sorted(keep))
+        victims, demoted = self._plan_demotion(need, keep=keep)
         for s in chosen:
           self.host.take_sequence(s)
         cache, ok = steps.restore_step(self.cache, victims, tuple(a for a, _ in restores),
@@ -437,26 +375,10 @@ class CacheManager:
           raise RuntimeError("jaxpaged bug: a planned swap-in was refused by the device")
         self._count_demoted(demoted)
         for s in chosen:
-          self._active[s] = self._tick()
+          self.registry.add(s)
         self.counters["swap_ins"] += len(chosen)
     self._update_pressure()
     return [s in chosen for s in ids]
-
-  @property
-  def available_pages(self) -> int:
-    """Pages an allocation can take now: free ones plus those held only by cached blocks
-    (demoted to host RAM first)."""
-    return int(self.cache.num_free) + int(evictable(self.cache.prefix))
-
-  @property
-  def swapped(self) -> list[int]:
-    """Ids of the sequences on host."""
-    return sorted(self.host.swapped)
-
-  @property
-  def active(self) -> list[int]:
-    """Ids of the sequences on device."""
-    return sorted(self._active)
 
   def gc(self) -> dict:
     """Moves every cached block nobody uses from the device to host RAM, freeing its page.
@@ -476,48 +398,9 @@ class CacheManager:
 
   # --------------------------------------------------------------------------- planning
 
-  def _plan_rows(self, seq_ids, num_new_tokens, num_slots, preempt) -> _RowsPlan:
-    """Checks an extend of active rows and plans its room: which other sequences to swap out
-    (with ``preempt``, least recently used first) and how many pages to free."""
-    seq_ids = checks.index_vector("seq_ids", seq_ids)
-    counts = checks.index_vector("num_new_tokens", num_new_tokens, seq_ids.shape[0])
-    ids, n = np.asarray(seq_ids), np.asarray(counts)
-    if num_slots is _ENOUGH_SLOTS:
-      num_slots = max(int(np.maximum(n, 0).sum()), 1)
-    num_slots = check_num_slots(self.spec, num_slots, seq_ids.shape[0])
-    rows = [int(s) for s in ids if s != -1]
-    strangers = [s for s in rows if s not in self._active]
-    if strangers:
-      raise JaxPagedError(f"seq_ids {strangers} are not active sequences of this manager "
-                          "(admitted, not released or swapped out); admit or swap_in them "
-                          "first, or use -1 for padding rows.")
-    if len(set(rows)) != len(rows):
-      raise JaxPagedError(f"seq_ids {rows} repeat a sequence; give each one row per call.")
-    if (n < 0).any():
-      raise JaxPagedError(f"num_new_tokens {n.tolist()} must be >= 0.")
-    lengths = np.asarray(self.cache.seq_lens)
-    too_long = [s for s, k in zip(ids.tolist(), n.tolist())
-                if s != -1 and lengths[s] + k > self.spec.max_seq_len]
-    if too_long:
-      raise JaxPagedError(f"num_new_tokens would grow sequences {too_long} past max_seq_len = "
-                          f"{self.spec.max_seq_len} (max_pages_per_seq * page_size); release "
-                          "them or build the cache with a larger max_pages_per_seq.")
-    if int(n.sum()) > num_slots:
-      raise JaxPagedError(f"num_new_tokens sums to {int(n.sum())}, more than num_slots = "
-                          f"{num_slots}; pass a larger num_slots.")
-    plan = _RowsPlan(seq_ids, counts, num_slots, [], self.spec.max_seqs)
-    need, free, spare = self._room_after(plan)
-    others = sorted((t, s) for s, t in self._active.items() if s not in rows)
-    while need > free + spare and preempt and others:
-      plan.released.append(others.pop(0)[1])
-      need, free, spare = self._room_after(plan)
-    plan.fits = need <= free + spare
-    plan.need, plan.shortfall = need, max(need - free, 0)
-    return plan
-
-  def _room_after(self, plan) -> tuple[int, int, int]:
-    return tuple(int(x) for x in steps.room(self.cache, plan.released_ids, plan.seq_ids,
-                                            plan.counts, num_slots=plan.num_slots))
+  def _plan_rows(self, seq_ids, num_new_tokens, num_slots, preempt) -> planning.RowsPlan:
+    return planning.plan_rows(self.spec, self.cache, self.registry, seq_ids, num_new_tokens,
+                              num_slots, preempt)
 
   def _stage(self, plan):
     """Host half of a rows plan: the preempted sequences go to host RAM (pinned), the blocks
@@ -529,154 +412,6 @@ class CacheManager:
   def _commit(self, plan, demoted) -> None:
     self._count_demoted(demoted)
     for s in plan.released:
-      del self._active[s]
+      self.registry.remove(s)
     self.counters["swap_outs"] += len(plan.released)
     self._touch(plan)
-
-  def _touch(self, plan) -> None:
-    """The rows of a call were used now (the preemption order)."""
-    tick = self._tick()
-    for s in np.asarray(plan.seq_ids).tolist():
-      if s in self._active:
-        self._active[s] = tick
-
-  def _plan_demotion(self, pages: int, keep=(), released=None, absolute=False):
-    """Chooses the cached blocks to demote so that ``pages`` pages are free (``absolute``:
-    ``pages`` is already the shortfall, after releasing ``released``), reads them and puts them
-    in the host store (the device step evicts them). Returns ``(victims, (demoted, dropped))``:
-    the victims for the device step, blocks stored, blocks the host had no room for."""
-    shortfall = pages if absolute else pages - int(self.cache.num_free)
-    if shortfall <= 0 or self.cache.prefix is None:
-      return steps.NO_VICTIMS, (0, 0)
-    released = steps.padded_ids([], self.spec.max_seqs) if released is None else released
-    victims, contents = steps.demotion_plan(self.cache, released, jnp.int32(shortfall),
-                                       swap.keep_pages(self.spec, keep),
-                                       max_count=next_pow2(shortfall))
-    return victims, self.host.store_blocks(swap.cached_blocks(self.spec, contents))
-
-  def _count_demoted(self, demoted) -> None:
-    self.counters["demoted_blocks"] += demoted[0]
-    self.counters["demote_dropped"] += demoted[1]
-
-  # --------------------------------------------------------------------------- stats, pressure
-
-  def stats(self) -> dict:
-    """Device pages and bytes, host tiers, sequences, hit rates and counters, as Python values.
-
-    Hit rates are over the prompt blocks looked up by `admit` (full blocks before the last token):
-    ``device_hit_rate`` found on device, ``host_hit_rate`` brought back from host RAM.
-    """
-    spec, cache = self.spec, self.cache
-    used = spec.num_pages - int(cache.num_free) - int(evictable(cache.prefix))
-    lookups = max(self.counters["lookup_blocks"], 1)
-    host = self.store.stats()
-    return dict(
-        total_pages=spec.num_pages, free_pages=int(cache.num_free),
-        cached_free_pages=int(evictable(cache.prefix)), used_pages=used,
-        total_bytes=spec.num_pages * spec.page_bytes, used_bytes=used * spec.page_bytes,
-        host_tiers=host["tiers"], host_used_bytes=sum(t["used"] for t in host["tiers"]),
-        host_entries=host["entries"], host_evictions=host["evictions"],
-        dropped_sequences=host["pinned_evictions"],
-        active_sequences=len(self._active), swapped_sequences=len(self.host.swapped),
-        device_hit_rate=self.counters["device_hit_blocks"] / lookups,
-        host_hit_rate=self.counters["host_hit_blocks"] / lookups,
-        device_evictions=int(prefix_stats(cache)["evictions"]),
-        pressure=self.pressure.name, **self.counters)
-
-  def on_pressure(self, callback: Callable[[MemoryPressure, MemoryPressure], None]) -> None:
-    """Registers ``callback(old_level, new_level)``, called once on every level change, after
-    the operation that changed the level completed.
-
-    >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=4,
-    ...                  max_seqs=2, max_pages_per_seq=4)
-    >>> manager, heard = CacheManager(spec), []
-    >>> manager.on_pressure(lambda old, new: heard.append(new.name))
-    >>> _ = manager.admit(list(range(1, 15)))  # 4 of 4 pages
-    >>> heard, manager.pressure.name
-    (['CRITICAL'], 'CRITICAL')
-    """
-    self._monitor.on_change(callback)
-
-  @property
-  def pressure(self) -> MemoryPressure:
-    """The current `MemoryPressure` level."""
-    return self._monitor.level
-
-  def _update_pressure(self) -> None:
-    """Every operation ends here (pages the caller's own steps took since are counted now)."""
-    used = self.spec.num_pages - int(self.cache.num_free) - int(evictable(self.cache.prefix))
-    self._monitor.update(used / self.spec.num_pages)
-
-  # --------------------------------------------------------------------------- helpers
-
-  @contextlib.contextmanager
-  def _atomic(self):
-    """Rolls the host tier and the manager's bookkeeping back if the block raises. The device
-    cache too: it is only replaced by the block's last, planned step, and a step that refuses
-    (a `_Refused` after it) returns it unchanged. A `_Refused` ends the block quietly, with
-    everything else rolled back and ``self._refused`` set."""
-    saved = (self._cache, dict(self._active), dict(self.counters), self._clock,
-             self.host.snapshot())
-    self._refused = False
-    try:
-      yield
-    except BaseException as e:
-      cache = self._cache
-      (self._cache, self._active, self.counters, self._clock, host) = saved
-      self.host.restore(host)
-      if not isinstance(e, _Refused):
-        raise
-      self._cache = cache  # the unchanged cache a refusing step gave back (or the same one)
-      self._refused = True
-
-  def _ids(self, seq_ids) -> list[int]:
-    array = np.atleast_1d(np.asarray(seq_ids))
-    if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
-      raise JaxPagedError(f"seq_ids must be sequence ids (ints), got {seq_ids!r}.")
-    ids = [int(s) for s in array.tolist()]
-    bad = [s for s in ids if not 0 <= s < self.spec.max_seqs]
-    if bad:
-      raise JaxPagedError(f"seq_ids {bad} are out of range [0, {self.spec.max_seqs}).")
-    return ids
-
-  def _pages(self, num_tokens: int) -> int:
-    return cdiv(num_tokens, self.spec.page_size)
-
-  def _free_slot(self) -> int | None:
-    taken = set(self._active) | self.host.swapped | set(self.host.dropped)
-    return next((s for s in range(self.spec.max_seqs) if s not in taken), None)
-
-  def _row(self, tokens) -> jax.Array:
-    """``int32[1, width]``: token ids zero-padded to a power of two (few shapes, few compiles)."""
-    tokens = np.asarray(tokens, np.int32).reshape(-1)
-    width = max(next_pow2(len(tokens)), self.spec.page_size)
-    return jnp.asarray(np.pad(tokens, (0, width - len(tokens))))[None]
-
-  @staticmethod
-  def _salt_lanes(salt: int) -> jax.Array:
-    return jnp.asarray(np.array([salt & 0xFFFFFFFF, salt >> 32], np.uint32))
-
-  def _tick(self) -> int:
-    self._clock += 1
-    return self._clock
-
-
-class _Refused(Exception):
-  """Raised inside `CacheManager._atomic` to roll back a refused request quietly."""
-
-
-@dataclasses.dataclass
-class _RowsPlan:
-  """An extend's rows and the room it needs: sequences to swap out, pages to free."""
-  seq_ids: jax.Array
-  counts: jax.Array
-  num_slots: int
-  released: list
-  max_seqs: int
-  fits: bool = False
-  need: int = 0
-  shortfall: int = 0
-
-  @property
-  def released_ids(self) -> jax.Array:
-    return steps.padded_ids(self.released, self.max_seqs)

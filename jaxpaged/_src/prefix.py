@@ -30,7 +30,10 @@ from jaxpaged._src.spec import JaxPagedError
 
 
 class PrefixMatch(NamedTuple):
-  """What `match_prefix` did for each row.
+  """What `match_prefix` did for each row (example: `match_prefix`).
+
+  >>> PrefixMatch._fields
+  ('num_cached', 'num_new', 'slots', 'ok')
 
   Attributes:
     num_cached: ``int32[B]`` prompt tokens served from the cache (a multiple of page_size, at
@@ -52,8 +55,8 @@ MATCH_REASONS = {
     "in_use": ("seq_ids", "is a sequence that holds tokens; match_prefix starts new sequences "
                "(release it first, or extend it)"),
     "bad_length": ("lengths", "must be in [1, tokens.shape[1]] for live rows"),
-    "negative_new": ("max_new_tokens", "is negative; it is how many prompt tokens to append "
-                     "now (>= 0)"),
+    "negative_new": ("max_prompt_tokens", "is negative; it is how many prompt tokens to "
+                     "append now (>= 0)"),
 }
 
 
@@ -69,7 +72,7 @@ class MatchPlan(NamedTuple):
   num_new: jax.Array  # prompt tokens appended after them
 
 
-def match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots, impl,
+def match_plan(cache, seq_ids, tokens, lengths, salts, max_prompt_tokens, num_slots, impl,
                interpret, hashes=None) -> MatchPlan:
   """The `MatchPlan` of a `match_prefix` on checked arguments (``salts`` as ``uint32[B, 2]``
   lanes; ``hashes`` the prompts' block hashes ``uint32[B, L // page_size, 2]`` when the caller
@@ -85,7 +88,7 @@ def match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots
       "duplicate": duplicated(seq_ids, live),
       "in_use": live & in_range & (cache.seq_lens[rows] > 0),
       "bad_length": live & ((lengths < 1) | (lengths > width)),
-      "negative_new": live & (max_new_tokens < 0 if max_new_tokens is not None else False),
+      "negative_new": live & (max_prompt_tokens < 0 if max_prompt_tokens is not None else False),
   }
   prefix = cache.prefix
   num_blocks = width // ps
@@ -113,8 +116,8 @@ def match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots
     matched = jnp.zeros((rows_count,), jnp.int32)
   num_cached = matched * ps
   num_new = jnp.where(live, lengths - num_cached, 0)
-  if max_new_tokens is not None:
-    num_new = jnp.minimum(num_new, max_new_tokens)
+  if max_prompt_tokens is not None:
+    num_new = jnp.minimum(num_new, max_prompt_tokens)
   ok = ~any_problem(problems)
   return MatchPlan(problems, ok, live & ok, pages, jnp.where(live & ok, matched, 0), usable,
                    num_cached, jnp.clip(num_new, 0))
@@ -159,7 +162,7 @@ def _count(stats, plan):
   return bump(stats, "hit_tokens", jnp.sum(jnp.where(plan.live, plan.num_cached, 0)))
 
 
-def _prepare(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots):
+def _prepare(cache, seq_ids, tokens, lengths, salts, max_prompt_tokens, num_slots):
   spec = check_cache(cache)
   seq_ids = checks.index_vector("seq_ids", seq_ids)
   rows = seq_ids.shape[0]
@@ -169,18 +172,32 @@ def _prepare(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots):
                         f"padded), got {tokens.dtype}{list(tokens.shape)}.")
   lengths = checks.index_vector("lengths", lengths, rows)
   salts = checks.salt_lanes("salts", salts, rows)
-  if max_new_tokens is not None:
-    max_new_tokens = checks.index_vector("max_new_tokens", max_new_tokens, rows)
+  if max_prompt_tokens is not None:
+    max_prompt_tokens = checks.index_vector("max_prompt_tokens", max_prompt_tokens, rows)
   num_slots = check_num_slots(spec, num_slots, rows, default=rows * tokens.shape[1])
-  return spec, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots
+  return spec, seq_ids, tokens, lengths, salts, max_prompt_tokens, num_slots
 
 
-def check_match_prefix(cache: PagedKVCache, seq_ids, tokens, lengths, *, salts=None,
-                       max_new_tokens=None, num_slots=None, impl="auto", interpret=False):
-  """Eagerly explains why `match_prefix` would refuse these arguments; None if it would not."""
-  spec, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots = _prepare(
-      cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots)
-  plan = match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots, impl,
+def check_match_prefix(cache: PagedKVCache, seq_ids: jax.Array, tokens: jax.Array,
+                       lengths: jax.Array, *, salts: int | jax.Array | None = None,
+                       max_prompt_tokens: jax.Array | None = None, num_slots: int | None = None,
+                       impl: str = "auto", interpret: bool = False,
+                       max_new_tokens=checks.UNSET) -> None:
+  """Eagerly explains why `match_prefix` would refuse these arguments; None if it would not.
+
+  >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+  ...                  max_seqs=2, max_pages_per_seq=4, prefix_caching=True)
+  >>> check_match_prefix(init_cache(spec), jnp.array([0]), jnp.ones((1, 6), jnp.int32),
+  ...                    jnp.array([7]))
+  Traceback (most recent call last):
+  ...
+  jaxpaged._src.spec.JaxPagedError: lengths at rows [0]: must be in [1, tokens.shape[1]] ...
+  """
+  max_prompt_tokens = checks.renamed("max_prompt_tokens", max_prompt_tokens, "max_new_tokens",
+                                     max_new_tokens)
+  spec, seq_ids, tokens, lengths, salts, max_prompt_tokens, num_slots = _prepare(
+      cache, seq_ids, tokens, lengths, salts, max_prompt_tokens, num_slots)
+  plan = match_plan(cache, seq_ids, tokens, lengths, salts, max_prompt_tokens, num_slots, impl,
                     interpret)
   checks.raise_first(MATCH_REASONS, plan.problems, max_seqs=spec.max_seqs)
   attached = _attach(cache, seq_ids, plan, salts)
@@ -189,8 +206,11 @@ def check_match_prefix(cache: PagedKVCache, seq_ids, tokens, lengths, *, salts=N
                      max_seq_len=spec.max_seq_len, num_slots=num_slots)
 
 
-def match_prefix(cache: PagedKVCache, seq_ids, tokens, lengths, *, salts=None,
-                 max_new_tokens=None, num_slots=None, impl="auto", interpret=False):
+def match_prefix(cache: PagedKVCache, seq_ids: jax.Array, tokens: jax.Array, lengths: jax.Array,
+                 *, salts: int | jax.Array | None = None,
+                 max_prompt_tokens: jax.Array | None = None, num_slots: int | None = None,
+                 impl: str = "auto", interpret: bool = False, max_new_tokens=checks.UNSET
+                 ) -> tuple[PagedKVCache, PrefixMatch]:
   """Starts new sequences on the longest verified run of cached blocks of their prompts.
 
   Args:
@@ -202,8 +222,9 @@ def match_prefix(cache: PagedKVCache, seq_ids, tokens, lengths, *, salts=None,
       with the same salt. Integers in ``[0, 2**64)``, one per row (a Python int applies to
       every row), or ``uint32[B, 2]`` (low, high) lanes; inside jit, 32-bit integer arrays are
       taken as unsigned. Default 0, shared by everyone (see the README, "Isolation").
-    max_new_tokens: ``int32[B]`` at most this many of the remaining prompt tokens are appended
-      now (chunked prefill; continue with `extend`). Default: all of them.
+    max_prompt_tokens: ``int32[B]`` at most this many of the remaining prompt tokens are
+      appended now (chunked prefill; continue with `extend`). Default: all of them. (Its old
+      name ``max_new_tokens`` still works, with a `DeprecationWarning`.)
     num_slots: static length of the returned slots (default ``B * L``).
     impl, interpret: the hash-table lookup's implementation (Pallas kernel or XLA).
 
@@ -211,18 +232,30 @@ def match_prefix(cache: PagedKVCache, seq_ids, tokens, lengths, *, salts=None,
     ``(cache, PrefixMatch)``. Without prefix caching in the spec nothing is ever cached and this
     is `extend` of the prompts (with their ids). Refused calls (bad ids, a slot in use, too few
     pages for the tokens to append) change nothing; `check_match_prefix` says why.
+
+  >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+  ...                  max_seqs=2, max_pages_per_seq=4, prefix_caching=True)
+  >>> prompt = jnp.array([[1, 2, 3, 4, 5, 6]])
+  >>> cache, first = match_prefix(init_cache(spec), jnp.array([0]), prompt, jnp.array([6]))
+  >>> k = jnp.ones((6, 1, 8))
+  >>> cache = release(write_kv(cache, 0, k, k, first.slots), jnp.array([0]))
+  >>> cache, again = match_prefix(cache, jnp.array([1]), prompt, jnp.array([6]))
+  >>> int(again.num_cached[0]), int(again.num_new[0])  # the full first block is a hit
+  (4, 2)
   """
-  _, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots = _prepare(
-      cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots)
-  return _match_jit(cache, seq_ids, tokens, lengths, salts, max_new_tokens,
+  max_prompt_tokens = checks.renamed("max_prompt_tokens", max_prompt_tokens, "max_new_tokens",
+                                     max_new_tokens)
+  _, seq_ids, tokens, lengths, salts, max_prompt_tokens, num_slots = _prepare(
+      cache, seq_ids, tokens, lengths, salts, max_prompt_tokens, num_slots)
+  return _match_jit(cache, seq_ids, tokens, lengths, salts, max_prompt_tokens,
                     num_slots=num_slots, impl=impl, interpret=interpret)
 
 
-def match_core(cache, seq_ids, tokens, lengths, salts, max_new_tokens, *, num_slots, impl,
+def match_core(cache, seq_ids, tokens, lengths, salts, max_prompt_tokens, *, num_slots, impl,
                interpret, hashes=None):
   """`match_prefix` on checked arguments (``salts`` as ``uint32[B, 2]``; ``hashes`` as
   `match_plan`): traceable. Returns ``(cache, PrefixMatch)``."""
-  plan = match_plan(cache, seq_ids, tokens, lengths, salts, max_new_tokens, num_slots, impl,
+  plan = match_plan(cache, seq_ids, tokens, lengths, salts, max_prompt_tokens, num_slots, impl,
                     interpret, hashes)
   attached = _attach(cache, seq_ids, plan, salts)
   row, offset, valid = token_rows(plan.num_new, num_slots)
@@ -245,10 +278,22 @@ def match_core(cache, seq_ids, tokens, lengths, salts, max_new_tokens, *, num_sl
 _match_jit = jax.jit(match_core, static_argnames=("num_slots", "impl", "interpret"))
 
 
-def reset_prefix_cache(cache: PagedKVCache):
+def reset_prefix_cache(cache: PagedKVCache) -> tuple[PagedKVCache, jax.Array]:
   """Forgets every cached block (statistics are kept). Refused while any page is in use.
 
   Returns ``(cache, ok)``.
+
+  >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+  ...                  max_seqs=2, max_pages_per_seq=4, prefix_caching=True)
+  >>> cache, found = match_prefix(init_cache(spec), jnp.array([0]), jnp.ones((1, 5), jnp.int32),
+  ...                             jnp.array([5]))
+  >>> k = jnp.ones((5, 1, 8))
+  >>> cache = release(write_kv(cache, 0, k, k, found.slots), jnp.array([0]))
+  >>> int(num_cached_free_pages(cache))
+  1
+  >>> cache, ok = reset_prefix_cache(cache)
+  >>> bool(ok), int(num_cached_free_pages(cache)), int(num_free_pages(cache))
+  (True, 0, 8)
   """
   check_cache(cache)
   return _reset(cache)
@@ -281,7 +326,16 @@ def prefix_stats(cache: PagedKVCache) -> dict:
   """Prefix-cache counters as int32/float32 scalars (usable in jit): ``lookup_blocks``,
   ``hit_blocks``, ``hit_rate`` (hit / lookup blocks), ``lookup_tokens``, ``hit_tokens``,
   ``evictions``, ``registered``, ``not_registered`` (table full, duplicate or over
-  ``max_cached_blocks``), ``cached_blocks`` and ``cached_free_pages``."""
+  ``max_cached_blocks``), ``cached_blocks`` and ``cached_free_pages``.
+
+  >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+  ...                  max_seqs=2, max_pages_per_seq=4, prefix_caching=True)
+  >>> cache, _ = match_prefix(init_cache(spec), jnp.array([0]), jnp.ones((1, 9), jnp.int32),
+  ...                         jnp.array([9]))
+  >>> stats = prefix_stats(cache)
+  >>> int(stats["lookup_blocks"]), int(stats["registered"]), float(stats["hit_rate"])
+  (2, 2, 0.0)
+  """
   check_cache(cache)
   prefix = cache.prefix
   if prefix is None:

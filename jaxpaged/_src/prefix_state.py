@@ -225,9 +225,52 @@ def register_blocks(prefix: PrefixState, page_table, seq_ids, old_len, new_len, 
   anything after it in its row (no prompt could reach it). ``max_blocks`` (static) bounds the
   blocks one row fills in this call.
   """
-  num_pages, capacity = prefix.page_hash.shape[0], prefix.table_pages.shape[0]
-  max_pages = page_table.shape[1]
+  walk = _new_blocks(prefix, page_table, seq_ids, old_len, new_len, row_ok,
+                     page_size=page_size, max_blocks=max_blocks, hash_fn=hash_fn)
   num_rows = seq_ids.shape[0]
+  size = num_rows * max_blocks
+  # Block by block in chain order (rows in order), since each block's parent and each insert
+  # depend on the ones before. Only the table and small per-block results are carried; the
+  # pages' metadata is written after the loop. A decode step usually fills no block.
+  start = _Inserts(prefix.table_lo, prefix.table_hi, prefix.table_pages,
+                   jnp.full((num_rows,), _RESOLVE, jnp.int32), jnp.zeros((size,), jnp.int32),
+                   jnp.zeros((size,), jnp.int32), jnp.zeros((size,), bool),
+                   jnp.zeros((size,), bool), jnp.int32(max_cached) - prefix.num_cached)
+  done = jax.lax.fori_loop(0, jnp.sum(walk.valid, dtype=jnp.int32),
+                           functools.partial(_insert_block, walk), start)
+  return _record_blocks(prefix, walk, done, max_cached)
+
+
+class _Walk(NamedTuple):
+  """`register_blocks`'s new full blocks, one entry per (row, k-th new block), row-major."""
+  prefix: PrefixState
+  page_hash: jax.Array  # uint32[P, 2], the new blocks hashed
+  salts: jax.Array  # uint32[B, 2]
+  row: jax.Array  # int32[N]
+  j: jax.Array  # int32[N] logical block index
+  valid: jax.Array  # bool[N] the entry is a block that just filled
+  page: jax.Array  # int32[N] its page (num_pages when not valid)
+  order: jax.Array  # int32[N] valid entries first, in order
+  previous: jax.Array  # int32[B] the page before each row's first new block
+
+
+class _Inserts(NamedTuple):
+  """The insert loop's carry."""
+  lo: jax.Array
+  hi: jax.Array
+  slots: jax.Array
+  parents: jax.Array  # int32[B] each row's page for its next block's parent (or _RESOLVE)
+  ent_parent: jax.Array  # int32[N]
+  ent_gen: jax.Array  # int32[N]
+  inserted: jax.Array  # bool[N]
+  duplicates: jax.Array  # bool[N]
+  room: jax.Array  # int32[] blocks max_cached still allows
+
+
+def _new_blocks(prefix, page_table, seq_ids, old_len, new_len, row_ok, *, page_size: int,
+                max_blocks: int, hash_fn: str) -> _Walk:
+  """The `_Walk` of the blocks that became full, with their chained hashes computed."""
+  num_pages, max_pages = prefix.page_hash.shape[0], page_table.shape[1]
   rows = jnp.clip(seq_ids, 0)
   hashable = row_ok & prefix.seq_hashable[rows]
   first_full = old_len // page_size  # logical pages [first_full, last_full) just filled
@@ -245,74 +288,83 @@ def register_blocks(prefix: PrefixState, page_table, seq_ids, old_len, new_len, 
   # Column k is every row's k-th new full block; a column's parents are the previous column's.
   page_hash = jax.lax.fori_loop(0, jnp.max(last_full - first_full, initial=0), hash_column,
                                 prefix.page_hash)
-
-  # Then block by block in chain order (rows in order), since each block's parent and each
-  # insert depend on the ones before. Only the table and small per-block results are carried;
-  # the pages' metadata is written after the loop. A decode step usually fills no block.
   j = (first_full[:, None] + jnp.arange(max_blocks)).reshape(-1)  # [N = B * K], row-major
-  row = jnp.repeat(jnp.arange(num_rows), max_blocks)
+  row = jnp.repeat(jnp.arange(seq_ids.shape[0]), max_blocks)
   valid = j < last_full[row]
   page = jnp.where(valid, page_table[rows[row], jnp.clip(j, 0, max_pages - 1)], num_pages)
-  order = jnp.argsort(~valid, stable=True)
-  previous = at(first_full - 1)  # the page before each row's first new block
-  old = lambda pages: block_view(prefix, pages)._replace(hash=page_hash[jnp.clip(pages, 0)])
+  return _Walk(prefix, page_hash, salts, row, j, valid, page,
+               jnp.argsort(~valid, stable=True), at(first_full - 1))
 
-  def one_block(i, state):
-    lo, hi, slots, parents, ent_parent, ent_gen, inserted, duplicates, room = state
 
-    def view(found):  # as recorded, or as registered earlier in this call
-      new = inserted & (page == found)
-      k = jnp.argmax(new)
-      recorded = old(found)
-      return recorded._replace(
-          cached=recorded.cached | jnp.any(new),
-          salt=jnp.where(jnp.any(new), salts[row[k]], recorded.salt),
-          parent=jnp.where(jnp.any(new), ent_parent[k], recorded.parent),
-          parent_gen=jnp.where(jnp.any(new), ent_gen[k], recorded.parent_gen))
+def _recorded(walk: _Walk, pages) -> BlockView:
+  """The blocks of ``pages`` as recorded, with this call's hashes."""
+  return block_view(walk.prefix, pages)._replace(hash=walk.page_hash[jnp.clip(pages, 0)])
 
-    e = order[i]
-    b, p = row[e], page[e]
-    # The registered page holding the block before this one.
-    prev = old(previous[b])
-    prev_found = table.lookup(lo, hi, slots, prev.hash, impl="xla")
-    resolved = jnp.where(prev.cached, previous[b], jnp.where(holds_block(
-        view(prev_found), prev.hash, prev.salt, prev.tokens, prev.parent, prev.parent_gen),
-                                                            prev_found, UNLINKED))
-    parent = jnp.where(parents[b] != _RESOLVE, parents[b],
-                       jnp.where(j[e] > 0, resolved, NO_PARENT))
-    parent_gen = jnp.where(parent >= 0, prefix.page_gen[jnp.clip(parent, 0)], 0)
-    found, free_slot = table.probe(lo, hi, slots, page_hash[p])
-    linked = parent != UNLINKED
-    duplicate = linked & holds_block(view(found), page_hash[p], salts[b],
-                                     prefix.page_tokens[p], parent, parent_gen)
-    insert = linked & (found < 0) & (room > 0) & (free_slot < capacity)
-    lo, hi, slots = table.put(lo, hi, slots, jnp.where(insert, free_slot, capacity),
-                              page_hash[p], p)
-    parents = parents.at[b].set(jnp.where(duplicate, found, jnp.where(insert, p, UNLINKED)))
-    return (lo, hi, slots, parents, ent_parent.at[e].set(parent), ent_gen.at[e].set(parent_gen),
-            inserted.at[e].set(insert), duplicates.at[e].set(duplicate), room - insert)
 
-  size = num_rows * max_blocks
-  lo, hi, slots, _, ent_parent, ent_gen, inserted, duplicates, room = jax.lax.fori_loop(
-      0, jnp.sum(valid, dtype=jnp.int32), one_block,
-      (prefix.table_lo, prefix.table_hi, prefix.table_pages,
-       jnp.full((num_rows,), _RESOLVE, jnp.int32), jnp.zeros((size,), jnp.int32),
-       jnp.zeros((size,), jnp.int32), jnp.zeros((size,), bool), jnp.zeros((size,), bool),
-       jnp.int32(max_cached) - prefix.num_cached))
-  # Every hashed block records its metadata. (The mask reads the loop's output, which keeps the
-  # scatters after the loop: scheduled before it, they would force a copy of what it reads.)
-  at_page = jnp.where(valid & (ent_parent != _RESOLVE), page, num_pages)
-  registered = jnp.where(inserted, page, num_pages)
-  count = jnp.sum(inserted, dtype=jnp.int32)
+def _view(walk: _Walk, state: _Inserts, found) -> BlockView:
+  """The block of page ``found`` as recorded, or as registered earlier in this call."""
+  new = state.inserted & (walk.page == found)
+  k = jnp.argmax(new)
+  recorded, any_new = _recorded(walk, found), jnp.any(new)
+  return recorded._replace(
+      cached=recorded.cached | any_new,
+      salt=jnp.where(any_new, walk.salts[walk.row[k]], recorded.salt),
+      parent=jnp.where(any_new, state.ent_parent[k], recorded.parent),
+      parent_gen=jnp.where(any_new, state.ent_gen[k], recorded.parent_gen))
+
+
+def _parent_of(walk: _Walk, state: _Inserts, e):
+  """``(parent, parent_gen)`` of entry ``e``: the registered page holding the block before."""
+  b = walk.row[e]
+  prev = _recorded(walk, walk.previous[b])
+  prev_found = table.lookup(state.lo, state.hi, state.slots, prev.hash, impl="xla")
+  resolved = jnp.where(prev.cached, walk.previous[b], jnp.where(holds_block(
+      _view(walk, state, prev_found), prev.hash, prev.salt, prev.tokens, prev.parent,
+      prev.parent_gen), prev_found, UNLINKED))
+  parent = jnp.where(state.parents[b] != _RESOLVE, state.parents[b],
+                     jnp.where(walk.j[e] > 0, resolved, NO_PARENT))
+  return parent, jnp.where(parent >= 0, walk.prefix.page_gen[jnp.clip(parent, 0)], 0)
+
+
+def _insert_block(walk: _Walk, i, state: _Inserts) -> _Inserts:
+  """Registers the ``i``-th valid block (or finds its duplicate)."""
+  e = walk.order[i]
+  b, p = walk.row[e], walk.page[e]
+  capacity = state.slots.shape[0]
+  parent, parent_gen = _parent_of(walk, state, e)
+  found, free_slot = table.probe(state.lo, state.hi, state.slots, walk.page_hash[p])
+  linked = parent != UNLINKED
+  duplicate = linked & holds_block(_view(walk, state, found), walk.page_hash[p], walk.salts[b],
+                                   walk.prefix.page_tokens[p], parent, parent_gen)
+  insert = linked & (found < 0) & (state.room > 0) & (free_slot < capacity)
+  lo, hi, slots = table.put(state.lo, state.hi, state.slots,
+                            jnp.where(insert, free_slot, capacity), walk.page_hash[p], p)
+  parents = state.parents.at[b].set(jnp.where(duplicate, found,
+                                              jnp.where(insert, p, UNLINKED)))
+  return _Inserts(lo, hi, slots, parents, state.ent_parent.at[e].set(parent),
+                  state.ent_gen.at[e].set(parent_gen), state.inserted.at[e].set(insert),
+                  state.duplicates.at[e].set(duplicate), state.room - insert)
+
+
+def _record_blocks(prefix: PrefixState, walk: _Walk, done: _Inserts, max_cached: int):
+  """Every hashed block records its metadata; the registered ones are cached. (The mask reads
+  the loop's output, which keeps the scatters after the loop: scheduled before it, they would
+  force a copy of what it reads.)"""
+  num_pages = prefix.page_hash.shape[0]
+  at_page = jnp.where(walk.valid & (done.ent_parent != _RESOLVE), walk.page, num_pages)
+  registered = jnp.where(done.inserted, walk.page, num_pages)
+  count = jnp.sum(done.inserted, dtype=jnp.int32)
   set_ = lambda field, values, where=at_page: getattr(prefix, field).at[where].set(
       values, mode="drop")
+  stats = bump(bump(bump(prefix.stats, "registered", count), "duplicate_blocks",
+                    jnp.sum(done.duplicates)), "not_registered",
+               jnp.sum(walk.valid & ~done.inserted & ~done.duplicates))
   return dataclasses.replace(
-      prefix, page_hash=page_hash, table_lo=lo, table_hi=hi, table_pages=slots,
-      page_salt=set_("page_salt", salts[row]), page_parent=set_("page_parent", ent_parent),
-      page_parent_gen=set_("page_parent_gen", ent_gen), page_depth=set_("page_depth", j),
+      prefix, page_hash=walk.page_hash, table_lo=done.lo, table_hi=done.hi,
+      table_pages=done.slots, page_salt=set_("page_salt", walk.salts[walk.row]),
+      page_parent=set_("page_parent", done.ent_parent),
+      page_parent_gen=set_("page_parent_gen", done.ent_gen),
+      page_depth=set_("page_depth", walk.j),
       page_cached=set_("page_cached", True, registered),
       page_last_use=set_("page_last_use", prefix.clock, registered),
-      num_cached=max_cached - room,
-      stats=bump(bump(bump(prefix.stats, "registered", count), "duplicate_blocks",
-                      jnp.sum(duplicates)), "not_registered",
-                 jnp.sum(valid & ~inserted & ~duplicates)))
+      num_cached=max_cached - done.room, stats=stats)

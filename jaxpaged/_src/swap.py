@@ -1,5 +1,5 @@
-"""Moving K/V between the device pool and host RAM: sequences swap out and in, cached prefix
-blocks are demoted and promoted back.
+"""Moving sequences' K/V between the device pool and host RAM: swap out and swap in (cached
+prefix blocks are demoted and promoted by `jaxpaged._src.blocks`).
 
 The device half is `jaxpaged._src.transfer` (jitted, pure and atomic). This module is the host
 half: its public functions check their arguments, start
@@ -8,8 +8,7 @@ keeps what a sequence or a block needs to come back bit-exactly: K/V, token ids,
 and which K/V were written.
 
 Internal API (for `CacheManager`, which runs the device half in its own donating steps):
-`copy_out`, `swap_in_args`, `promote_args`, `promote_arrays`, `cached_blocks`, `keep_pages`,
-`bucket`, `block_key`, `host_copy`.
+`copy_out`, `swap_in_args`, `one_id`, `bucket`, `host_copy`.
 
 A swapped-out sequence comes back through `match_prefix` when its token ids are known: its full
 blocks usually stay cached on device after the swap-out (they were only released), so only what
@@ -19,6 +18,7 @@ was evicted meanwhile is copied in again.
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxpaged._src import checks
 from jaxpaged._src import transfer
-from jaxpaged._src.cache import PagedKVCache, check_cache, check_index, num_cached_free_pages
+from jaxpaged._src.cache import PagedKVCache, check_cache, check_index
 from jaxpaged._src.paging import release
 from jaxpaged._src.spec import JaxPagedError, next_pow2
 
@@ -56,26 +56,6 @@ def _pad(x, size: int, axis: int):
   return np.pad(x, pad)
 
 
-def block_key(page_hash) -> int:
-  """The 64-bit host key of a chained block hash (``uint32[2]``, as `jaxpaged.block_hashes`
-  and the device compute it).
-
-  >>> from jaxpaged import block_hashes
-  >>> block_key(block_hashes([1, 2, 3, 4], page_size=4)[0]) > 0
-  True
-  """
-  try:
-    lanes = np.asarray(page_hash)
-  except ValueError:
-    lanes = np.asarray(None)
-  if (lanes.shape != (2,) or lanes.dtype.kind not in "iu"
-      or not all(0 <= int(x) < 1 << 32 for x in lanes.tolist())):
-    raise JaxPagedError(f"page_hash must be a block hash: two uint32 lanes (a row of "
-                        f"block_hashes), got {page_hash!r}.")
-  lo, hi = (int(x) for x in lanes.tolist())
-  return lo | hi << 32
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class SwappedSequence:
   """A sequence swapped out to host RAM; `swap_in` brings it back bit-exactly.
@@ -91,6 +71,11 @@ class SwappedSequence:
     salt: its prefix-cache salt, an int in ``[0, 2**64)``.
     written: host ``bool[pages, num_layers, page_size]``, which K/V had been written (None
       without prefix caching: all of its tokens count as written).
+
+  Example: `swap_in`.
+
+  >>> [f.name for f in dataclasses.fields(SwappedSequence)][:3]
+  ['seq_id', 'length', 'k']
   """
   seq_id: int
   length: int
@@ -105,46 +90,6 @@ class SwappedSequence:
     """Host bytes held (K, V, token ids and written flags)."""
     return int(sum(x.nbytes for x in (self.k, self.v, self.tokens, self.written)
                    if x is not None))
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class CachedBlock:
-  """A full prefix block demoted from the device to host RAM.
-
-  Attributes:
-    key: 64-bit chained hash (`block_key`), what the host tier looks it up by.
-    salt: the salt it was registered under, an int in ``[0, 2**64)``.
-    tokens: ``int32[(depth + 1) * page_size]`` the whole prefix it ends, so a host hit is verified
-      against every token before it, not only its hash.
-    k, v: ``[num_layers, num_kv_heads, page_size, head_dim]`` NumPy arrays.
-  """
-  key: int
-  salt: int
-  tokens: np.ndarray
-  k: np.ndarray
-  v: np.ndarray
-
-  @property
-  def depth(self) -> int:
-    """Index of the block in its sequence."""
-    return len(self.tokens) // self.k.shape[2] - 1
-
-  @property
-  def nbytes(self) -> int:
-    return int(self.k.nbytes + self.v.nbytes + self.tokens.nbytes)
-
-
-def cached_blocks(spec, contents) -> list[CachedBlock]:
-  """The host `CachedBlock`s of `demote_plan`'s contents (those whose prefix is complete)."""
-  contents = jax.device_get(contents)
-  blocks = []
-  for i in np.flatnonzero(contents["complete"]):
-    end = (int(contents["depths"][i]) + 1) * spec.page_size
-    blocks.append(CachedBlock(block_key(contents["hashes"][i]),
-                              checks.salt_int(contents["salts"][i]),
-                              np.array(contents["tokens"][i, :end]),
-                              np.array(contents["k"][:, :, i]), np.array(contents["v"][:, :, i])))
-  return blocks
 
 
 # ----------------------------------------------------------------------------- host half
@@ -164,11 +109,13 @@ def _seq_ids(cache, seq_ids, name: str = "seq_ids") -> list[int]:
   return ids
 
 
-def _one_id(spec, seq_id) -> int:
+def one_id(spec, seq_id) -> int:
+  """A checked sequence id of ``spec``."""
   return int(check_index("seq_id", seq_id, spec.max_seqs, "max_seqs"))
 
 
-def swap_out(cache: PagedKVCache, seq_ids):
+def swap_out(cache: PagedKVCache, seq_ids: Sequence[int] | np.ndarray
+             ) -> tuple[PagedKVCache, list[SwappedSequence]]:
   """Copies sequences' K/V to host RAM and releases them on device.
 
   The device-to-host copies start without waiting. The sequences' slots are empty afterwards;
@@ -232,14 +179,12 @@ def copy_out(cache: PagedKVCache, seq_ids) -> list[SwappedSequence]:
   return swapped
 
 
-def swap_in_args(cache: PagedKVCache, swapped, seq_id=None):
-  """Checks a `swap_in` and returns ``(args, match)`` for `restore_core`: device arrays padded
-  to a few bucketed page counts, placed as the cache is."""
-  spec = check_cache(cache)
+def _check_swapped(spec, cache, swapped, seq_id):
+  """``(target slot, match, written)`` of a valid `swap_in`, or a `JaxPagedError`."""
   if not isinstance(swapped, SwappedSequence):
     raise JaxPagedError(f"swapped must be a SwappedSequence from swap_out, got "
                         f"{type(swapped).__name__}.")
-  target = _one_id(spec, swapped.seq_id if seq_id is None else seq_id)
+  target = one_id(spec, swapped.seq_id if seq_id is None else seq_id)
   if int(cache.seq_lens[target]) > 0:
     raise JaxPagedError(f"seq_id {target} holds tokens; swap in into an empty slot (release it, "
                         "or pass another seq_id).")
@@ -260,18 +205,26 @@ def swap_in_args(cache: PagedKVCache, swapped, seq_id=None):
           f"{list(expected)} (at least {pages} pages for {length} tokens, k and v alike); "
           "swap in into a cache with the same spec, with what swap_out returned.")
   match = cache.prefix is not None and swapped.tokens is not None
-  if match:
-    tokens = swapped.tokens
-    if getattr(tokens, "ndim", None) != 1 or len(tokens) < length or tokens.dtype != np.int32:
-      raise JaxPagedError(f"swapped.tokens must be int32[>= {length}] token ids, got "
-                          f"{getattr(tokens, 'dtype', type(tokens).__name__)}"
-                          f"{list(getattr(tokens, 'shape', ()))}.")
+  tokens = swapped.tokens
+  if match and (getattr(tokens, "ndim", None) != 1 or len(tokens) < length
+                or tokens.dtype != np.int32):
+    raise JaxPagedError(f"swapped.tokens must be int32[>= {length}] token ids, got "
+                        f"{getattr(tokens, 'dtype', type(tokens).__name__)}"
+                        f"{list(getattr(tokens, 'shape', ()))}.")
   written = swapped.written if cache.prefix is not None else None
   if written is not None and (getattr(written, "shape", None) != (
       swapped.k.shape[2], spec.num_layers, spec.page_size) or written.dtype != bool):
     raise JaxPagedError(f"swapped.written must be bool[{swapped.k.shape[2]}, {spec.num_layers}, "
                         f"{spec.page_size}], got {getattr(written, 'dtype', None)}"
                         f"{list(getattr(written, 'shape', ()))}.")
+  return target, match, written
+
+
+def swap_in_args(cache: PagedKVCache, swapped, seq_id=None):
+  """Checks a `swap_in` and returns ``(args, match)`` for `restore_core`: device arrays padded
+  to a few bucketed page counts, placed as the cache is."""
+  spec = check_cache(cache)
+  target, match, written = _check_swapped(spec, cache, swapped, seq_id)
   salt = checks.salt("swapped.salt", swapped.salt)
   # On the cache's device, committed only if the cache is: one committed input commits every
   # output of a jitted call, and jit compiles each function again for committed arguments.
@@ -282,11 +235,12 @@ def swap_in_args(cache: PagedKVCache, swapped, seq_id=None):
   tokens = place(_pad(np.asarray(swapped.tokens), size * spec.page_size, axis=0)) if match else None
   if written is not None:
     written = place(_pad(np.asarray(written), size, axis=0))
-  lanes = jnp.asarray(np.array([salt & 0xFFFFFFFF, salt >> 32], np.uint32))
-  return (jnp.int32(target), jnp.int32(length), tokens, lanes, k, v, written), match
+  lanes = jnp.asarray(np.array(checks.split_salt(salt), np.uint32))
+  return (jnp.int32(target), jnp.int32(swapped.length), tokens, lanes, k, v, written), match
 
 
-def swap_in(cache: PagedKVCache, swapped: SwappedSequence, *, seq_id: int | None = None):
+def swap_in(cache: PagedKVCache, swapped: SwappedSequence, *, seq_id: int | None = None
+            ) -> tuple[PagedKVCache, jax.Array]:
   """Brings a swapped-out sequence back: allocates pages and restores its K/V bit-exactly.
 
   Blocks of it still cached on device are attached instead of copied (when its token ids are
@@ -300,118 +254,15 @@ def swap_in(cache: PagedKVCache, swapped: SwappedSequence, *, seq_id: int | None
 
   Returns:
     ``(cache, ok)``.
+
+  >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=2, page_size=4, num_pages=8,
+  ...                  max_seqs=2, max_pages_per_seq=4)
+  >>> cache, slots, _ = extend(init_cache(spec), jnp.array([0]), jnp.array([3]), num_slots=3)
+  >>> k = jnp.arange(6.0).reshape(3, 1, 2)
+  >>> cache, (swapped,) = swap_out(write_kv(cache, 0, k, k, slots), [0])
+  >>> cache, ok = swap_in(cache, swapped, seq_id=1)  # into another slot
+  >>> bool(ok), gather_kv(cache, 0, 1)[0][:3, 0, 1].tolist()
+  (True, [1.0, 3.0, 5.0])
   """
   args, match = swap_in_args(cache, swapped, seq_id)
-  return transfer.restore_jit(cache, *args, match=match)
-
-
-def keep_pages(spec, keep) -> jax.Array:
-  """``keep`` (page ids) as ``int32[K]``, -1 padded to a power of two (few compiles)."""
-  keep = np.asarray(checks.host_token_ids("keep", np.asarray(keep).reshape(-1)))
-  bad = [int(p) for p in keep if not 0 <= p < spec.num_pages]
-  if bad:
-    raise JaxPagedError(f"keep holds pages {bad[:4]} outside [0, {spec.num_pages}); pass page "
-                        "ids of this cache.")
-  return jnp.asarray(np.pad(keep, (0, next_pow2(max(len(keep), 1)) - len(keep)),
-                            constant_values=-1))
-
-
-def demote_blocks(cache: PagedKVCache, count: int, *, keep=()):
-  """Evicts up to ``count`` cached blocks nobody uses (least recently used first, a chain's tail
-  first, as the allocator would) and returns their contents for the host tier. Pages in ``keep``
-  stay (the blocks an operation about to run will hit).
-
-  Args:
-    cache: the cache; it is not changed (a new one is returned).
-    count: an int >= 0; at most the blocks that can be evicted are.
-    keep: page ids not to evict.
-
-  Returns:
-    ``(cache, [CachedBlock])``: the freed pages are free again. A block whose prefix can no
-    longer be read back (a parent page was reused since) is evicted but not returned; a host hit
-    could not be verified against it.
-  """
-  spec = check_cache(cache)
-  if cache.prefix is None:
-    raise JaxPagedError("demote_blocks needs prefix caching: build the cache with "
-                        "CacheSpec(..., prefix_caching=True).")
-  count = min(checks.count("count", count), int(num_cached_free_pages(cache)))
-  keep = keep_pages(spec, keep)
-  if count == 0:
-    return cache, []
-  victims, contents = transfer.demote_plan(cache, jnp.int32(count), keep,
-                                           max_count=next_pow2(count))
-  return transfer.evict_jit(cache, victims), cached_blocks(spec, contents)
-
-
-def promote_args(cache: PagedKVCache, seq_id: int, blocks):
-  """Checks a `promote_blocks` and returns ``(args, match)`` for `restore_core`."""
-  spec = check_cache(cache)
-  seq = _one_id(spec, seq_id)
-  if cache.prefix is None:
-    raise JaxPagedError("promote_blocks needs prefix caching: build the cache with "
-                        "CacheSpec(..., prefix_caching=True).")
-  length = int(cache.seq_lens[seq])
-  if length % spec.page_size or not bool(cache.prefix.seq_hashable[seq]):
-    raise JaxPagedError(f"seq_id {seq} must hold whole blocks with known token ids (started by "
-                        "match_prefix) to take promoted blocks.")
-  held_pages = jnp.clip(cache.page_table[seq, :length // spec.page_size], 0)
-  held_tokens = np.asarray(cache.prefix.page_tokens[held_pages]).reshape(-1)
-  salt = checks.salt_int(np.asarray(cache.prefix.seq_salt[seq]))
-  return promote_arrays(spec, seq, held_tokens, salt, blocks), False
-
-
-def promote_arrays(spec, seq: int, held_tokens, salt: int, blocks):
-  """`restore_core` arguments appending ``blocks`` to sequence ``seq``, which holds the whole
-  blocks ``held_tokens`` under ``salt``; each block is checked to continue exactly them."""
-  blocks = list(blocks) if isinstance(blocks, (list, tuple)) else None
-  if not blocks or not all(isinstance(b, CachedBlock) for b in blocks):
-    raise JaxPagedError("blocks must be a non-empty list of CachedBlock (from demote_blocks).")
-  ps, length = spec.page_size, len(held_tokens)
-  if length + len(blocks) * ps > spec.max_seq_len:
-    raise JaxPagedError(f"blocks: {len(blocks)} blocks after {length} tokens exceed "
-                        f"max_seq_len={spec.max_seq_len}; promote fewer blocks.")
-  expected = (spec.num_layers, spec.num_kv_heads, ps, spec.head_dim)
-  for i, block in enumerate(blocks):
-    for name in ("k", "v"):
-      x = getattr(block, name)
-      if getattr(x, "shape", None) != expected or getattr(x, "dtype", None) != spec.dtype:
-        raise JaxPagedError(
-            f"blocks[{i}].{name} is {getattr(x, 'dtype', None)}{list(getattr(x, 'shape', ()))} "
-            f"but this cache's blocks are {spec.dtype}{list(expected)}; promote blocks demoted "
-            "from a cache with the same spec.")
-    tokens = checks.host_token_ids(f"blocks[{i}].tokens", block.tokens)
-    full = length + (i + 1) * ps
-    if (len(tokens) != full
-        or block.salt != salt or not np.array_equal(tokens[:length], held_tokens)
-        or (i and not np.array_equal(tokens[:full - ps], blocks[i - 1].tokens))):
-      raise JaxPagedError(f"blocks[{i}] does not continue seq_id {seq}: its prefix tokens or salt "
-                          "differ; promote only blocks whose prefix the sequence holds.")
-  pages = bucket(len(blocks), spec.max_pages_per_seq)
-  pad = lambda x: np.concatenate([x, np.zeros((pages - len(blocks),) + x.shape[1:], x.dtype)])
-  k = pad(np.stack([b.k for b in blocks])).transpose(1, 2, 0, 3, 4)
-  v = pad(np.stack([b.v for b in blocks])).transpose(1, 2, 0, 3, 4)
-  tokens = np.zeros(pages * ps, np.int32)
-  tokens[:len(blocks) * ps] = np.concatenate([b.tokens[-ps:] for b in blocks])
-  lanes = jnp.asarray(np.array([salt & 0xFFFFFFFF, salt >> 32], np.uint32))
-  return (jnp.int32(seq), jnp.int32(len(blocks) * ps), jnp.asarray(tokens), lanes,
-          jnp.asarray(k), jnp.asarray(v), None)
-
-
-def promote_blocks(cache: PagedKVCache, seq_id: int, blocks):
-  """Appends host blocks to a sequence that holds exactly the prefix before them, and registers
-  them in the device prefix cache again.
-
-  Each block's prefix tokens and salt are checked against the sequence's own token ids first, so
-  K/V computed after another prefix can never be attached.
-
-  Args:
-    cache: the cache; it is not changed (a new one is returned).
-    seq_id: a sequence holding whole blocks with known token ids.
-    blocks: consecutive `CachedBlock`s continuing it.
-
-  Returns:
-    ``(cache, ok)``; atomic, ``ok`` False when the pool has no room.
-  """
-  args, match = promote_args(cache, seq_id, blocks)
   return transfer.restore_jit(cache, *args, match=match)
