@@ -11,6 +11,7 @@ import argparse
 import pathlib
 import sys
 
+from benchmarks import bench_admission
 from benchmarks import bench_attention
 from benchmarks import bench_cache
 from benchmarks import bench_model
@@ -26,6 +27,7 @@ BENCHMARKS = {
     "prefix": bench_prefix.run,
     "tier": bench_tier.run,
     "serve": bench_serve.run,
+    "admission": bench_admission.run,
 }
 
 
