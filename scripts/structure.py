@@ -4,7 +4,8 @@ Usage: ``python scripts/structure.py [REPO_ROOT]``. Counts, over ``jaxpaged/``:
 largest source file and longest function (lines, docstring included), functions over 40
 lines, cross-module private imports (``from m import _x`` or ``m._x`` on an imported jaxpaged
 module), public names (``jaxpaged.__all__``, ``jaxpaged.ops``, ``jaxpaged.models``) whose
-docstring has a runnable example (``>>>``), and public parameters with a type annotation.
+docstring has a runnable example (``>>>``), and public parameters with a type annotation
+(``*args``/``**kwargs`` not counted).
 """
 import ast
 import importlib
@@ -58,8 +59,8 @@ def main(root: pathlib.Path) -> None:
       except (TypeError, ValueError):
         continue
       for p in signature.parameters.values():
-        if p.name in ("self", "cls"):
-          continue
+        if p.name in ("self", "cls") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+          continue  # (*args/**kwargs of generated __init__s: exceptions, enums, NamedTuples)
         params += 1
         typed += p.annotation is not inspect.Parameter.empty
   sizes.sort()

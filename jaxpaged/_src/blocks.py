@@ -23,7 +23,7 @@ from jaxpaged._src.spec import JaxPagedError, next_pow2
 from jaxpaged._src.swap import bucket, one_id
 
 
-def block_key(page_hash) -> int:
+def block_key(page_hash: np.ndarray | jax.Array | Sequence[int]) -> int:
   """The 64-bit host key of a chained block hash (``uint32[2]``, as `jaxpaged.block_hashes`
   and the device compute it).
 

@@ -30,7 +30,7 @@ is a convenience for loops without a scheduler: least recently used first.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,8 @@ from jaxpaged._src import swap
 from jaxpaged._src.manager_core import ManagerCore, Refused
 from jaxpaged._src.prefix_hooks import evictable
 from jaxpaged._src.spec import JaxPagedError, next_pow2
+
+IdsLike = Union[Sequence[int], np.ndarray, jax.Array]  # ids or counts, one per row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +123,8 @@ class CacheManager(ManagerCore):
 
   def admit(self, tokens: Sequence[int] | np.ndarray, *, salt: int = 0,
             max_prompt_tokens: int | None = None, room_tokens: int | None = None,
-            num_slots: int | None = None, max_new_tokens=checks.UNSET) -> Admission | None:
+            num_slots: int | None = None, max_new_tokens: int | None = checks.UNSET
+            ) -> Admission | None:
     """Starts a request: attaches its cached prefix (device hits, then host hits the policy
     promotes), then makes room for up to ``max_prompt_tokens`` of the remaining prompt tokens.
 
@@ -228,8 +231,8 @@ class CacheManager(ManagerCore):
     c["host_hit_blocks"] += promoted
     c["promoted_blocks"] += promoted
 
-  def reserve(self, seq_ids, num_new_tokens, *, num_slots: int | None = None,
-              preempt: bool = False):
+  def reserve(self, seq_ids: IdsLike, num_new_tokens: IdsLike, *, num_slots: int | None = None,
+              preempt: bool = False) -> tuple[bool, list[int]]:
     """Makes room for an `extend` the caller runs itself (inside a jitted model step): demotes
     cached blocks to host RAM while the free pages fall short and, with ``preempt``, swaps out
     the least recently used sequences not in the call until it fits.
@@ -262,7 +265,7 @@ class CacheManager(ManagerCore):
     self._update_pressure()
     return True, list(plan.released)
 
-  def pages_needed(self, seq_ids, num_new_tokens) -> int:
+  def pages_needed(self, seq_ids: IdsLike, num_new_tokens: IdsLike) -> int:
     """Pages an `extend` of these rows would take now (new pages, copies of shared last
     pages). A scheduler compares it with `available_pages` to choose what to preempt
     (`swap_out` or `release`) before it calls `reserve`; the manager never chooses for it.
@@ -278,8 +281,9 @@ class CacheManager(ManagerCore):
     """
     return self._plan_rows(seq_ids, num_new_tokens, planning.ENOUGH_SLOTS, False).need
 
-  def extend(self, seq_ids, num_new_tokens, *, tokens=None, num_slots: int | None = None,
-             preempt: bool = False):
+  def extend(self, seq_ids: IdsLike, num_new_tokens: IdsLike, *, tokens: IdsLike | None = None,
+             num_slots: int | None = None, preempt: bool = False
+             ) -> tuple[jax.Array, jax.Array, list[int]]:
     """`jaxpaged.extend` on the managed cache, after making room for it as `reserve` does.
 
     Returns:
@@ -306,7 +310,7 @@ class CacheManager(ManagerCore):
     self._update_pressure()
     return slots, ok, list(plan.released)
 
-  def release(self, seq_ids) -> None:
+  def release(self, seq_ids: IdsLike) -> None:
     """Ends sequences (their full blocks stay cached); a swapped-out one is dropped from host.
     Ids this manager does not hold are ignored."""
     ids = self.registry.check_ids(seq_ids)
@@ -322,7 +326,7 @@ class CacheManager(ManagerCore):
 
   # --------------------------------------------------------------------------- swapping
 
-  def swap_out(self, seq_ids) -> None:
+  def swap_out(self, seq_ids: IdsLike) -> None:
     """Moves sequences to host RAM, freeing their device pages; their ids stay reserved.
 
     Raises:
@@ -345,7 +349,7 @@ class CacheManager(ManagerCore):
       self.counters["swap_outs"] += len(ids)
     self._update_pressure()
 
-  def swap_in(self, seq_ids) -> list[bool]:
+  def swap_in(self, seq_ids: IdsLike) -> list[bool]:
     """Brings swapped-out sequences back into their slots, as room allows (demoting cached
     blocks first). A sequence that does not fit stays on host, intact; returns ``ok`` for each."""
     ids = self.registry.check_ids(seq_ids)

@@ -182,7 +182,7 @@ def check_match_prefix(cache: PagedKVCache, seq_ids: jax.Array, tokens: jax.Arra
                        lengths: jax.Array, *, salts: int | jax.Array | None = None,
                        max_prompt_tokens: jax.Array | None = None, num_slots: int | None = None,
                        impl: str = "auto", interpret: bool = False,
-                       max_new_tokens=checks.UNSET) -> None:
+                       max_new_tokens: jax.Array | None = checks.UNSET) -> None:
   """Eagerly explains why `match_prefix` would refuse these arguments; None if it would not.
 
   >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
@@ -209,7 +209,8 @@ def check_match_prefix(cache: PagedKVCache, seq_ids: jax.Array, tokens: jax.Arra
 def match_prefix(cache: PagedKVCache, seq_ids: jax.Array, tokens: jax.Array, lengths: jax.Array,
                  *, salts: int | jax.Array | None = None,
                  max_prompt_tokens: jax.Array | None = None, num_slots: int | None = None,
-                 impl: str = "auto", interpret: bool = False, max_new_tokens=checks.UNSET
+                 impl: str = "auto", interpret: bool = False,
+                 max_new_tokens: jax.Array | None = checks.UNSET
                  ) -> tuple[PagedKVCache, PrefixMatch]:
   """Starts new sequences on the longest verified run of cached blocks of their prompts.
 
