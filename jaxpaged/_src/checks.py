@@ -307,3 +307,19 @@ def renamed(new_name: str, new_value: Any, old_name: str, old_value: Any) -> Any
   warnings.warn(f"{old_name} is renamed {new_name}; the old name will be removed.",
                 DeprecationWarning, stacklevel=3)
   return old_value
+
+
+def id_list(name: str, value: Any, size: int, *, distinct: bool = False) -> list[int]:
+  """Host sequence ids (an int or a 1-D sequence of ints) as a list, each in ``[0, size)``;
+  with ``distinct``, each at most once."""
+  array = np.atleast_1d(np.asarray(value))
+  if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+    raise JaxPagedError(f"{name} must be sequence ids (ints), got {value!r}.")
+  ids = [int(s) for s in array.tolist()]
+  bad = [s for s in ids if not 0 <= s < size]
+  if bad:
+    raise JaxPagedError(f"{name} {bad} are out of range [0, {size}); pass the ids of "
+                        "sequences in the cache.")
+  if distinct and len(set(ids)) != len(ids):
+    raise JaxPagedError(f"{name} {ids} repeat an id; name each sequence once.")
+  return ids

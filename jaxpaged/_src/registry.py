@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import numpy as np
-
-from jaxpaged._src.spec import JaxPagedError
+from jaxpaged._src import checks
 
 
 class SequenceRegistry:
@@ -55,14 +53,7 @@ class SequenceRegistry:
 
   def check_ids(self, seq_ids) -> list[int]:
     """``seq_ids`` (an int or a 1-D sequence of ints) as a list, each in ``[0, max_seqs)``."""
-    array = np.atleast_1d(np.asarray(seq_ids))
-    if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
-      raise JaxPagedError(f"seq_ids must be sequence ids (ints), got {seq_ids!r}.")
-    ids = [int(s) for s in array.tolist()]
-    bad = [s for s in ids if not 0 <= s < self.max_seqs]
-    if bad:
-      raise JaxPagedError(f"seq_ids {bad} are out of range [0, {self.max_seqs}).")
-    return ids
+    return checks.id_list("seq_ids", seq_ids, self.max_seqs)
 
   def snapshot(self):
     """Everything, to `restore` after a failed operation."""

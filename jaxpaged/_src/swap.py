@@ -94,21 +94,6 @@ class SwappedSequence:
 
 # ----------------------------------------------------------------------------- host half
 
-def _seq_ids(cache, seq_ids, name: str = "seq_ids") -> list[int]:
-  spec = check_cache(cache)
-  array = np.atleast_1d(np.asarray(seq_ids))
-  if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
-    raise JaxPagedError(f"{name} must be sequence ids (ints), got {seq_ids!r}.")
-  ids = [int(s) for s in array.tolist()]
-  bad = [s for s in ids if not 0 <= s < spec.max_seqs]
-  if bad:
-    raise JaxPagedError(f"{name} {bad} are out of range [0, {spec.max_seqs}); pass the ids of "
-                        "sequences in the cache.")
-  if len(set(ids)) != len(ids):
-    raise JaxPagedError(f"{name} {ids} repeat an id; name each sequence once.")
-  return ids
-
-
 def one_id(spec, seq_id) -> int:
   """A checked sequence id of ``spec``."""
   return int(check_index("seq_id", seq_id, spec.max_seqs, "max_seqs"))
@@ -143,7 +128,7 @@ def swap_out(cache: PagedKVCache, seq_ids: Sequence[int] | np.ndarray
 def copy_out(cache: PagedKVCache, seq_ids) -> list[SwappedSequence]:
   """`swap_out` without the release: the cache is not changed."""
   spec = check_cache(cache)
-  ids = _seq_ids(cache, seq_ids)
+  ids = checks.id_list("seq_ids", seq_ids, spec.max_seqs, distinct=True)
   lengths = np.asarray(cache.seq_lens)[ids]
   if (lengths == 0).any():
     raise JaxPagedError(f"seq_ids {[s for s, n in zip(ids, lengths) if n == 0]} hold no tokens; "
