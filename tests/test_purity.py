@@ -96,7 +96,7 @@ def test_promote_blocks_input_stays_alive_too():
   tokens = np.zeros((1, 16), np.int32)
   tokens[0, :5] = first[0].tokens.tolist() + [9]
   cache, match = jp.match_prefix(cache, jnp.array([0]), jnp.asarray(tokens), jnp.array([5]),
-                                 max_new_tokens=jnp.array([0]), num_slots=1)
+                                 max_prompt_tokens=jnp.array([0]), num_slots=1)
   before = jax.tree.map(np.array, cache)
   promoted, ok = jp.promote_blocks(cache, 0, first)
   assert bool(ok) and int(promoted.seq_lens[0]) == 4
