@@ -94,3 +94,34 @@ def test_a_refused_admission_changes_nothing(monkeypatch):
   for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     np.testing.assert_array_equal(x, y)
   assert manager.active == [held.seq_id] and manager.stats()["allocation_failures"] == 1
+
+
+class _Declining(jp.LRUPolicy):
+  """LRU, except that it keeps the keys in ``deny`` on host."""
+
+  def __init__(self):
+    super().__init__()
+    self.deny = set()
+
+  def should_promote(self, key, stats):
+    return key not in self.deny and super().should_promote(key, stats)
+
+
+def test_a_declined_host_copy_of_a_block_the_device_serves_does_not_stop_later_host_hits():
+  policy = _Declining()
+  manager = jp.CacheManager(_spec(), host_bytes=1 << 20, policy=policy)
+  prompt = list(range(1, 10))  # blocks 0 and 1 before the last token
+  keys = [("block", jp.block_key(h)) for h in jp.block_hashes(prompt[:8], page_size=4)]
+  first = manager.admit(prompt)
+  _write(manager, first, 1.0)
+  manager.release([first.seq_id])
+  manager.gc()  # host: blocks 0, 1
+  policy.deny = {keys[0]}
+  again = manager.admit(prompt[:5])  # block 0 recomputed on device (its host copy declined)
+  _write(manager, again, 2.0)
+  manager.release([again.seq_id])
+  assert sorted(manager.store.keys()) == sorted(keys)
+  admission = manager.admit(prompt)  # block 0 on device, block 1 on host
+  assert (admission.num_cached, admission.host_hit_tokens) == (8, 4)
+  k, _ = jp.gather_kv(manager.cache, 0, admission.seq_id)
+  np.testing.assert_array_equal(np.asarray(k[:8, 0, 0]), [2.0] * 4 + [1.0] * 4)

@@ -57,24 +57,46 @@ class HostTier:
   # --------------------------------------------------------------------------- blocks
 
   def candidates(self, tokens: np.ndarray, hashes: np.ndarray, salt: int, page_size: int
-                 ) -> list[tuple[int, CachedBlock]]:
-    """``(block index, block)`` of the prompt's full blocks (``hashes``, one each) that the host
-    holds for exactly this prefix and salt and the policy promotes (each lookup is an access),
-    in block order; stops at the first block the policy keeps on host. Which of them continue
-    the device's hits is decided on device (`jaxpaged._src.admission`)."""
-    found = []
+                 ) -> tuple[list[tuple[int, CachedBlock]], list[int]]:
+    """The host copies of the prompt's full blocks (``hashes``, one each) that an admission may
+    promote: ``(found, held)``: ``found`` the ``(block index, block)`` the host holds for
+    exactly this prefix and salt and the policy promotes, ``held`` the indices of every block
+    held so. Which of them continue the device's hits is decided on device
+    (`jaxpaged._src.admission`); a declined block only ends the run it is in.
+
+    The policy is asked as on a hit (after an access), but the accesses are undone here:
+    `record_hits` records those of the blocks the admission actually looked at."""
+    mark = self.store.snapshot()
+    found, held = [], []
     for i, page_hash in enumerate(hashes):
       key = ("block", block_key(page_hash))
-      block = self.store.peek(key)
-      end = (i + 1) * page_size
-      if (not isinstance(block, CachedBlock) or block.salt != salt
-          or len(block.tokens) != end or not np.array_equal(block.tokens, tokens[:end])):
+      if not self._holds(key, tokens, salt, (i + 1) * page_size):
         continue
-      self.store.get(key)  # an access, for recency and frequency
-      if not self.store.should_promote(key):
+      held.append(i)
+      self.store.get(key)  # an access, for recency and frequency, as the policy expects
+      if self.store.should_promote(key):
+        found.append((i, self.store.peek(key)))
+    self.store.restore(mark)
+    return found, held
+
+  def record_hits(self, hashes: np.ndarray, held: list[int], start: int, promoted: int) -> None:
+    """Records the accesses of an admission's host lookups: from block ``start`` (after the
+    device's hits), each block held, up to the ``promoted`` ones and the one that ended the
+    run (declined by the policy), as a lookup block by block would."""
+    held = set(held)
+    for i in range(start, len(hashes)):
+      key = ("block", block_key(hashes[i]))
+      if i not in held or key not in self.store:
         break
-      found.append((i, block))
-    return found
+      self.store.get(key)
+      if i >= start + promoted:
+        break
+
+  def _holds(self, key, tokens: np.ndarray, salt: int, end: int) -> bool:
+    """The store holds ``key`` as the block ending ``tokens[:end]`` under ``salt``."""
+    block = self.store.peek(key)
+    return (isinstance(block, CachedBlock) and block.salt == salt and len(block.tokens) == end
+            and np.array_equal(block.tokens, tokens[:end]))
 
   def store_blocks(self, blocks: Sequence[CachedBlock]) -> tuple[int, int]:
     """Holds demoted blocks; ``(demoted, dropped)``: of the ``demoted`` blocks, those the tiers

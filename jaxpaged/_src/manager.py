@@ -145,7 +145,8 @@ class CacheManager(ManagerCore):
 
     Returns:
       The `Admission`, or None (nothing changed) when no slot or too few pages are free: wait for
-      releases, or `swap_out` running sequences.
+      releases, or `swap_out` running sequences. A pressure callback that raises does so after
+      the admission completed (the sequence is in `active`).
 
     >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
     ...                  max_seqs=2, max_pages_per_seq=4, prefix_caching=True)
@@ -170,9 +171,10 @@ class CacheManager(ManagerCore):
     with self._atomic():
       plan, slots = self._admit_step(request._replace(seq=np.int32(seq)), tokens, salt,
                                      num_slots)
-    self._update_pressure()
     if self._refused:
       self.counters["allocation_failures"] += 1
+    self._update_pressure()
+    if self._refused:
       return None
     ps = self.spec.page_size
     return Admission(seq, (int(plan.matched) + int(plan.promoted)) * ps, int(plan.num_new), slots,
@@ -181,9 +183,10 @@ class CacheManager(ManagerCore):
   def _admit_step(self, request, tokens, salt: int, num_slots: int):
     """Inside a transaction: host candidates, room (demoting first if need be), the step, and
     the bookkeeping of what it did. Returns the device's ``(plan, slots)``."""
-    blocks = self._host_candidates(tokens, salt, request)
+    blocks, held = self._host_candidates(tokens, salt, request)
     host = steps_admit.host_blocks(self.spec, blocks)
     victims, demoted = self._admission_room(request, host, num_slots, len(tokens))
+    self.registry.add(int(request.seq))  # before the step: an interrupt after it keeps it
     cache, plan, slots, done = steps_admit.admit_step(self.cache, victims, request, host,
                                                       num_slots=num_slots)
     self.cache = cache
@@ -193,15 +196,17 @@ class CacheManager(ManagerCore):
     if not done:
       raise RuntimeError("jaxpaged bug: a planned admission was refused by the device")
     promoted = [b for i, b in blocks if plan.matched <= i < plan.matched + plan.promoted]
+    if held:
+      usable = (len(tokens) - 1) // self.spec.page_size
+      self.host.record_hits(request.hashes[0, :usable], held, int(plan.matched), len(promoted))
     self.host.take_blocks(promoted)
     self._count_demoted(demoted)
-    self.registry.add(int(request.seq))
     self._count_admission(len(tokens), int(plan.matched), len(promoted))
     return plan, slots
 
   def _host_candidates(self, tokens, salt, request):
     if not self.spec.prefix_caching or not len(self.host.store):
-      return []
+      return [], []
     usable = (len(tokens) - 1) // self.spec.page_size
     hashes = request.hashes[0, :usable]
     return self.host.candidates(tokens, hashes, salt, self.spec.page_size)

@@ -179,6 +179,8 @@ class ManagerCore:
     try:
       yield
     except BaseException as e:
+      if not isinstance(e, Refused) and saved[0].k_pages.is_deleted():
+        raise  # interrupted after the device step committed: there is no state before it
       cache = self._cache
       self._cache, registry, self.counters, host = saved
       self.registry.restore(registry)
