@@ -5,9 +5,9 @@
   python examples/serve.py --no-prefix-caching     # every request computes the system prompt
   python examples/serve.py --step-clock            # reproducible schedule (times in steps)
 
-The built-in workload (`jaxpaged.models.serving.chat_workload`): chat requests to SmolLM2-135M-
-Instruct that share a long system prompt, arrive over time, and every fourth one asks a second
-question that extends its first turn. The pool is too small for all of them at once: requests
+The workload (`chat_workload.py` beside this script): chat requests to SmolLM2-135M-Instruct
+that share a long system prompt, arrive over time, and every fourth one asks a second question
+that extends its first turn. The pool is too small for all of them at once: requests
 wait, share the system prompt through the prefix cache, are swapped to host RAM when decode
 outgrows the pool, and resume with the same output. The loop itself is
 `jaxpaged.models.serving.Server`; this script prints what happened and plots the pages in use.
@@ -25,6 +25,11 @@ import jax.numpy as jnp
 
 import jaxpaged as jp
 from jaxpaged.models import cli, gguf, serving
+
+try:  # run as a script (python examples/serve.py): this directory is on sys.path
+  from chat_workload import chat_workload
+except ImportError:  # run from the repository root (runpy in the tests, python -m examples.serve)
+  from examples.chat_workload import chat_workload
 
 
 def plot(report: serving.Report, path: pathlib.Path) -> bool:
@@ -57,7 +62,7 @@ def plot(report: serving.Report, path: pathlib.Path) -> bool:
   return True
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog="\n".join(__doc__.splitlines()[2:]))
@@ -78,34 +83,34 @@ def main(argv=None) -> int:
   parser.add_argument("--plot", type=pathlib.Path, default=pathlib.Path("serve.png"),
                       help="where to write the PNG (needs matplotlib)")
   parser.add_argument("--show", type=cli.integer(0), default=4, help="answers to print")
-  args = parser.parse_args(argv)  # bad values: a usage message and exit status 2
-  if args.token_budget < args.max_seqs:
-    parser.error(f"argument --token-budget: must be >= --max-seqs ({args.max_seqs}), got "
-                 f"{args.token_budget} (each step feeds every running sequence a token)")
+  return parser
 
+
+def serve(args: argparse.Namespace):
+  """Loads the model, builds the workload and the server, compiles, serves. Returns
+  ``(tokenizer, requests, report)``."""
   start = time.perf_counter()
-  try:
-    config, params, tokenizer = gguf.load(args.gguf)
-    params = jax.tree.map(jnp.asarray, params)
-    requests = serving.chat_workload(tokenizer, num_requests=args.requests,
-                                     max_new_tokens=args.max_new_tokens,
-                                     mean_gap=args.mean_gap)
-    server = serving.Server(params, config, eos_id=tokenizer.eos_token_id, num_pages=args.pages,
-                            max_seqs=args.max_seqs, page_size=args.page_size,
-                            token_budget=args.token_budget,
-                            prefix_caching=not args.no_prefix_caching)
-    print(f"model loaded in {time.perf_counter() - start:.1f}s; jax {jax.__version__} on "
-          f"{jax.default_backend()}; compiling (a first pass over the workload) ...", flush=True)
-    start = time.perf_counter()
-    server.warmup(requests)
-    print(f"compiled in {time.perf_counter() - start:.1f}s; serving ...", flush=True)
-    report = server.run(requests, realtime=not args.step_clock,
-                        progress=lambda line: print(f"  {line}", flush=True))
-  except jp.JaxPagedError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  config, params, tokenizer = gguf.load(args.gguf)
+  params = jax.tree.map(jnp.asarray, params)
+  requests = chat_workload(tokenizer, num_requests=args.requests,
+                           max_new_tokens=args.max_new_tokens, mean_gap=args.mean_gap)
+  server = serving.Server(params, config, eos_id=tokenizer.eos_token_id, num_pages=args.pages,
+                          max_seqs=args.max_seqs, page_size=args.page_size,
+                          token_budget=args.token_budget,
+                          prefix_caching=not args.no_prefix_caching)
+  print(f"model loaded in {time.perf_counter() - start:.1f}s; jax {jax.__version__} on "
+        f"{jax.default_backend()}; compiling (a first pass over the workload) ...", flush=True)
+  start = time.perf_counter()
+  server.warmup(requests)
+  print(f"compiled in {time.perf_counter() - start:.1f}s; serving ...", flush=True)
+  report = server.run(requests, realtime=not args.step_clock,
+                      progress=lambda line: print(f"  {line}", flush=True))
+  return tokenizer, requests, report
 
-  u = report.unit
+
+def print_report(args: argparse.Namespace, tokenizer, requests: list[serving.Request],
+                 report: serving.Report) -> None:
+  """One line per request, the first answers, the summary; the plot."""
   print(f"\n{'req':>4} {'turn':>4} {'prompt':>6} {'cached':>6} {'host':>5} {'preempt':>7} "
         f"{'arrival':>8} {'TTFT':>7} {'latency':>8} {'tokens':>6}")
   for i, (request, result) in enumerate(zip(requests, report.results)):
@@ -117,12 +122,26 @@ def main(argv=None) -> int:
     if i < args.show or (request.follows is not None and request.follows < args.show):
       question = tokenizer.decode(result.prompt).split("user\n")[-1].split("\n")[0]
       print(f"\n>>> [{i}] {question.strip()}\n{tokenizer.decode(result.output).strip()}")
-  print(f"\nsummary (times in {u}):")
+  print(f"\nsummary (times in {report.unit}):")
   print(report.summary())
   if plot(report, args.plot):
     print(f"wrote {args.plot}")
   else:
     print("no plot: pip install matplotlib")
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = _parser()
+  args = parser.parse_args(argv)  # bad values: a usage message and exit status 2
+  if args.token_budget < args.max_seqs:
+    parser.error(f"argument --token-budget: must be >= --max-seqs ({args.max_seqs}), got "
+                 f"{args.token_budget} (each step feeds every running sequence a token)")
+  try:
+    tokenizer, requests, report = serve(args)
+  except jp.JaxPagedError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print_report(args, tokenizer, requests, report)
   return 0
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import jaxpaged as jp
+from examples.chat_workload import chat_workload
 from jaxpaged.models import generation, gguf, serving
 from tests import helpers
 from tests.test_model import tiny_model
@@ -35,8 +36,8 @@ def model():
 @pytest.fixture(scope="module")
 def workload(model):
   _, _, tokenizer = model
-  return serving.chat_workload(tokenizer, num_requests=6, max_new_tokens=12, follow_up_every=3,
-                               mean_gap=2.0)
+  return chat_workload(tokenizer, num_requests=6, max_new_tokens=12, follow_up_every=3,
+                       mean_gap=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +239,7 @@ def test_bad_workload_arguments_are_refused(model):
            (dict(mean_gap=-0.5), r"mean_gap must be a finite number >= 0 .*got -0\.5")]
   for arguments, message in cases:
     with pytest.raises(jp.JaxPagedError, match=message):
-      serving.chat_workload(tokenizer, **arguments)
+      chat_workload(tokenizer, **arguments)
 
 
 @pytest.fixture(scope="module")
