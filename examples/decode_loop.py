@@ -90,7 +90,62 @@ def no_cache_generate(params, prompt, steps):
   return tokens[len(prompt):]
 
 
-def main(argv=None):
+def decode_prompts(params, cache, prompts: list[list[int]], steps: int, steps_per_call: int):
+  """Prefills the prompts into sequences 0..B-1 and decodes ``steps`` tokens for each, several
+  steps per jitted call. Returns ``(cache, last tokens, generated)``: what each row produced."""
+  batch = len(prompts)
+  seq_ids = jnp.arange(batch, dtype=jnp.int32)
+  # Prefill all but each prompt's last token: that one is the first decode input, and the
+  # decode step writes its K/V.
+  prefix = jnp.asarray(sum((p[:-1] for p in prompts), []), jnp.int32)
+  cache, ok = prefill(params, cache, seq_ids, prefix,
+                      jnp.asarray([len(p) - 1 for p in prompts], jnp.int32),
+                      num_slots=len(prefix))
+  assert bool(ok), "prefill refused"
+  tokens = jnp.asarray([p[-1] for p in prompts], jnp.int32)
+  generated = [[] for _ in range(batch)]
+  for _ in range(steps // steps_per_call):
+    cache, tokens, fed, ok = decode(params, cache, seq_ids, tokens, steps=steps_per_call)
+    assert bool(ok), "decode refused: pool too small"
+    for row, row_fed in enumerate(np.asarray(fed)):
+      generated[row] += row_fed.tolist()
+    print(f"  decoded {len(generated[0])} steps, {int(jp.num_used_pages(cache))} pages in use")
+  # Drop the echo of each prompt's last token: generated[i] is what the model produced.
+  generated = [g[1:] + [int(t)] for g, t in zip(generated, np.asarray(tokens))]
+  return cache, tokens, generated
+
+
+def fork_and_decode(params, cache, first_token, fork_id: int, steps: int):
+  """Forks sequence 0 into slot ``fork_id``; the branches continue from different next tokens
+  (as beam search would) while sharing the pages written so far. Returns ``(cache, fed)``: the
+  tokens each branch was fed, ``[2, steps]``."""
+  cache, ok = jp.fork(cache, jnp.array([0]), jnp.array([fork_id]))
+  assert bool(ok)
+  branch_ids = jnp.array([0, fork_id], jnp.int32)
+  first = jnp.stack([first_token, (first_token + 1) % VOCAB])
+  cache, _, fed, ok = decode(params, cache, branch_ids, first, steps=steps)
+  assert bool(ok)
+  return cache, fed
+
+
+def check(params, prompts: list[list[int]], generated: list[list[int]], fed, steps: int) -> bool:
+  """Whether every row and both branches of the fork match the no-cache model (printed)."""
+  matches = True
+  for row, prompt in enumerate(prompts):
+    expected = no_cache_generate(params, prompt, steps)
+    matches &= generated[row] == expected
+    print(f"seq {row}: prompt {len(prompt):2d} tokens -> {generated[row][:12]}...")
+  for branch, row_fed in enumerate(np.asarray(fed)):
+    history = prompts[0] + generated[0][:-1] + [int(row_fed[0])]
+    branch_ok = row_fed[1:].tolist() == no_cache_generate(params, history, steps)[:-1]
+    print(f"fork of seq 0, branch {branch} (first token {int(row_fed[0])}): "
+          f"{row_fed[1:9].tolist()}..., matches the no-cache model: {branch_ok}")
+    matches &= branch_ok
+  print(f"matches the no-cache model: {matches}")
+  return matches
+
+
+def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=4, help="sequences decoded together")
   parser.add_argument("--steps", type=int, default=24, help="decode steps per phase")
@@ -110,49 +165,11 @@ def main(argv=None):
         f"{spec.num_pages} pages")
 
   start = time.perf_counter()
-  cache = jp.init_cache(spec)
-  seq_ids = jnp.arange(batch, dtype=jnp.int32)
-  # Prefill all but each prompt's last token: that one is the first decode input, and the
-  # decode step writes its K/V.
-  prefix = jnp.asarray(sum((p[:-1] for p in prompts), []), jnp.int32)
-  cache, ok = prefill(params, cache, seq_ids, prefix,
-                      jnp.asarray([len(p) - 1 for p in prompts], jnp.int32),
-                      num_slots=len(prefix))
-  assert bool(ok), "prefill refused"
-  tokens = jnp.asarray([p[-1] for p in prompts], jnp.int32)
-  generated = [[] for _ in range(batch)]
-  for _ in range(steps // args.steps_per_call):
-    cache, tokens, fed, ok = decode(params, cache, seq_ids, tokens, steps=args.steps_per_call)
-    assert bool(ok), "decode refused: pool too small"
-    for row, row_fed in enumerate(np.asarray(fed)):
-      generated[row] += row_fed.tolist()
-    print(f"  decoded {len(generated[0])} steps, {int(jp.num_used_pages(cache))} pages in use")
-  # Drop the echo of each prompt's last token: generated[i] is what the model produced.
-  generated = [g[1:] + [int(t)] for g, t in zip(generated, np.asarray(tokens))]
-
-  # Fork sequence 0 into the spare slot; the branches continue from different next tokens (as
-  # beam search would) while sharing the pages written so far.
-  fork_id = batch
-  cache, ok = jp.fork(cache, jnp.array([0]), jnp.array([fork_id]))
-  assert bool(ok)
-  branch_ids = jnp.array([0, fork_id], jnp.int32)
-  first = jnp.stack([tokens[0], (tokens[0] + 1) % VOCAB])
-  cache, _, fed, ok = decode(params, cache, branch_ids, first, steps=steps)
-  assert bool(ok)
+  cache, tokens, generated = decode_prompts(params, jp.init_cache(spec), prompts, steps,
+                                            args.steps_per_call)
+  cache, fed = fork_and_decode(params, cache, tokens[0], fork_id=batch, steps=steps)
   seconds = time.perf_counter() - start
-
-  matches = True
-  for row, prompt in enumerate(prompts):
-    expected = no_cache_generate(params, prompt, steps)
-    matches &= generated[row] == expected
-    print(f"seq {row}: prompt {len(prompt):2d} tokens -> {generated[row][:12]}...")
-  for branch, row_fed in enumerate(np.asarray(fed)):
-    history = prompts[0] + generated[0][:-1] + [int(row_fed[0])]
-    branch_ok = row_fed[1:].tolist() == no_cache_generate(params, history, steps)[:-1]
-    print(f"fork of seq 0, branch {branch} (first token {int(row_fed[0])}): "
-          f"{row_fed[1:9].tolist()}..., matches the no-cache model: {branch_ok}")
-    matches &= branch_ok
-  print(f"matches the no-cache model: {matches}")
+  matches = check(params, prompts, generated, fed, steps)
   print(f"stats: {batch * steps + 2 * steps} tokens decoded in {seconds:.2f}s "
         f"({(batch * steps + 2 * steps) / seconds:.0f} tokens/s incl. compile), "
         f"{int(jp.num_used_pages(cache))}/{spec.num_pages} pages used, "

@@ -30,7 +30,7 @@ EXAMPLE_PROMPTS = (
 )
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog="\n".join(__doc__.splitlines()[2:]))
@@ -46,8 +46,34 @@ def main(argv=None) -> int:
   parser.add_argument("--page-size", type=cli.integer(1), default=16)
   parser.add_argument("--steps-per-call", type=cli.integer(1), default=8,
                       help="decode steps per jitted call")
-  args = parser.parse_args(argv)  # bad values: a usage message and exit status 2
+  return parser
 
+
+def generate(args: argparse.Namespace, params, config, prompts: list[list[int]],
+             eos_id: int) -> generation.Generation:
+  """`jaxpaged.models.generation.generate` with the command line's options."""
+  return generation.generate(
+      params, config, prompts, max_new_tokens=args.max_new_tokens, eos_id=eos_id,
+      temperature=args.temperature, top_p=args.top_p, seed=args.seed, page_size=args.page_size,
+      steps_per_call=args.steps_per_call,
+      progress=lambda message: print(f"  {message}", flush=True))
+
+
+def print_answers(args: argparse.Namespace, tokenizer, questions: list[str],
+                  prompts: list[list[int]], result: generation.Generation) -> None:
+  """Each question and its answer, then the figures."""
+  for question, answer in zip(questions, result.tokens):
+    print(f"\n>>> {question}\n{tokenizer.decode(answer).strip()}")
+  prompt_tokens = sum(map(len, prompts))
+  print(f"\nstats: {len(prompts)} sequences, {prompt_tokens} prompt tokens prefilled in "
+        f"{result.prefill_seconds:.2f}s, {result.decode_tokens} tokens decoded at "
+        f"{result.decode_tokens_per_second:.1f} tokens/s (first call includes compilation), "
+        f"pages used {result.peak_pages}/{result.num_pages} (page_size {args.page_size}), "
+        f"peak sequences {result.peak_sequences}")
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)  # bad values: a usage message and exit status 2
   start = time.perf_counter()
   try:
     config, params, tokenizer = gguf.load(args.gguf)
@@ -60,25 +86,12 @@ def main(argv=None) -> int:
   print(f"model: {config.num_layers} layers, hidden {config.hidden}, {config.num_heads}/"
         f"{config.num_kv_heads} heads, loaded in {time.perf_counter() - start:.1f}s; "
         f"jax {jax.__version__} on {jax.default_backend()}", flush=True)
-
   try:
-    result = generation.generate(
-        params, config, prompts, max_new_tokens=args.max_new_tokens,
-        eos_id=tokenizer.eos_token_id, temperature=args.temperature, top_p=args.top_p,
-        seed=args.seed, page_size=args.page_size, steps_per_call=args.steps_per_call,
-        progress=lambda message: print(f"  {message}", flush=True))
+    result = generate(args, params, config, prompts, tokenizer.eos_token_id)
   except jp.JaxPagedError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-
-  for question, answer in zip(questions, result.tokens):
-    print(f"\n>>> {question}\n{tokenizer.decode(answer).strip()}")
-  prompt_tokens = sum(map(len, prompts))
-  print(f"\nstats: {len(prompts)} sequences, {prompt_tokens} prompt tokens prefilled in "
-        f"{result.prefill_seconds:.2f}s, {result.decode_tokens} tokens decoded at "
-        f"{result.decode_tokens_per_second:.1f} tokens/s (first call includes compilation), "
-        f"pages used {result.peak_pages}/{result.num_pages} (page_size {args.page_size}), "
-        f"peak sequences {result.peak_sequences}")
+  print_answers(args, tokenizer, questions, prompts, result)
   return 0
 
 
