@@ -44,7 +44,7 @@ def bench_lookup(quick: bool) -> list[Row]:
   state = (jnp.zeros(capacity, jnp.int32), jnp.zeros(capacity, jnp.int32),
            jnp.full(capacity, table.EMPTY, jnp.int32))
   hash_all = jax.jit(lambda t: hashing.chain_block_hashes(
-      jnp, t, jnp.zeros(t.shape[0], jnp.int32), PAGE))
+      jnp, t, jnp.zeros((t.shape[0], 2), jnp.uint32), PAGE))
   hashes = hash_all(jnp.asarray(tokens)).reshape(-1, 2)
   *state, inserted = jax.jit(table.insert)(*state, hashes, jnp.arange(count, dtype=jnp.int32),
                                            jnp.ones(count, bool))
