@@ -175,12 +175,13 @@ class ManagerCore:
     (a `Refused` after it) returns it unchanged. A `Refused` ends the block quietly, with
     everything else rolled back and ``self._refused`` set."""
     saved = (self._cache, self.registry.snapshot(), dict(self.counters), self.host.snapshot())
+    live = not self._cache.k_pages.is_deleted()  # (a caller may have donated it: refused later)
     self._refused = False
     try:
       yield
     except BaseException as e:
-      if not isinstance(e, Refused) and saved[0].k_pages.is_deleted():
-        raise  # interrupted after the device step committed: there is no state before it
+      if not isinstance(e, Refused) and live and saved[0].k_pages.is_deleted():
+        raise  # interrupted after our device step committed: there is no state before it
       cache = self._cache
       self._cache, registry, self.counters, host = saved
       self.registry.restore(registry)
