@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Callable
 
 
-def integer(minimum: int | None = None, below: int | None = None):
-  """An argparse type: an int in ``[minimum, below)``."""
+def integer(minimum: int | None = None, below: int | None = None) -> Callable[[str], int]:
+  """An argparse type: an int in ``[minimum, below)``.
+
+  >>> integer(1)("3")
+  3
+  >>> integer(1)("0")
+  Traceback (most recent call last):
+  ...
+  argparse.ArgumentTypeError: must be >= 1, got 0
+  """
   def parse(text: str) -> int:
     try:
       value = int(text)
@@ -23,7 +32,11 @@ def integer(minimum: int | None = None, below: int | None = None):
 
 
 def power_of_two(text: str) -> int:
-  """An argparse type: a power of two (1, 2, 4, ...)."""
+  """An argparse type: a power of two (1, 2, 4, ...).
+
+  >>> power_of_two("64")
+  64
+  """
   value = integer(1)(text)
   if value & (value - 1):
     raise argparse.ArgumentTypeError(f"must be a power of two, got {value}")
@@ -31,9 +44,13 @@ def power_of_two(text: str) -> int:
 
 
 def number(minimum: float | None = None, maximum: float | None = None, *,
-           above_minimum: bool = False, note: str = ""):
+           above_minimum: bool = False, note: str = "") -> Callable[[str], float]:
   """An argparse type: a finite float in ``[minimum, maximum]`` (``(minimum, maximum]`` with
-  ``above_minimum``)."""
+  ``above_minimum``); ``note`` is added to the message of a refused value.
+
+  >>> number(0, 1, above_minimum=True)("0.9")
+  0.9
+  """
   def parse(text: str) -> float:
     try:
       value = float(text)
