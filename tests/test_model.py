@@ -15,6 +15,7 @@ import pytest
 
 import jaxpaged as jp
 from jaxpaged.models import DenseKVCache, LlamaConfig, generation, gguf
+from jaxpaged.models import prefill as prefill_module
 from tests import helpers
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -378,7 +379,7 @@ BAD_GENERATE = [  # (generate arguments, what the message must say)
 def test_generate_refuses_bad_arguments_before_running(tiny, monkeypatch, arguments, message):
   config, params = tiny
   ran = lambda *args, **kwargs: pytest.fail("a bad argument reached the model")
-  monkeypatch.setattr(generation, "_prefill_step", ran)
+  monkeypatch.setattr(prefill_module, "_prefill_step", ran)  # prefill's model step
   monkeypatch.setattr(jp, "init_cache", ran)
   arguments = dict(dict(config=config, params=params, prompts=[[1, 2, 3]], max_new_tokens=4,
                         eos_id=2), **arguments)
