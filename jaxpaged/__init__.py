@@ -25,6 +25,11 @@ from jaxpaged._src.manager import Admission
 from jaxpaged._src.manager import CacheManager
 from jaxpaged._src.pressure import MemoryPressure
 from jaxpaged._src.spec import CacheSpec
+from jaxpaged._src.sharding import ShardedCache
+from jaxpaged._src.sharding import init_sharded_cache
+from jaxpaged._src.sharding import kv_replicas
+from jaxpaged._src.sharding import make_mesh
+from jaxpaged._src.sharding import shard_view
 from jaxpaged._src.blocks import CachedBlock
 from jaxpaged._src.swap import SwappedSequence
 from jaxpaged._src.blocks import block_key
@@ -56,6 +61,7 @@ __all__ = (
     "MemoryPressure",
     "PagedKVCache",
     "PrefixMatch",
+    "ShardedCache",
     "SwappedSequence",
     "Tier",
     "TierError",
@@ -70,6 +76,9 @@ __all__ = (
     "fork",
     "gather_kv",
     "init_cache",
+    "init_sharded_cache",
+    "kv_replicas",
+    "make_mesh",
     "match_prefix",
     "num_cached_free_pages",
     "num_free_pages",
@@ -80,6 +89,7 @@ __all__ = (
     "promote_blocks",
     "ragged_paged_attention",
     "release",
+    "shard_view",
     "reset_prefix_cache",
     "swap_in",
     "swap_out",

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpaged._src import sharding
 from jaxpaged._src import checks
 from jaxpaged._src import gpu
 from jaxpaged._src.attention_blocks import UNMAPPED, decode_blocks, ragged_blocks
@@ -182,6 +183,10 @@ def paged_attention(q: jax.Array, cache: PagedKVCache, layer: int | jax.Array,
   >>> out.shape, out[:, 0, 0].tolist()  # V is 2 everywhere, so is every weighted mean of it
   ((2, 4, 16), [2.0, 2.0])
   """
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.attention(q, cache, layer, seq_ids, sm_scale=sm_scale, soft_cap=soft_cap,
+                              sliding_window=sliding_window, impl=impl, interpret=interpret,
+                              num_splits=num_splits, block_kv=block_kv)
   layer, page_table, kv_lens = _rows_of(cache, layer, seq_ids)
   return paged_attention_arrays(
       q, cache.k_pages, cache.v_pages, layer, page_table, kv_lens, sm_scale=sm_scale,
@@ -224,6 +229,11 @@ def ragged_paged_attention(q: jax.Array, cache: PagedKVCache, layer: int | jax.A
   >>> out.shape, bool(jnp.allclose(out, expected, atol=1e-5))
   ((8, 1, 8), True)
   """
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.attention(q, cache, layer, seq_ids, q_lens, sm_scale=sm_scale,
+                              soft_cap=soft_cap, sliding_window=sliding_window, impl=impl,
+                              interpret=interpret, q_block=q_block, num_splits=num_splits,
+                              block_kv=block_kv)
   layer, page_table, kv_lens = _rows_of(cache, layer, seq_ids)
   return ragged_paged_attention_arrays(
       q, cache.k_pages, cache.v_pages, layer, page_table, kv_lens, q_lens, sm_scale=sm_scale,

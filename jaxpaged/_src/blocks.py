@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpaged._src import sharding
 from jaxpaged._src import checks
 from jaxpaged._src import transfer
 from jaxpaged._src.cache import PagedKVCache, check_cache, num_cached_free_pages
@@ -130,6 +131,8 @@ def demote_blocks(cache: PagedKVCache, count: int, *, keep: Sequence[int] = ()
   >>> bool(ok), int(cache.seq_lens[0])
   (True, 4)
   """
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.demote_blocks(cache, count, keep=keep)
   spec = check_cache(cache)
   if cache.prefix is None:
     raise JaxPagedError("demote_blocks needs prefix caching: build the cache with "
@@ -219,5 +222,7 @@ def promote_blocks(cache: PagedKVCache, seq_id: int, blocks: Sequence[CachedBloc
   ...
   jaxpaged._src.spec.JaxPagedError: promote_blocks needs prefix caching: ...
   """
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.promote_blocks(cache, seq_id, blocks)
   args, match = promote_args(cache, seq_id, blocks)
   return transfer.restore_jit(cache, *args, match=match)

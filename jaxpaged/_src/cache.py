@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpaged._src import sharding
 from jaxpaged._src import checks
 from jaxpaged._src.prefix_state import PrefixState, init_prefix_state
 from jaxpaged._src.spec import CacheSpec, JaxPagedError
@@ -101,6 +102,8 @@ def num_free_pages(cache: PagedKVCache) -> jax.Array:
   >>> int(num_free_pages(cache)), int(num_used_pages(cache))
   (6, 2)
   """
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.per_shard(cache, num_free_pages)
   check_cache(cache)
   return cache.num_free
 
@@ -118,6 +121,8 @@ def num_cached_free_pages(cache: PagedKVCache) -> jax.Array:
   >>> int(num_cached_free_pages(cache)), int(num_free_pages(cache))  # the full block stays
   (1, 7)
   """
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.per_shard(cache, num_cached_free_pages)
   check_cache(cache)
   return cache.prefix.num_evictable if cache.prefix is not None else jnp.int32(0)
 
@@ -131,6 +136,8 @@ def num_used_pages(cache: PagedKVCache) -> jax.Array:
   ...                           num_slots=9)[0]))
   3
   """
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.per_shard(cache, num_used_pages)
   check_cache(cache)
   return cache.spec.num_pages - cache.num_free - num_cached_free_pages(cache)
 

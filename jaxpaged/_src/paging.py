@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxpaged._src import sharding
 from jaxpaged._src import allocator
 from jaxpaged._src import checks
 from jaxpaged._src.cache import (PagedKVCache, check_cache, check_index, check_layer,
@@ -40,8 +41,11 @@ def check_extend(cache: PagedKVCache, seq_ids: jax.Array, num_new_tokens: jax.Ar
   Raises:
     JaxPagedError: naming the first wrong argument, its rows and how to fix it.
   """
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.check_each(cache, check_extend, {"seq_ids": seq_ids},
+                               num_new_tokens=num_new_tokens, num_slots=num_slots)
   spec = check_cache(cache)
-  seq_ids, num_new_tokens, num_slots, _ = _extend_args(cache, seq_ids, num_new_tokens, num_slots,
+  seq_ids, num_new_tokens, num_slots, _ = extend_args(cache, seq_ids, num_new_tokens, num_slots,
                                                        None)
   plan = allocator.extend_plan(cache, seq_ids, num_new_tokens, num_slots)
   checks.raise_first(allocator.EXTEND_REASONS, plan.problems, max_seqs=spec.max_seqs,
@@ -85,13 +89,15 @@ def extend(cache: PagedKVCache, seq_ids: jax.Array, num_new_tokens: jax.Array, *
   >>> slots.tolist(), bool(ok)
   ([0, 1, 2, 3, 4, -1], True)
   """
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.extend(cache, seq_ids, num_new_tokens, num_slots=num_slots, tokens=tokens)
   check_cache(cache)
-  seq_ids, num_new_tokens, num_slots, tokens = _extend_args(cache, seq_ids, num_new_tokens,
+  seq_ids, num_new_tokens, num_slots, tokens = extend_args(cache, seq_ids, num_new_tokens,
                                                             num_slots, tokens)
   return _extend_jit(cache, seq_ids, num_new_tokens, tokens, num_slots=num_slots)
 
 
-def _extend_args(cache, seq_ids, num_new_tokens, num_slots, tokens):
+def extend_args(cache, seq_ids, num_new_tokens, num_slots, tokens):
   """The checked arguments of an `extend`."""
   seq_ids = checks.index_vector("seq_ids", seq_ids)
   num_new_tokens = checks.index_vector("num_new_tokens", num_new_tokens, seq_ids.shape[0])
@@ -116,6 +122,8 @@ def token_positions(cache: PagedKVCache, seq_ids: jax.Array, num_new_tokens: jax
   >>> token_positions(cache, jnp.array([0, 1]), jnp.array([2, 1]), num_slots=4).tolist()
   [3, 4, 0, -1]
   """
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.token_positions(cache, seq_ids, num_new_tokens, num_slots=num_slots)
   check_cache(cache)
   seq_ids = checks.index_vector("seq_ids", seq_ids)
   counts = jnp.clip(checks.index_vector("num_new_tokens", num_new_tokens, seq_ids.shape[0]), 0)
@@ -144,6 +152,8 @@ def release(cache: PagedKVCache, seq_ids: jax.Array) -> PagedKVCache:
   >>> int(num_free_pages(cache)), int(num_free_pages(release(cache, jnp.array([0]))))
   (5, 8)
   """
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.release(cache, seq_ids)
   check_cache(cache)
   return _release_jit(cache, checks.index_vector("seq_ids", seq_ids))
 
@@ -162,6 +172,8 @@ def check_fork(cache: PagedKVCache, src_ids: jax.Array, dst_ids: jax.Array) -> N
   ...
   jaxpaged._src.spec.JaxPagedError: dst_ids at rows [0]: is a sequence that still holds tokens; ...
   """
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.check_each(cache, check_fork, {"dst_ids": dst_ids, "src_ids": src_ids})
   spec = check_cache(cache)
   dst_ids = checks.index_vector("dst_ids", dst_ids)
   src_ids = checks.index_vector("src_ids", src_ids, dst_ids.shape[0], per="row of dst_ids")
@@ -196,6 +208,8 @@ def fork(cache: PagedKVCache, src_ids: jax.Array, dst_ids: jax.Array
   >>> int(slots[0]) // 4 != int(cache.page_table[0, 1]), int(num_used_pages(cache))
   (True, 3)
   """
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.fork(cache, src_ids, dst_ids)
   check_cache(cache)
   dst_ids = checks.index_vector("dst_ids", dst_ids)
   src_ids = checks.index_vector("src_ids", src_ids, dst_ids.shape[0], per="row of dst_ids")
@@ -221,6 +235,8 @@ def gather_kv(cache: PagedKVCache, layer: int | jax.Array, seq_id: int | jax.Arr
   >>> k_read[:4, 0].tolist()
   [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [0.0, 0.0]]
   """
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.gather_kv(cache, layer, seq_id)
   spec = check_cache(cache)
   layer = check_layer(spec, layer)
   seq_id = check_index("seq_id", seq_id, spec.max_seqs, "max_seqs")

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxpaged._src import sharding
 from jaxpaged._src import checks, hashing, prefix_state, table
 from jaxpaged._src.allocator import EXTEND_REASONS, any_problem, extend_core, extend_plan
 from jaxpaged._src.cache import (PagedKVCache, check_cache, check_num_slots, duplicated,
@@ -162,7 +163,7 @@ def _count(stats, plan):
   return bump(stats, "hit_tokens", jnp.sum(jnp.where(plan.live, plan.num_cached, 0)))
 
 
-def _prepare(cache, seq_ids, tokens, lengths, salts, max_prompt_tokens, num_slots):
+def match_args(cache, seq_ids, tokens, lengths, salts, max_prompt_tokens, num_slots):
   spec = check_cache(cache)
   seq_ids = checks.index_vector("seq_ids", seq_ids)
   rows = seq_ids.shape[0]
@@ -195,7 +196,11 @@ def check_match_prefix(cache: PagedKVCache, seq_ids: jax.Array, tokens: jax.Arra
   """
   max_prompt_tokens = checks.renamed("max_prompt_tokens", max_prompt_tokens, "max_new_tokens",
                                      max_new_tokens)
-  spec, seq_ids, tokens, lengths, salts, max_prompt_tokens, num_slots = _prepare(
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.check_each(cache, check_match_prefix, {"seq_ids": seq_ids}, tokens=tokens,
+                               lengths=lengths, salts=salts, max_prompt_tokens=max_prompt_tokens,
+                               num_slots=num_slots)
+  spec, seq_ids, tokens, lengths, salts, max_prompt_tokens, num_slots = match_args(
       cache, seq_ids, tokens, lengths, salts, max_prompt_tokens, num_slots)
   plan = match_plan(cache, seq_ids, tokens, lengths, salts, max_prompt_tokens, num_slots, impl,
                     interpret)
@@ -246,7 +251,11 @@ def match_prefix(cache: PagedKVCache, seq_ids: jax.Array, tokens: jax.Array, len
   """
   max_prompt_tokens = checks.renamed("max_prompt_tokens", max_prompt_tokens, "max_new_tokens",
                                      max_new_tokens)
-  _, seq_ids, tokens, lengths, salts, max_prompt_tokens, num_slots = _prepare(
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.match_prefix(cache, seq_ids, tokens, lengths, salts=salts,
+                                 max_prompt_tokens=max_prompt_tokens, num_slots=num_slots,
+                                 impl=impl, interpret=interpret)
+  _, seq_ids, tokens, lengths, salts, max_prompt_tokens, num_slots = match_args(
       cache, seq_ids, tokens, lengths, salts, max_prompt_tokens, num_slots)
   return _match_jit(cache, seq_ids, tokens, lengths, salts, max_prompt_tokens,
                     num_slots=num_slots, impl=impl, interpret=interpret)
@@ -296,6 +305,8 @@ def reset_prefix_cache(cache: PagedKVCache) -> tuple[PagedKVCache, jax.Array]:
   >>> bool(ok), int(num_cached_free_pages(cache)), int(num_free_pages(cache))
   (True, 0, 8)
   """
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.reset_prefix_cache(cache)
   check_cache(cache)
   return _reset(cache)
 
@@ -337,6 +348,8 @@ def prefix_stats(cache: PagedKVCache) -> dict:
   >>> int(stats["lookup_blocks"]), int(stats["registered"]), float(stats["hit_rate"])
   (2, 2, 0.0)
   """
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.per_shard(cache, prefix_stats)
   check_cache(cache)
   prefix = cache.prefix
   if prefix is None:

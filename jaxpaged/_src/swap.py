@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpaged._src import sharding
 from jaxpaged._src import checks
 from jaxpaged._src import transfer
 from jaxpaged._src.cache import PagedKVCache, check_cache, check_index
@@ -121,6 +122,8 @@ def swap_out(cache: PagedKVCache, seq_ids: Sequence[int] | np.ndarray
   >>> swapped.length, int(num_free_pages(cache))
   (6, 8)
   """
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.swap_out(cache, seq_ids)
   swapped = copy_out(cache, seq_ids)
   return release(cache, jnp.asarray([s.seq_id for s in swapped], jnp.int32)), swapped
 
@@ -249,5 +252,7 @@ def swap_in(cache: PagedKVCache, swapped: SwappedSequence, *, seq_id: int | None
   >>> bool(ok), gather_kv(cache, 0, 1)[0][:3, 0, 1].tolist()
   (True, [1.0, 3.0, 5.0])
   """
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.swap_in(cache, swapped, seq_id=seq_id)
   args, match = swap_in_args(cache, swapped, seq_id)
   return transfer.restore_jit(cache, *args, match=match)

@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.typing import ArrayLike
 
+from jaxpaged._src import sharding
 from jaxpaged._src import checks
 from jaxpaged._src import gpu
 from jaxpaged._src import prefix_state
@@ -110,9 +111,11 @@ def write_kv(cache: PagedKVCache, layer: int | jax.Array, k: jax.Array, v: jax.A
   >>> gather_kv(cache, 0, 0)[0][:2, 0].tolist()
   [[1.0, 1.0], [0.0, 0.0]]
   """
+  if isinstance(cache, sharding.ShardedCache):
+    return sharding.write_kv(cache, layer, k, v, slots, impl=impl, interpret=interpret)
   spec = check_cache(cache)
   layer = check_layer(spec, layer)
-  _check_kv(spec, k, v)
+  check_kv(spec, k, v)
   slots = _check_slots(spec, slots, k.shape[0])
   if not isinstance(interpret, (bool, np.bool_)):
     raise JaxPagedError(f"interpret must be a bool, got {interpret!r}.")
@@ -122,7 +125,7 @@ def write_kv(cache: PagedKVCache, layer: int | jax.Array, k: jax.Array, v: jax.A
   return _write_kv(cache, layer, k, v, slots, impl=impl, interpret=bool(interpret))
 
 
-def _check_kv(spec: CacheSpec, k: Any, v: Any) -> None:
+def check_kv(spec: CacheSpec, k: Any, v: Any) -> None:
   """``k`` and ``v`` must be ``[T, num_kv_heads, head_dim]`` arrays of the cache's dtype."""
   expected = f"[T, num_kv_heads={spec.num_kv_heads}, head_dim={spec.head_dim}]"
   for name, x in (("k", k), ("v", v)):
