@@ -23,6 +23,12 @@ from jaxpaged._src.prefix import prefix_stats
 from jaxpaged._src.prefix import reset_prefix_cache
 from jaxpaged._src.manager import Admission
 from jaxpaged._src.manager import CacheManager
+from jaxpaged._src.multi_manager import MultiDeviceCacheManager
+from jaxpaged._src.routing import LeastLoadedRouter
+from jaxpaged._src.routing import PrefixAwareRouter
+from jaxpaged._src.routing import RoundRobinRouter
+from jaxpaged._src.routing import Router
+from jaxpaged._src.routing import ShardLoad
 from jaxpaged._src.pressure import MemoryPressure
 from jaxpaged._src.spec import CacheSpec
 from jaxpaged._src.sharding import ShardedCache
@@ -58,9 +64,15 @@ __all__ = (
     "JaxPagedError",
     "LFUPolicy",
     "LRUPolicy",
+    "LeastLoadedRouter",
     "MemoryPressure",
+    "MultiDeviceCacheManager",
     "PagedKVCache",
+    "PrefixAwareRouter",
     "PrefixMatch",
+    "RoundRobinRouter",
+    "Router",
+    "ShardLoad",
     "ShardedCache",
     "SwappedSequence",
     "Tier",

@@ -43,8 +43,19 @@ from jaxpaged._src import planning
 from jaxpaged._src import blocks
 from jaxpaged._src import swap
 from jaxpaged._src.manager_core import ManagerCore, Refused
+from jaxpaged._src.prefix import match_plan
 from jaxpaged._src.prefix_hooks import evictable
 from jaxpaged._src.spec import JaxPagedError, next_pow2
+
+@jax.jit
+def _device_prefix_blocks(cache, request):
+  """Leading verified device blocks of ``request``'s prompt, as `admit` would match them
+  (whatever its slot: the lookup sees every slot free). A read."""
+  view = dataclasses.replace(cache, seq_lens=jnp.zeros_like(cache.seq_lens))
+  plan = match_plan(view, jnp.zeros((1,), jnp.int32), request.row, request.length[None],
+                    request.salt[None], None, 0, "auto", False, request.hashes)
+  return plan.matched[0]
+
 
 IdsLike = Union[Sequence[int], np.ndarray, jax.Array]  # ids or counts, one per row
 
@@ -82,6 +93,8 @@ class CacheManager(ManagerCore):
     tiers: host `Tier`s, fastest first (overrides ``host_bytes``).
     policy: `TierPolicy` for the host tiers and for promoting host hits (default `LRUPolicy()`).
     thresholds: pressure thresholds (medium, high, critical) on the fraction of pages in use.
+    device: the `jax.Device` the cache lives on (committed there, so every step of this manager
+      runs there); default: JAX's default device.
 
   >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
   ...                  max_seqs=4, max_pages_per_seq=4, prefix_caching=True)
@@ -120,6 +133,37 @@ class CacheManager(ManagerCore):
     num_tokens = checks.count("num_tokens", num_tokens)
     return (self._free_slot() is not None and num_tokens <= self.spec.max_seq_len
             and self._pages(num_tokens) <= self.available_pages)
+
+  def cached_prefix_tokens(self, tokens: Sequence[int] | np.ndarray, *, salt: int = 0) -> int:
+    """How many of the prompt's leading tokens this manager holds cached: the verified device
+    hits `admit` would attach, then the run of blocks after them the host tier holds (whether
+    or not its policy would promote them). Only full blocks before the last prompt token count,
+    as in `admit`. A read: the prompt is hashed once on the host, one jitted call looks it up on
+    device; nothing changes (no statistics, no LRU order).
+
+    >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+    ...                  max_seqs=2, max_pages_per_seq=4, prefix_caching=True)
+    >>> manager = CacheManager(spec)
+    >>> first = manager.admit([1, 2, 3, 4, 5, 6])
+    >>> k = jnp.ones((first.num_new, 1, 8))
+    >>> manager.cache = write_kv(manager.cache, 0, k, k, first.slots[:first.num_new])
+    >>> manager.cached_prefix_tokens([1, 2, 3, 4, 9]), manager.cached_prefix_tokens([7, 8])
+    (4, 0)
+    """
+    request, tokens, salt, _ = steps_admit.make_request(self.spec, tokens, salt, None, None, None)
+    if not self.spec.prefix_caching:
+      return 0
+    ps = self.spec.page_size
+    matched = int(_device_prefix_blocks(self.cache, request))
+    usable = (len(tokens) - 1) // ps
+    for i in range(matched, usable):  # the host's run that continues the device hits
+      block = self.store.peek(("block", blocks.block_key(request.hashes[0, i])))
+      end = (i + 1) * ps
+      if not (isinstance(block, blocks.CachedBlock) and block.salt == salt
+              and len(block.tokens) == end and np.array_equal(block.tokens, tokens[:end])):
+        break
+      matched += 1
+    return matched * ps
 
   def admit(self, tokens: Sequence[int] | np.ndarray, *, salt: int = 0,
             max_prompt_tokens: int | None = None, room_tokens: int | None = None,
@@ -203,6 +247,48 @@ class CacheManager(ManagerCore):
     self._count_demoted(demoted)
     self._count_admission(len(tokens), int(plan.matched), len(promoted))
     return plan, slots
+
+  def adopt(self, swapped: swap.SwappedSequence) -> int | None:
+    """Takes in a sequence swapped out of another manager of the same spec (`swap.copy_out`
+    of its cache; e.g. `jaxpaged.MultiDeviceCacheManager.move_sequence`): puts it in a free
+    slot and swaps it in here, bit-exactly, its full blocks registered in this prefix cache.
+
+    Returns:
+      Its sequence id here, or None when no slot or too few pages are free (nothing changed).
+
+    Raises:
+      JaxPagedError: ``swapped`` is not a `jaxpaged.SwappedSequence` of this spec.
+      TierError: the host tier cannot stage it; nothing changed. A policy that raises leaves
+        everything as before too.
+
+    >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+    ...                  max_seqs=2, max_pages_per_seq=4)
+    >>> source, target = CacheManager(spec), CacheManager(spec)
+    >>> seq = source.admit([1, 2, 3, 4, 5]).seq_id
+    >>> _, (moved,) = swap_out(source.cache, [seq])
+    >>> target.adopt(moved), target.stats()["used_pages"]
+    (0, 2)
+    """
+    if not isinstance(swapped, swap.SwappedSequence):
+      raise JaxPagedError(f"swapped must be a jaxpaged.SwappedSequence (from swap_out), got "
+                          f"{type(swapped).__name__}.")
+    shape = (self.spec.num_layers, self.spec.num_kv_heads)
+    if (tuple(swapped.k.shape[:2]) != shape or swapped.k.shape[3:] != (self.spec.page_size,
+                                                                     self.spec.head_dim)
+        or not 1 <= swapped.length <= self.spec.max_seq_len):
+      raise JaxPagedError(f"swapped must come from a cache of this manager's spec {self.spec}, "
+                          f"got K/V of shape {tuple(swapped.k.shape)} and length "
+                          f"{swapped.length}; move sequences only between equal specs.")
+    seq = self._free_slot()
+    if seq is None:
+      self._update_pressure()
+      return None
+    with self._atomic():
+      self.host.put_sequences([dataclasses.replace(swapped, seq_id=seq)])
+      if not self.swap_in([seq])[0]:
+        raise Refused
+    self._update_pressure()
+    return None if self._refused else seq
 
   def _host_candidates(self, tokens, salt, request):
     if not self.spec.prefix_caching or not len(self.host.store):

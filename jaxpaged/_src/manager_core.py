@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,14 +37,23 @@ class ManagerCore:
 
   def __init__(self, spec: CacheSpec, *, host_bytes: int = 1 << 30,
                tiers: Sequence[Tier] | None = None, policy: TierPolicy | None = None,
-               thresholds: tuple[float, float, float] = DEFAULT_THRESHOLDS):
+               thresholds: tuple[float, float, float] = DEFAULT_THRESHOLDS,
+               device: jax.Device | None = None):
     if not isinstance(spec, CacheSpec):
       raise JaxPagedError(f"spec must be a jaxpaged.CacheSpec, got {type(spec).__name__}.")
     if tiers is None:
       tiers = [Tier("host", checks.count("host_bytes", host_bytes))]
     self._monitor = PressureMonitor(thresholds)
     self.spec = spec
-    self._cache: PagedKVCache = init_cache(spec)
+    if device is not None and not isinstance(device, jax.Device):
+      raise JaxPagedError(f"device must be a jax.Device (e.g. jax.devices()[1]) or None for the "
+                          f"default device, got {type(device).__name__}.")
+    self.device = device
+    if device is None:
+      self._cache: PagedKVCache = init_cache(spec)
+    else:  # built there, and committed: every step of this manager then runs there
+      with jax.default_device(device):
+        self._cache = jax.device_put(init_cache(spec), device)
     self.policy = LRUPolicy() if policy is None else policy
     self.host = HostTier(tiers, self.policy)
     self.registry = SequenceRegistry(spec.max_seqs)
