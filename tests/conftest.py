@@ -4,13 +4,6 @@ runs many more, freshly random examples; =noshrink reports a failure without min
 import gc
 import os
 
-# Eight CPU host devices for the mesh tests (tests/test_sharding.py and the models' mesh tests):
-# XLA reads this when JAX's backend starts, so it must be set before anything touches a device.
-# Single-device code keeps running on device 0.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_force_host_platform_device_count=8").strip()
-
 import jax
 import pytest
 from hypothesis import HealthCheck, Phase, settings

@@ -127,7 +127,8 @@ def ragged_paged_attention_arrays(q: jax.Array, k_pages: jax.Array, v_pages: jax
   q_lens = checks.index_vector("q_lens", q_lens, num_rows, per="row: new tokens of each row, "
                                "as given to extend")
   if not checks.is_traced(kv_lens):
-    check_known(q_lens, "q_lens", lambda n: (n >= 0) & (n <= np.asarray(kv_lens)),
+    lens = np.asarray(kv_lens)  # a row holding nothing (padding) gives zeros for its entries
+    check_known(q_lens, "q_lens", lambda n: (n >= 0) & ((n <= lens) | (lens == 0)),
                 "must be in [0, that row's length]: a row's new tokens are its last ones")
   options["q_block"] = options["q_block"] or _default_q_block(q.shape[0], num_rows)
   options["impl"] = _resolve_impl(impl, k_pages)

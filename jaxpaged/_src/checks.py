@@ -40,6 +40,12 @@ def is_traced(x: Any) -> bool:
 def _host_integers(name: str, value: Any) -> np.ndarray:
   """``value`` as a NumPy integer array with its exact values (Python ints of any size kept)."""
   array = np.asarray(value)
+  if array.dtype.kind == "f" and not hasattr(value, "dtype") and array.size:
+    # NumPy turns a list mixing ints below and at/above 2**63 into float64: keep them exact.
+    exact = np.asarray(value, dtype=object)
+    if all(isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+           for x in exact.reshape(-1).tolist()):
+      array = exact
   if array.dtype == object:  # Python ints beyond 64 bits, or mixed types
     flat = array.reshape(-1).tolist()
     if not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in flat):

@@ -466,9 +466,10 @@ def match_prefix(cache: ShardedCache, seq_ids, tokens, lengths, *, salts=None,
       _shape_only(cache), jnp.where(seq_ids >= 0, seq_ids % cache.spec.max_seqs, -1), tokens,
       lengths, salts, max_prompt_tokens, num_slots)
   has_max = max_prompt is not None
-  return _match(cache, seq_ids, tokens, lengths, salts,
+  cache, found = _match(cache, seq_ids, tokens, lengths, salts,
                 max_prompt if has_max else jnp.zeros((), jnp.int32), num_slots=num_slots,
                 impl="xla" if interpret else impl, has_max=has_max)
+  return cache, prefix.PrefixMatch(*found)
 
 
 @functools.partial(jax.jit, static_argnames=("num_slots",))

@@ -1,0 +1,221 @@
+"""The cache on a device mesh (`jaxpaged.ShardedCache`) against its oracle: one ordinary
+single-device cache per data shard, driven with the same sequences.
+
+Every op runs on meshes (data, model) = (1, 8), (2, 4), (8, 1), (2, 3) of 8 CPU host devices
+(tests/conftest.py), with KV heads split over "model" and, where the axis is larger than the
+heads, replicated (vLLM's rule). After every step the allocator state and K/V of each shard must
+equal its oracle bit for bit; attention outputs agree within float tolerance.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxpaged as jp
+
+# (data, model, num_kv_heads): heads split 1:1, 2 per device, and replicated 4x / 8x.
+MESHES = [(1, 8, 2), (2, 4, 4), (8, 1, 2), (2, 3, 3)]
+PS, PAGES, SEQS = 4, 12, 3
+
+
+def _spec(heads, prefix=True):
+  return jp.CacheSpec(num_layers=2, num_kv_heads=heads, head_dim=8, page_size=PS,
+                      num_pages=PAGES, max_seqs=SEQS, max_pages_per_seq=4, prefix_caching=prefix)
+
+
+class Pair:
+  """A sharded cache and its oracle (a list of single caches), updated together."""
+
+  def __init__(self, data, model, heads, prefix=True):
+    self.spec = _spec(heads, prefix)
+    self.mesh = jp.make_mesh(data, model)
+    self.sharded = jp.init_sharded_cache(self.spec, self.mesh)
+    self.single = [jp.init_cache(self.spec) for _ in range(data)]
+    self.n = data
+
+  def local(self, ids):
+    """Per shard: the global ids as its local ids (-1 for other shards' rows)."""
+    ids = np.asarray(ids)
+    return [jnp.asarray(np.where((ids >= 0) & (ids // SEQS == s), ids % SEQS, -1), jnp.int32)
+            for s in range(self.n)]
+
+  def check(self):
+    for s in range(self.n):
+      view = jp.shard_view(self.sharded, s)
+      for path, got, want in zip(jax.tree_util.tree_leaves_with_path(view),
+                                 jax.tree.leaves(view), jax.tree.leaves(self.single[s])):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want),
+                                      err_msg=f"shard {s} {jax.tree_util.keystr(path[0])}")
+
+
+def _kv(rng, tokens, heads):
+  return (jnp.asarray(rng.normal(size=(tokens, heads, 8)), jnp.float32),
+          jnp.asarray(rng.normal(size=(tokens, heads, 8)), jnp.float32))
+
+
+@pytest.mark.parametrize("data,model,heads", MESHES)
+def test_every_op_equals_one_cache_per_shard(data, model, heads):
+  rng = np.random.default_rng(data * 10 + model)
+  pair = Pair(data, model, heads)
+  total = data * SEQS
+  ids = rng.permutation(total)[:min(total, 4)]
+  ids = np.concatenate([ids, [-1]])
+  counts = np.array([5, 3, 9, 2, 0][:len(ids) - 1] + [0])
+  num_slots = int(counts.sum()) + 2
+  tokens = jnp.asarray(rng.integers(0, 5, num_slots), jnp.int32)
+
+  # extend: global slots are the owning shard's slots, offset by shard * shard_slots.
+  pair.sharded, slots, ok = jp.extend(pair.sharded, ids, counts, num_slots=num_slots,
+                                      tokens=tokens)
+  want = np.full(num_slots, -1)
+  for s, local in enumerate(pair.local(ids)):
+    pair.single[s], local_slots, local_ok = jp.extend(pair.single[s], local, counts,
+                                                      num_slots=num_slots, tokens=tokens)
+    assert bool(local_ok)
+    local_slots = np.asarray(local_slots)
+    want = np.where(local_slots >= 0, s * PAGES * PS + local_slots, want)
+  assert bool(ok)
+  np.testing.assert_array_equal(np.asarray(slots), want)
+  pair.check()
+  positions = jp.token_positions(pair.sharded, ids, counts, num_slots=num_slots)
+  want_positions = np.full(num_slots, -1)
+  for s, local in enumerate(pair.local(ids)):
+    p = np.asarray(jp.token_positions(pair.single[s], local, counts, num_slots=num_slots))
+    want_positions = np.where(p >= 0, p, want_positions)
+  np.testing.assert_array_equal(np.asarray(positions), want_positions)
+
+  # write_kv into both layers (the oracle gets the same K/V at its local slots).
+  for layer in range(2):
+    k, v = _kv(rng, num_slots, heads)
+    pair.sharded = jp.write_kv(pair.sharded, layer, k, v, slots)
+    for s in range(data):
+      mine = (np.asarray(slots) >= 0) & (np.asarray(slots) // (PAGES * PS) == s)
+      local_slots = jnp.asarray(np.where(mine, np.asarray(slots) % (PAGES * PS), -1))
+      pair.single[s] = jp.write_kv(pair.single[s], layer, k, v, local_slots)
+  pair.check()
+  for s in range(data):  # gather_kv with global ids reads the shard's own K/V
+    for g in ids[(ids >= 0) & (ids // SEQS == s)]:
+      np.testing.assert_array_equal(np.asarray(jp.gather_kv(pair.sharded, 1, int(g))[0]),
+                                    np.asarray(jp.gather_kv(pair.single[s], 1, int(g) % SEQS)[0]))
+
+  # both attentions: each row from its own shard, heads split over "model".
+  q_heads = heads * 2 if (heads * 2) % model == 0 else model
+  q = jnp.asarray(rng.normal(size=(len(ids), q_heads, 8)), jnp.float32)
+  out = jp.paged_attention(q, pair.sharded, 1, ids)
+  q_ragged = jnp.asarray(rng.normal(size=(num_slots, q_heads, 8)), jnp.float32)
+  ragged = jp.ragged_paged_attention(q_ragged, pair.sharded, 0, ids, counts)
+  want, want_ragged = np.zeros(out.shape), np.zeros(ragged.shape)
+  for s, local in enumerate(pair.local(ids)):
+    want += np.asarray(jp.paged_attention(q, pair.single[s], 1, local))
+    want_ragged += np.asarray(jp.ragged_paged_attention(q_ragged, pair.single[s], 0, local, counts))
+  np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ragged), want_ragged, rtol=1e-5, atol=1e-5)
+
+  # fork within a shard, then release a source.
+  src = int(ids[0])
+  shard = src // SEQS
+  free = [g for g in range(shard * SEQS, (shard + 1) * SEQS) if g not in ids]
+  if free:
+    pair.sharded, ok = jp.fork(pair.sharded, [src], [free[0]])
+    pair.single[shard], local_ok = jp.fork(pair.single[shard], [src % SEQS], [free[0] % SEQS])
+    assert bool(ok) and bool(local_ok)
+    pair.check()
+  pair.sharded = jp.release(pair.sharded, ids[:2])
+  for s, local in enumerate(pair.local(ids[:2])):
+    pair.single[s] = jp.release(pair.single[s], local)
+  pair.check()
+
+  # match_prefix: the released sequences' blocks are hits on their own shard, under their own
+  # salt only (row 1 asks under another salt: a miss).
+  prompts = np.zeros((2, 12), np.int32)
+  lengths = np.zeros(2, np.int32)
+  targets = [int(ids[0]), int(ids[1])]
+  for row, g in enumerate(targets):
+    n = int(counts[row])
+    start = int(np.concatenate([[0], np.cumsum(counts)])[row])
+    prompts[row, :n] = np.asarray(tokens[start:start + n])
+    prompts[row, n:n + 3] = 1
+    lengths[row] = n + 3
+  pair.sharded, found = jp.match_prefix(pair.sharded, targets, prompts, lengths, salts=[0, 2**63])
+  cached = np.zeros(2, np.int32)
+  for s, local in enumerate(pair.local(targets)):
+    pair.single[s], local_found = jp.match_prefix(pair.single[s], local, prompts, lengths,
+                                                  salts=[0, 2**63])
+    cached += np.where(np.asarray(local) >= 0, np.asarray(local_found.num_cached), 0)
+  np.testing.assert_array_equal(np.asarray(found.num_cached), cached)
+  assert cached[0] == PS * (int(counts[0]) // PS) and cached[1] == 0
+  pair.check()
+  stats = jp.prefix_stats(pair.sharded)
+  np.testing.assert_array_equal(
+      np.asarray(stats["hit_blocks"]),
+      [int(jp.prefix_stats(c)["hit_blocks"]) for c in pair.single])
+  np.testing.assert_array_equal(np.asarray(jp.num_free_pages(pair.sharded)),
+                                [int(jp.num_free_pages(c)) for c in pair.single])
+  np.testing.assert_array_equal(np.asarray(jp.num_used_pages(pair.sharded)),
+                                [int(jp.num_used_pages(c)) for c in pair.single])
+
+  # swap out and back in, bit-exact; then demote and promote cached blocks.
+  g = targets[0]
+  s = g // SEQS
+  pair.sharded, (swapped,) = jp.swap_out(pair.sharded, [g])
+  pair.single[s], (local_swapped,) = jp.swap_out(pair.single[s], [g % SEQS])
+  assert swapped.seq_id == g
+  np.testing.assert_array_equal(np.asarray(swapped.k), np.asarray(local_swapped.k))
+  pair.check()
+  pair.sharded, ok = jp.swap_in(pair.sharded, swapped)
+  pair.single[s], local_ok = jp.swap_in(pair.single[s], local_swapped)
+  assert bool(ok) == bool(local_ok)
+  pair.check()
+  pair.sharded = jp.release(pair.sharded, [g])
+  pair.single[s] = jp.release(pair.single[s], jnp.array([g % SEQS]))
+  pair.sharded, blocks = jp.demote_blocks(pair.sharded, 2)
+  want_blocks = []
+  for t in range(data):
+    pair.single[t], local_blocks = jp.demote_blocks(pair.single[t], 2)
+    want_blocks += local_blocks
+  assert [b.tokens.tolist() for b in blocks] == [b.tokens.tolist() for b in want_blocks]
+  for got, want in zip(blocks, want_blocks):
+    np.testing.assert_array_equal(np.asarray(got.k), np.asarray(want.k))
+  pair.check()
+
+
+@pytest.mark.parametrize("data,model,heads", [(2, 4, 4)])
+def test_a_call_refused_on_one_shard_changes_no_shard(data, model, heads):
+  pair = Pair(data, model, heads, prefix=False)
+  before = jax.tree.map(np.asarray, pair.sharded.shards)
+  # shard 0's row fits; shard 1's asks for more pages than its pool has.
+  cache, slots, ok = jp.extend(pair.sharded, [0, SEQS], [4, 17], num_slots=21)
+  assert not bool(ok) and (np.asarray(slots) == -1).all()
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, cache.shards), before)
+  cache, slots, ok = jp.extend(pair.sharded, [0, SEQS], [4, 3], num_slots=7)
+  assert bool(ok)
+  again, found = jp.fork(cache, [0, SEQS], [1, SEQS])  # shard 1's destination is in use
+  assert not bool(found)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, again.shards),
+               jax.tree.map(np.asarray, cache.shards))
+
+
+def test_pools_are_sharded_over_heads_and_shards():
+  cache = jp.init_sharded_cache(_spec(2), jp.make_mesh(2, 4))
+  assert cache.replicas == 2 and cache.shards.k_pages.shape == (2, 2, 4, PAGES, PS, 8)
+  shard_shape = cache.shards.k_pages.sharding.shard_shape(cache.shards.k_pages.shape)
+  assert shard_shape == (1, 2, 1, PAGES, PS, 8)  # one stored head of one shard per device
+  assert len(cache.shards.k_pages.addressable_shards) == 8
+
+
+def test_bad_input_is_refused_clearly():
+  with pytest.raises(jp.JaxPagedError, match="model axis"):
+    jp.init_sharded_cache(_spec(2), jp.make_mesh(1, 3))
+  with pytest.raises(jp.JaxPagedError, match="devices"):
+    jp.make_mesh(4, 4)
+  cache = jp.init_sharded_cache(_spec(2), jp.make_mesh(2, 2))
+  with pytest.raises(jp.JaxPagedError, match=r"seq_ids.*out of range \[-1, 6\)"):
+    jp.extend(cache, [6], [1])
+  cache, _, _ = jp.extend(cache, [0], [2])
+  with pytest.raises(jp.JaxPagedError, match="different data shards"):
+    jp.fork(cache, [0], [SEQS])
+  with pytest.raises(jp.JaxPagedError, match="num_new_tokens"):
+    jp.check_extend(cache, [0], [99])
