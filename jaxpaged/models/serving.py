@@ -17,6 +17,12 @@ A request may be the next turn of an earlier one (``follows``): its prompt is th
 request's prompt, answer and end-of-sequence token, then its own tokens; it arrives ``arrival``
 seconds after the earlier one finished, and the conversation so far is a prefix-cache hit.
 
+Data parallelism (``mesh=`` or ``data_shards=``): one `jaxpaged.CacheManager` per device of the
+mesh's ``data`` axis, each with its own cache, prefix cache, host RAM tier, model replica and
+step; a router (`jaxpaged.PrefixAwareRouter` by default) sends each arriving request to a shard,
+and every iteration runs one step per shard (dispatched to every device before any result is
+read, so that devices run concurrently where they can).
+
 `Request`, `Result` and `Report` live in `jaxpaged.models.requests`; how a step's rows are
 scheduled and packed, in `jaxpaged.models.batching`. This module decides who runs and who is
 preempted.
@@ -35,6 +41,8 @@ import numpy as np
 
 import jaxpaged as jp
 from jaxpaged._src import checks
+from jaxpaged._src import multi_manager
+from jaxpaged._src import routing
 from jaxpaged._src.spec import next_pow2
 from jaxpaged.models import batching, llama
 from jaxpaged.models.batching import InFlight, Step
@@ -59,12 +67,21 @@ class _Queues:
   """Where the requests of a run are: ``pending`` (arrival, index) still to arrive; ``waiting``
   arrived, in arrival order (preempted ones to recompute first); ``swapped`` preempted to host
   RAM, oldest arrival first (resumed before anything is admitted); ``running`` in admission
-  order (the last one is preempted first); ``done`` by request index."""
+  order (the last one is preempted first); ``done`` by request index. With data shards, one per shard:
+  ``pending`` and ``done`` are shared (the same objects), ``manager`` and ``params`` are the
+  shard's."""
   pending: list[tuple[float, int]]
   waiting: list[InFlight] = dataclasses.field(default_factory=list)
   swapped: list[InFlight] = dataclasses.field(default_factory=list)
   running: list[InFlight] = dataclasses.field(default_factory=list)
   done: dict[int, Result] = dataclasses.field(default_factory=dict)
+  manager: jp.CacheManager | None = None
+  params: Params | None = None
+
+  @property
+  def load(self) -> int:
+    """Requests this shard holds and has not finished."""
+    return len(self.waiting) + len(self.swapped) + len(self.running)
 
 
 class _Clock:
@@ -117,6 +134,13 @@ class Server:
     prefix_caching: share full prompt blocks between requests (device and host RAM).
     host_bytes: host RAM for swapped sequences and demoted blocks, >= 0.
     cache_dtype: dtype of the cached K/V.
+    mesh: data parallelism: a ``(data, model=1)`` mesh (`jaxpaged.make_mesh`); each device of
+      its data axis holds one shard (a cache of ``num_pages`` pages, ``max_seqs`` rows, a
+      model replica). Or
+    data_shards: the first ``data_shards`` of ``jax.devices()`` (default: one shard, on the
+      default device).
+    router: which shard takes an arriving request (`jaxpaged.Router`; load: the requests a shard
+      holds); default `jaxpaged.PrefixAwareRouter`.
 
   Every count (``num_pages``, ``max_seqs``, ``page_size``, ``max_seq_len``, ``token_budget``)
   is an int >= 1; bad arguments raise `jaxpaged.JaxPagedError`. The server alone decides which
@@ -136,12 +160,19 @@ class Server:
   >>> alone = generate(params, config, [[1, 2, 3, 4, 5]], max_new_tokens=6, eos_id=0)
   >>> report.results[0].output == alone.tokens[0], report.stats["used_pages"]
   (True, 0)
+  >>> two = Server(params, config, eos_id=0, num_pages=8, max_seqs=2, page_size=4,
+  ...              max_seq_len=16, token_budget=16, mesh=jaxpaged.make_mesh(2, 1))
+  >>> [r.output for r in two.run(requests, realtime=False).results] == [
+  ...     r.output for r in report.results]
+  True
   """
 
   def __init__(self, params: Params, config: LlamaConfig, *, eos_id: int, num_pages: int,
                max_seqs: int = 16, page_size: int = 16, max_seq_len: int = 1024,
                token_budget: int = 128, prefix_caching: bool = True, host_bytes: int = 1 << 30,
-               cache_dtype: jax.typing.DTypeLike = jnp.float32):
+               cache_dtype: jax.typing.DTypeLike = jnp.float32,
+               mesh: jax.sharding.Mesh | None = None, data_shards: int | None = None,
+               router: routing.Router | None = None):
     config = llama.check_config(config)
     llama.check_params(params, config)
     eos_id = checks.integer("eos_id", eos_id, minimum=0, below=config.vocab_size,
@@ -165,31 +196,40 @@ class Server:
         prefix_caching=prefix_caching)
     self.host_bytes = host_bytes
     self.buckets = batching.step_sizes(max_seqs, token_budget)
-    self.manager: jp.CacheManager | None = None
+    self.devices = _shard_devices(mesh, data_shards)
+    self.router = routing.check_router(routing.PrefixAwareRouter() if router is None else router)
+    self.replicas = ([params] if self.devices == [None]
+                     else [jax.device_put(params, d) for d in self.devices])
+    self.manager: jp.CacheManager | None = None  # (shard 0's)
+    self.managers: list[jp.CacheManager] = []
 
   def warmup(self, requests: Sequence[Request] = ()) -> None:
     """Compiles every step shape (all rows padding: the model step, the manager's checks of its
-    room), then serves ``requests`` once on the step clock, which compiles the cache manager's
-    small programs for their lengths too, so that the timed run that follows measures serving,
-    not compiling."""
-    manager = jp.CacheManager(self.spec, host_bytes=self.host_bytes)
-    rows = self.spec.max_seqs
-    for num_tokens, decode in [(rows, True)] + [(t, False) for t in self.buckets]:
-      padding = np.full(rows, -1, np.int32), np.zeros(rows, np.int32)
-      manager.pages_needed(*batching.with_spare_row(*padding, num_tokens))
-      manager.reserve(*padding, num_slots=num_tokens)
-      manager.cache, _, _ = _step(self.params, manager.cache, jnp.zeros(num_tokens, jnp.int32),
-                                  jnp.full(rows, -1, jnp.int32), jnp.zeros(rows, jnp.int32),
-                                  config=self.config, decode=decode)
+    room) on every shard's device, then serves ``requests`` once on the step clock, which
+    compiles the cache manager's small programs for their lengths too, so that the timed run
+    that follows measures serving, not compiling."""
+    for device, params in zip(self.devices, self.replicas):
+      manager = jp.CacheManager(self.spec, host_bytes=self.host_bytes, device=device)
+      rows = self.spec.max_seqs
+      for num_tokens, decode in [(rows, True)] + [(t, False) for t in self.buckets]:
+        padding = np.full(rows, -1, np.int32), np.zeros(rows, np.int32)
+        manager.pages_needed(*batching.with_spare_row(*padding, num_tokens))
+        manager.reserve(*padding, num_slots=num_tokens)
+        manager.cache, _, _ = _step(params, manager.cache, jnp.zeros(num_tokens, jnp.int32),
+                                    jnp.full(rows, -1, jnp.int32), jnp.zeros(rows, jnp.int32),
+                                    config=self.config, decode=decode)
     if requests:
       self.run(requests, realtime=False)
 
   def run(self, requests: Sequence[Request], *, realtime: bool = True,
           progress: Callable[[str], None] | None = None) -> Report:
-    """Serves ``requests`` to completion on a fresh cache (`manager`).
+    """Serves ``requests`` to completion on a fresh cache (`manager`; one per shard:
+    `managers`).
 
-    Every iteration takes the arrivals, admits (`_admit`), builds a step (`_build_step`), runs it
-    (`_run_step`) and commits its outputs (`_commit`).
+    Every iteration takes the arrivals (routing each to a shard), then on every shard admits
+    (`_admit`) and builds a step (`_build_step`), runs the steps (`_run_step`) and commits their
+    outputs (`_commit`). The report's stats are the shards' summed (their own under
+    ``stats["shards"]`` when there are several); its timeline has one entry per iteration.
 
     Args:
       requests: what to serve; all are checked before anything runs.
@@ -200,48 +240,73 @@ class Server:
     """
     self._validate(requests)
     realtime = self._check_options(realtime, progress)
-    self.manager = jp.CacheManager(self.spec, host_bytes=self.host_bytes)
+    self.managers = [jp.CacheManager(self.spec, host_bytes=self.host_bytes, device=d)
+                     for d in self.devices]
+    self.manager = self.managers[0]
     clock = _Clock(realtime)
-    queues = _Queues([(r.arrival, i) for i, r in enumerate(requests) if r.follows is None])
+    pending = [(r.arrival, i) for i, r in enumerate(requests) if r.follows is None]
+    done: dict[int, Result] = {}
+    shards = [_Queues(pending, done=done, manager=m, params=p)
+              for m, p in zip(self.managers, self.replicas)]
     timeline, shapes = [], set()
-    while len(queues.done) < len(requests):
+    while len(done) < len(requests):
       now = clock.now()
-      self._take_arrivals(requests, queues, now)
-      if not (queues.running or queues.waiting or queues.swapped):
-        clock.wait_until(min(queues.pending)[0], now)
+      self._take_arrivals(requests, shards, now)
+      if not any(q.running or q.waiting or q.swapped for q in shards):
+        clock.wait_until(min(pending)[0], now)
         continue
-      self._admit(requests, queues)
-      step = self._build_step(queues)
-      if step is None:
-        continue  # (every running request was preempted: resume at the next iteration)
-      shapes.add((len(step.tokens), step.decode))
-      next_tokens = self._run_step(step, clock.steps)
+      steps = []
+      for queues in shards:
+        self._admit(requests, queues)
+        step = self._build_step(queues)
+        if step is not None:  # (None: every running request was preempted: resume next time)
+          shapes.add((len(step.tokens), step.decode))
+          steps.append((queues, step, self._run_step(queues, step, clock.steps)))
+      if not steps:
+        continue
+      outputs = [_fetch(out, clock.steps) for _, _, out in steps]  # every device dispatched
       clock.steps += 1
-      self._commit(requests, queues, step, next_tokens, clock.now(), timeline)
+      for (queues, step, _), next_tokens in zip(steps, outputs):
+        self._commit(requests, queues, step, next_tokens, clock.now())
+      timeline.append(self._timeline_entry(shards, [step for _, step, _ in steps], clock.now()))
       if progress and clock.steps % _PROGRESS_EVERY == 0:
-        progress(self._progress_line(queues, len(requests), clock.steps, timeline[-1]))
-    return Report([queues.done[i] for i in range(len(requests))], clock.now(), timeline,
-                  self.manager.stats(), self.spec.num_pages, "s" if realtime else "step",
+        progress(self._progress_line(shards, len(requests), clock.steps, timeline[-1]))
+    return Report([done[i] for i in range(len(requests))], clock.now(), timeline,
+                  _merged_stats([m.stats() for m in self.managers]),
+                  self.spec.num_pages * len(self.managers), "s" if realtime else "step",
                   len(shapes))
 
   # --------------------------------------------------------------------------- phases of a step
 
-  def _take_arrivals(self, requests: Sequence[Request], queues: _Queues, now: float) -> None:
-    """Moves the requests that arrived by ``now`` from ``pending`` to ``waiting``. A follow-up
-    turn's tokens are the earlier turn's prompt, answer and end-of-sequence token, then its own."""
-    for arrival, i in sorted(p for p in queues.pending if p[0] <= now):
-      queues.pending.remove((arrival, i))
+  def _take_arrivals(self, requests: Sequence[Request], shards: list[_Queues],
+                     now: float) -> None:
+    """Moves the requests that arrived by ``now`` from ``pending`` to the ``waiting`` queue of
+    the shard the router chooses (`_route`). A follow-up turn's tokens are the earlier turn's
+    prompt, answer and end-of-sequence token, then its own."""
+    pending = shards[0].pending
+    for arrival, i in sorted(p for p in pending if p[0] <= now):
+      pending.remove((arrival, i))
       follows = requests[i].follows
-      earlier = None if follows is None else queues.done[follows]
+      earlier = None if follows is None else shards[0].done[follows]
       history = [] if earlier is None else earlier.prompt + earlier.output + [self.eos_id]
       tokens = history + [int(t) for t in requests[i].prompt]
-      queues.waiting.append(InFlight(i, tokens, len(tokens), arrival))
+      shard = self._route(tokens, requests[i].salt, shards)
+      shards[shard].waiting.append(InFlight(i, tokens, len(tokens), arrival))
+
+  def _route(self, tokens: list[int], salt: int, shards: list[_Queues]) -> int:
+    """The router's shard for a prompt, given each shard's load (requests held) and cached
+    prefix (`jaxpaged.CacheManager.cached_prefix_tokens`: device and host RAM)."""
+    if len(shards) == 1:
+      return 0
+    loads = [routing.ShardLoad(q.load, q.manager.cached_prefix_tokens(tokens, salt=salt))
+             for q in shards]
+    return routing.checked_choice(self.router, tokens, loads)
 
   def _admit(self, requests: Sequence[Request], queues: _Queues) -> None:
     """Resumes preempted requests first, then admits waiting ones, each only with room left for
     one more page per running sequence (so that the next decode steps do not preempt it again).
     """
-    manager, ps, running = self.manager, self.spec.page_size, queues.running
+    manager, ps, running = queues.manager, self.spec.page_size, queues.running
     while queues.swapped:
       state = queues.swapped[0]
       room = -(-state.length // ps) + len(running)  # its pages, plus the headroom
@@ -269,19 +334,19 @@ class Server:
     rows = batching.schedule(queues.running, self.buckets[-1])
     while rows:
       step = batching.pack(rows, self.spec.max_seqs, self.buckets)
-      if self._pages_needed(step) <= self.manager.available_pages:
+      if self._pages_needed(queues.manager, step) <= queues.manager.available_pages:
         return step
       victim = queues.running.pop()
       rows = [(s, q) for s, q in rows if s is not victim]
       self._preempt(victim, queues)
     return None
 
-  def _pages_needed(self, step: Step) -> int:
+  def _pages_needed(self, manager: jp.CacheManager, step: Step) -> int:
     """Pages ``step`` takes now (new pages, copies of shared last pages), as
     `CacheManager.pages_needed` counts them, checked at the step's own size
     (`batching.with_spare_row`: compiled once per step shape, by `warmup`)."""
-    return self.manager.pages_needed(*batching.with_spare_row(step.seq_ids, step.q_lens,
-                                                              len(step.tokens)))
+    return manager.pages_needed(*batching.with_spare_row(step.seq_ids, step.q_lens,
+                                                         len(step.tokens)))
 
   def _preempt(self, state: InFlight, queues: _Queues) -> None:
     """Swaps ``state`` out to host RAM, or releases it to recompute if it has nothing computed
@@ -289,39 +354,35 @@ class Server:
     state.preemptions += 1
     if state.length > 0:
       try:
-        self.manager.swap_out([state.seq])
+        queues.manager.swap_out([state.seq])
         queues.swapped.append(state)
         queues.swapped.sort(key=lambda s: s.arrival)
         return
       except jp.TierError:
         pass
-    self.manager.release([state.seq])
+    queues.manager.release([state.seq])
     state.seq, state.length = -1, 0
     queues.waiting.insert(0, state)
 
-  def _run_step(self, step: Step, index: int) -> np.ndarray:
+  def _run_step(self, queues: _Queues, step: Step, index: int) -> tuple[jax.Array, jax.Array]:
     """Makes room for the step (`CacheManager.reserve`: demotes cached blocks to host RAM if
-    need be) and runs the model on it. Returns each row's greedy next token, ``int32[max_seqs]``.
-    """
-    manager = self.manager
+    need be) and dispatches the model on it, on the shard's device. Returns ``(next_tokens,
+    ok)`` as device arrays (`_fetch` reads them): each row's greedy next token,
+    ``int32[max_seqs]``."""
+    manager = queues.manager
     fits, _ = manager.reserve(step.seq_ids, step.q_lens, num_slots=len(step.tokens))
     if not fits:
       raise RuntimeError(f"jaxpaged bug: step {index} does not fit in the pool although the "
                          "scheduler preempted requests until it did; please report it.")
     manager.cache, next_tokens, ok = _step(
-        self.params, manager.cache, jnp.asarray(step.tokens), jnp.asarray(step.seq_ids),
-        jnp.asarray(step.q_lens), config=self.config, decode=step.decode)
-    next_tokens = np.asarray(next_tokens)
-    if not bool(ok):
-      raise RuntimeError(f"jaxpaged bug: the cache refused step {index} although reserve made "
-                         "room for it; please report it.")
-    return next_tokens
+        queues.params, manager.cache, step.tokens, step.seq_ids, step.q_lens,
+        config=self.config, decode=step.decode)
+    return next_tokens, ok
 
   def _commit(self, requests: Sequence[Request], queues: _Queues, step: Step,
-              next_tokens: np.ndarray, now: float, timeline: list[dict]) -> None:
-    """Appends each row's new token once its prompt is in, finishes the requests that produced
-    their end-of-sequence token or their budget (`_finish`), and records the step in
-    ``timeline``."""
+              next_tokens: np.ndarray, now: float) -> None:
+    """Appends each row's new token once its prompt is in, and finishes the requests that
+    produced their end-of-sequence token or their budget (`_finish`)."""
     for row, (state, q) in enumerate(step.rows):
       state.length += q
       if state.length < len(state.tokens):
@@ -332,25 +393,32 @@ class Server:
         state.tokens.append(token)
       if token == self.eos_id or len(state.output) >= requests[state.index].max_new_tokens:
         self._finish(requests, queues, state, now)
-    timeline.append(dict(time=now, used_pages=int(jp.num_used_pages(self.manager.cache)),
-                         running=len(queues.running), waiting=len(queues.waiting),
-                         swapped=len(queues.swapped), decode_rows=step.decode_rows,
-                         prefill_tokens=step.prefill_tokens))
+
+  def _timeline_entry(self, shards: list[_Queues], steps: list[Step], now: float) -> dict:
+    """The iteration's `Report.timeline` entry: summed over the shards (``shard_used_pages``:
+    each shard's own)."""
+    used = [int(jp.num_used_pages(q.manager.cache)) for q in shards]
+    return dict(time=now, used_pages=sum(used), running=sum(len(q.running) for q in shards),
+                waiting=sum(len(q.waiting) for q in shards),
+                swapped=sum(len(q.swapped) for q in shards),
+                decode_rows=sum(s.decode_rows for s in steps),
+                prefill_tokens=sum(s.prefill_tokens for s in steps), shard_used_pages=used)
 
   def _finish(self, requests: Sequence[Request], queues: _Queues, state: InFlight,
               now: float) -> None:
     """Releases a finished request's sequence (its full blocks stay cached), records its
     `Result` and schedules its follow-up turns, which arrive ``arrival`` after ``now``."""
-    self.manager.release([state.seq])
+    queues.manager.release([state.seq])
     queues.running.remove(state)
     queues.done[state.index] = state.result(now)
     queues.pending += [(now + r.arrival, j) for j, r in enumerate(requests)
                        if r.follows == state.index]
 
-  def _progress_line(self, queues: _Queues, num_requests: int, steps: int, last: dict) -> str:
-    return (f"step {steps}: {len(queues.done)}/{num_requests} done, {len(queues.running)} "
-            f"running, {len(queues.waiting)} waiting, {len(queues.swapped)} swapped, "
-            f"{last['used_pages']}/{self.spec.num_pages} pages")
+  def _progress_line(self, shards: list[_Queues], num_requests: int, steps: int,
+                     last: dict) -> str:
+    return (f"step {steps}: {len(shards[0].done)}/{num_requests} done, {last['running']} "
+            f"running, {last['waiting']} waiting, {last['swapped']} swapped, "
+            f"{last['used_pages']}/{self.spec.num_pages * len(shards)} pages")
 
   # --------------------------------------------------------------------------- argument checks
 
@@ -365,3 +433,52 @@ class Server:
   def _validate(self, requests: Sequence[Request]) -> None:
     """Checks every request (and the list) before anything runs."""
     check_requests(requests, self.config.vocab_size, self.spec)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _fetch(out: tuple[jax.Array, jax.Array], index: int) -> np.ndarray:
+  """A dispatched step's next tokens on host, after checking the cache took it."""
+  next_tokens, ok = out
+  next_tokens = np.asarray(next_tokens)
+  if not bool(ok):
+    raise RuntimeError(f"jaxpaged bug: the cache refused step {index} although reserve made "
+                       "room for it; please report it.")
+  return next_tokens
+
+
+def _shard_devices(mesh, data_shards) -> list:
+  """The devices of the data shards (``[None]``: one shard on the default device)."""
+  if data_shards is not None:
+    data_shards = checks.integer("data_shards", data_shards, minimum=1,
+                                 fix="pass how many devices hold a shard each, e.g. 2")
+    if mesh is None:
+      if data_shards > len(jax.devices()):
+        raise jp.JaxPagedError(
+            f"data_shards must be at most the {len(jax.devices())} devices JAX has, got "
+            f"{data_shards}; use fewer, or on CPU set "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts.")
+      return jax.devices()[:data_shards] if data_shards > 1 else [None]
+  if mesh is None:
+    return [None]
+  devices = multi_manager.data_devices(mesh=mesh)
+  if data_shards is not None and data_shards != len(devices):
+    raise jp.JaxPagedError(f"data_shards must equal the mesh's data axis ({len(devices)}) when "
+                           f"both are given, got {data_shards}; pass one of them.")
+  return devices
+
+
+def _merged_stats(stats: list[dict]) -> dict:
+  """The shards' `CacheManager.stats` summed (hit rates over all lookups, the highest pressure,
+  every host tier), with ``shards``: each shard's own. One shard: its stats as they are."""
+  if len(stats) == 1:
+    return stats[0]
+  merged = {k: sum(s[k] for s in stats) for k, v in stats[0].items()
+            if isinstance(v, int) and not isinstance(v, bool)}
+  lookups = max(merged["lookup_blocks"], 1)
+  merged.update(device_hit_rate=merged["device_hit_blocks"] / lookups,
+                host_hit_rate=merged["host_hit_blocks"] / lookups,
+                host_tiers=[t for s in stats for t in s["host_tiers"]],
+                pressure=max((jp.MemoryPressure[s["pressure"]] for s in stats)).name,
+                shards=stats)
+  return merged
