@@ -14,6 +14,7 @@ import sys
 from benchmarks import bench_admission
 from benchmarks import bench_attention
 from benchmarks import bench_cache
+from benchmarks import bench_mesh
 from benchmarks import bench_model
 from benchmarks import bench_prefix
 from benchmarks import bench_serve
@@ -28,6 +29,7 @@ BENCHMARKS = {
     "tier": bench_tier.run,
     "serve": bench_serve.run,
     "admission": bench_admission.run,
+    "mesh": bench_mesh.run,
 }
 
 

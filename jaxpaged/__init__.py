@@ -31,10 +31,13 @@ from jaxpaged._src.routing import Router
 from jaxpaged._src.routing import ShardLoad
 from jaxpaged._src.pressure import MemoryPressure
 from jaxpaged._src.spec import CacheSpec
+from jaxpaged._src.hlo import Collective
+from jaxpaged._src.hlo import collectives
 from jaxpaged._src.sharding import ShardedCache
 from jaxpaged._src.sharding import init_sharded_cache
 from jaxpaged._src.sharding import kv_replicas
 from jaxpaged._src.sharding import make_mesh
+from jaxpaged._src.sharding import map_shards
 from jaxpaged._src.sharding import shard_view
 from jaxpaged._src.blocks import CachedBlock
 from jaxpaged._src.swap import SwappedSequence
@@ -61,6 +64,7 @@ __all__ = (
     "CacheManager",
     "CacheSpec",
     "CachedBlock",
+    "Collective",
     "JaxPagedError",
     "LFUPolicy",
     "LRUPolicy",
@@ -83,6 +87,7 @@ __all__ = (
     "check_extend",
     "check_fork",
     "check_match_prefix",
+    "collectives",
     "demote_blocks",
     "extend",
     "fork",
@@ -91,6 +96,7 @@ __all__ = (
     "init_sharded_cache",
     "kv_replicas",
     "make_mesh",
+    "map_shards",
     "match_prefix",
     "num_cached_free_pages",
     "num_free_pages",

@@ -243,27 +243,63 @@ def _global_slots(slots: jax.Array, shard: jax.Array, shard_slots: int) -> jax.A
   return jax.lax.pmax(jnp.where(slots >= 0, shard * shard_slots + slots, -1), DATA)
 
 
-def _on_shards(cache: ShardedCache, body: Callable, args: tuple, arg_specs: tuple,
-               out_specs: Any, *, changes: bool = True):
-  """Runs ``body(local_cache, shard_index, *args)`` on every device of the mesh under
-  `shard_map`; ``body`` returns ``(new_local_cache, outputs)`` (``changes``) or ``outputs``."""
+def map_shards(fn: Callable[..., Any], cache: ShardedCache, *args: Any,
+               in_specs: tuple | None = None, out_specs: Any = P(DATA), updates: bool = True
+               ) -> Any:
+  """Runs ``fn(local_cache, *args)`` on every device of the cache's mesh (`jax.shard_map`): the
+  way to write a step whose sequences stay on their shard, so no K/V crosses devices.
+
+  ``local_cache`` is this device's ordinary `PagedKVCache`: its shard's pool, page tables and
+  prefix table, with its share of the KV heads; use local ids ``[0, spec.max_seqs)`` and the
+  usual jaxpaged functions on it. ``jax.lax.axis_index("data")`` is the shard; reduce over
+  ``"model"`` (``jax.lax.psum``) where tensor parallelism needs it.
+
+  Args:
+    fn: ``fn(local_cache, *blocks) -> (local_cache, out)`` (``updates``) or ``-> out``.
+    cache: the `ShardedCache`.
+    args: arrays; each arrives as its block under ``in_specs``.
+    in_specs: a `PartitionSpec` per argument (default ``P("data")``: a leading ``[num_shards]``
+      axis, one entry per shard, which arrives with size 1).
+    out_specs: how ``out`` is assembled (default ``P("data")``: stacked over shards).
+    updates: whether ``fn`` returns a new local cache.
+
+  Returns:
+    ``(cache, out)``, or ``out`` when not ``updates``.
+
+  >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+  ...                  max_seqs=2, max_pages_per_seq=4)
+  >>> cache = init_sharded_cache(spec, make_mesh(1, 1))
+  >>> def step(local, counts):  # each shard extends its own sequence 0
+  ...   local, slots, ok = extend(local, jnp.array([0]), counts[0], num_slots=3)
+  ...   return local, slots[None]
+  >>> cache, slots = map_shards(step, cache, jnp.array([[3]]))
+  >>> slots.tolist(), num_free_pages(cache).tolist()
+  ([[0, 1, 2]], [7])
+  """
   spec, mesh = cache.spec, cache.mesh
   partition = cache_partition(cache.shards)
+  in_specs = (P(DATA),) * len(args) if in_specs is None else tuple(in_specs)
 
   def run(block, *args):
-    local = local_cache(block, spec, mesh)
-    result = body(local, jax.lax.axis_index(DATA), *args)
-    if not changes:
+    result = fn(local_cache(block, spec, mesh), *args)
+    if not updates:
       return result
     new, out = result
     return stacked_cache(new, spec, mesh), out
 
-  out = (partition, out_specs) if changes else out_specs
-  mapped = jax.shard_map(run, mesh=mesh, in_specs=(partition,) + tuple(arg_specs),
-                         out_specs=out, check_vma=False)(cache.shards, *args)
-  if not changes:
+  out = (partition, out_specs) if updates else out_specs
+  mapped = jax.shard_map(run, mesh=mesh, in_specs=(partition,) + in_specs, out_specs=out,
+                         check_vma=False)(cache.shards, *args)
+  if not updates:
     return mapped
   return dataclasses.replace(cache, shards=mapped[0]), mapped[1]
+
+
+def _on_shards(cache: ShardedCache, body: Callable, args: tuple, arg_specs: tuple,
+               out_specs: Any, *, changes: bool = True):
+  """`map_shards` of ``body(local_cache, shard_index, *args)``."""
+  return map_shards(lambda local, *a: body(local, jax.lax.axis_index(DATA), *a), cache, *args,
+                    in_specs=arg_specs, out_specs=out_specs, updates=changes)
 
 
 # ----------------------------------------------------------------------------- the public ops
