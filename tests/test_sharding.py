@@ -219,3 +219,135 @@ def test_bad_input_is_refused_clearly():
     jp.fork(cache, [0], [SEQS])
   with pytest.raises(jp.JaxPagedError, match="num_new_tokens"):
     jp.check_extend(cache, [0], [99])
+
+
+def _decode_step(local_ids_per_shard):
+  """A decode step written with `map_shards`: each shard extends, writes and attends its own
+  batch on its local cache."""
+  from jax.sharding import PartitionSpec as P
+  heads = P("data", None, "model", None)
+
+  def step(cache, q, k, v):
+    def shard(local, q, k, v):
+      ids = jnp.arange(local_ids_per_shard, dtype=jnp.int32)
+      local, slots, _ = jp.extend(local, ids, jnp.ones_like(ids))
+      outs = []
+      for layer in range(2):
+        local = jp.write_kv(local, layer, k[0], v[0], slots)
+        outs.append(jp.paged_attention(q[0], local, layer, ids))
+      return local, jnp.stack(outs)[None]
+    return jp.map_shards(shard, cache, q, k, v, in_specs=(heads,) * 3,
+                         out_specs=P("data", None, None, "model", None))
+  return step
+
+
+def test_a_map_shards_decode_step_moves_no_kv_between_devices():
+  data, model, heads, rows = 2, 4, 4, 2
+  pair = Pair(data, model, heads, prefix=False)
+  rng = np.random.default_rng(0)
+  for g in range(data * SEQS):  # some history on every sequence
+    pair.sharded, slots, _ = jp.extend(pair.sharded, [g], [g + 2], num_slots=g + 2)
+    for s in range(data):
+      local = [g % SEQS if g // SEQS == s else -1]
+      pair.single[s], _, _ = jp.extend(pair.single[s], local, [g + 2], num_slots=g + 2)
+  q = jnp.asarray(rng.normal(size=(data, rows, 8, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(data, rows, heads, 8)), jnp.float32) for _ in range(2))
+  step = jax.jit(_decode_step(rows))
+  compiled = step.lower(pair.sharded, q, k, v).compile()
+  pool = pair.sharded.shards.k_pages.sharding.shard_shape(pair.sharded.shards.k_pages.shape)
+  moved = jp.collectives(compiled)
+  assert not [c for c in moved if any(len(shape) >= 3 for _, shape in c.shapes)], moved
+  pair.sharded, out = step(pair.sharded, q, k, v)
+  for s in range(data):  # the same step on each shard's own single cache
+    ids = jnp.arange(rows, dtype=jnp.int32)
+    pair.single[s], slots, _ = jp.extend(pair.single[s], ids, jnp.ones_like(ids))
+    for layer in range(2):
+      pair.single[s] = jp.write_kv(pair.single[s], layer, k[s], v[s], slots)
+      np.testing.assert_allclose(np.asarray(out[s, layer]),
+                                 np.asarray(jp.paged_attention(q[s], pair.single[s], layer, ids)),
+                                 rtol=1e-5, atol=1e-5)
+  pair.check()
+
+  # The detector is not blind: a step that gathers the pools across shards is caught.
+  def gathers(cache):
+    return jp.map_shards(lambda local: jax.lax.all_gather(local.k_pages, "data")[None], cache,
+                         updates=False, out_specs=jax.sharding.PartitionSpec("data"))
+  leaked = jp.collectives(jax.jit(gathers).lower(pair.sharded).compile())
+  assert any(c.op == "all-gather" and any(shape[-4:] == pool[-4:] for _, shape in c.shapes)
+             for c in leaked), leaked
+
+
+# ----------------------------------------------------------------------------- state machine
+
+from hypothesis import settings, strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule  # noqa: E402
+
+ROWS, SLOTS = 3, 12
+
+
+class ShardedCacheMachine(RuleBasedStateMachine):
+  """Random extend / write / fork / release / swap on a (2, 2) mesh with prefix caching,
+  each step mirrored on one single cache per shard; after every step each shard equals its
+  single cache bit for bit (tests/test_stateful.py checks the single cache against a NumPy
+  model)."""
+
+  def __init__(self):
+    super().__init__()
+    self.pair = Pair(2, 2, 2)
+    self.rng = np.random.default_rng(0)
+    self.swapped = {}
+
+  @rule(ids=st.lists(st.integers(-1, 2 * SEQS - 1), min_size=ROWS, max_size=ROWS),
+        counts=st.lists(st.integers(0, 4), min_size=ROWS, max_size=ROWS),
+        token=st.integers(0, 3))
+  def extend_and_write(self, ids, counts, token):
+    pair = self.pair
+    tokens = jnp.full((SLOTS,), token, jnp.int32)
+    pair.sharded, slots, ok = jp.extend(pair.sharded, ids, counts, num_slots=SLOTS,
+                                        tokens=tokens)
+    results = [jp.extend(pair.single[s], local, counts, num_slots=SLOTS, tokens=tokens)
+               for s, local in enumerate(pair.local(ids))]
+    assert bool(ok) == all(bool(r[2]) for r in results)
+    if bool(ok):  # a refusal on one shard changes no shard
+      pair.single = [r[0] for r in results]
+      k = jnp.asarray(self.rng.normal(size=(SLOTS, 2, 8)), jnp.float32)
+      pair.sharded = jp.write_kv(pair.sharded, 0, k, -k, slots)
+      for s in range(2):
+        mine = (np.asarray(slots) >= 0) & (np.asarray(slots) // (PAGES * PS) == s)
+        pair.single[s] = jp.write_kv(pair.single[s], 0, k, -k,
+                                     jnp.asarray(np.where(mine, np.asarray(slots) % (PAGES * PS),
+                                                          -1)))
+
+  @rule(src=st.integers(0, 2 * SEQS - 1), dst=st.integers(0, SEQS - 1))
+  def fork(self, src, dst):
+    dst = (src // SEQS) * SEQS + dst  # a destination on the source's shard
+    pair, s = self.pair, src // SEQS
+    pair.sharded, ok = jp.fork(pair.sharded, [src], [dst])
+    pair.single[s], local_ok = jp.fork(pair.single[s], [src % SEQS], [dst % SEQS])
+    assert bool(ok) == bool(local_ok)
+
+  @rule(ids=st.lists(st.integers(-1, 2 * SEQS - 1), min_size=1, max_size=ROWS))
+  def release(self, ids):
+    pair = self.pair
+    pair.sharded = jp.release(pair.sharded, ids)
+    pair.single = [jp.release(c, local) for c, local in zip(pair.single, pair.local(ids))]
+
+  @rule(g=st.integers(0, 2 * SEQS - 1))
+  def swap_out_and_in(self, g):
+    pair, s = self.pair, g // SEQS
+    if int(np.asarray(jp.shard_view(pair.sharded, s).seq_lens)[g % SEQS]) == 0:
+      return
+    pair.sharded, (swapped,) = jp.swap_out(pair.sharded, [g])
+    pair.single[s], (local_swapped,) = jp.swap_out(pair.single[s], [g % SEQS])
+    pair.sharded, ok = jp.swap_in(pair.sharded, swapped)
+    pair.single[s], local_ok = jp.swap_in(pair.single[s], local_swapped)
+    assert bool(ok) == bool(local_ok)
+
+  @invariant()
+  def every_shard_equals_its_single_cache(self):
+    self.pair.check()
+
+
+TestShardedCacheMachine = ShardedCacheMachine.TestCase
+TestShardedCacheMachine.settings = settings(max_examples=10, stateful_step_count=16,
+                                            deadline=None, derandomize=True, database=None)
