@@ -7,7 +7,6 @@ heads, replicated (vLLM's rule). After every step the allocator state and K/V of
 equal its oracle bit for bit; attention outputs agree within float tolerance.
 """
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -149,7 +149,7 @@ def _rows_of(cache: PagedKVCache, layer, seq_ids):
   return layer, page_table, jnp.where(live, cache.seq_lens[rows], 0)
 
 
-def paged_attention(q: jax.Array, cache: PagedKVCache, layer: int | jax.Array,
+def paged_attention(q: jax.Array, cache: sharding.AnyCache, layer: int | jax.Array,
                     seq_ids: jax.Array, *, sm_scale: float | None = None,
                     soft_cap: float | None = None, sliding_window: int | None = None,
                     impl: str = "auto", interpret: bool = False, num_splits: int | None = None,
@@ -195,7 +195,7 @@ def paged_attention(q: jax.Array, cache: PagedKVCache, layer: int | jax.Array,
       num_splits=num_splits, block_kv=block_kv)
 
 
-def ragged_paged_attention(q: jax.Array, cache: PagedKVCache, layer: int | jax.Array,
+def ragged_paged_attention(q: jax.Array, cache: sharding.AnyCache, layer: int | jax.Array,
                            seq_ids: jax.Array, q_lens: jax.Array, *, sm_scale: float | None = None,
                            soft_cap: float | None = None, sliding_window: int | None = None,
                            impl: str = "auto", interpret: bool = False, q_block: int | None = None,

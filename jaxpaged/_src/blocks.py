@@ -100,8 +100,8 @@ def keep_pages(spec, keep) -> jax.Array:
                             constant_values=-1))
 
 
-def demote_blocks(cache: PagedKVCache, count: int, *, keep: Sequence[int] = ()
-                  ) -> tuple[PagedKVCache, list[CachedBlock]]:
+def demote_blocks(cache: sharding.AnyCache, count: int, *, keep: Sequence[int] = ()
+                  ) -> tuple[sharding.AnyCache, list[CachedBlock]]:
   """Evicts up to ``count`` cached blocks nobody uses (least recently used first, a chain's tail
   first, as the allocator would) and returns their contents for the host tier. Pages in ``keep``
   stay (the blocks an operation about to run will hit).
@@ -200,8 +200,8 @@ def promote_arrays(spec, seq: int, held_tokens, salt: int, blocks):
           jnp.asarray(k), jnp.asarray(v), None)
 
 
-def promote_blocks(cache: PagedKVCache, seq_id: int, blocks: Sequence[CachedBlock]
-                   ) -> tuple[PagedKVCache, jax.Array]:
+def promote_blocks(cache: sharding.AnyCache, seq_id: int, blocks: Sequence[CachedBlock]
+                   ) -> tuple[sharding.AnyCache, jax.Array]:
   """Appends host blocks to a sequence that holds exactly the prefix before them, and registers
   them in the device prefix cache again.
 

@@ -93,7 +93,7 @@ def init_cache(spec: CacheSpec) -> PagedKVCache:
   )
 
 
-def num_free_pages(cache: PagedKVCache) -> jax.Array:
+def num_free_pages(cache: sharding.AnyCache) -> jax.Array:
   """``int32[]`` pages holding nothing (cached blocks that could be evicted not included).
 
   >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
@@ -108,7 +108,7 @@ def num_free_pages(cache: PagedKVCache) -> jax.Array:
   return cache.num_free
 
 
-def num_cached_free_pages(cache: PagedKVCache) -> jax.Array:
+def num_cached_free_pages(cache: sharding.AnyCache) -> jax.Array:
   """``int32[]`` unreferenced pages that keep a cached block until evicted (0 without prefix
   caching).
 
@@ -127,7 +127,7 @@ def num_cached_free_pages(cache: PagedKVCache) -> jax.Array:
   return cache.prefix.num_evictable if cache.prefix is not None else jnp.int32(0)
 
 
-def num_used_pages(cache: PagedKVCache) -> jax.Array:
+def num_used_pages(cache: sharding.AnyCache) -> jax.Array:
   """``int32[]`` pages referred to by at least one sequence.
 
   >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,

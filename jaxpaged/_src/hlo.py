@@ -26,7 +26,11 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, 
 @dataclasses.dataclass(frozen=True)
 class Collective:
   """One collective instruction: its op, result shapes (``(dtype, shape)`` pairs), result bytes
-  and the computation it is in (``in_loop``: a while body, run once per trip)."""
+  and the computation it is in (``in_loop``: a while body, run once per trip).
+
+  >>> Collective("all-reduce", (("f32", (8, 576)),), 18432, "main", False).bytes
+  18432
+  """
   op: str
   shapes: tuple[tuple[str, tuple[int, ...]], ...]
   bytes: int

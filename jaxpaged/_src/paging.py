@@ -26,7 +26,7 @@ _fork_jit = jax.jit(allocator.fork_core)
 
 # ----------------------------------------------------------------------------- extend
 
-def check_extend(cache: PagedKVCache, seq_ids: jax.Array, num_new_tokens: jax.Array, *,
+def check_extend(cache: sharding.AnyCache, seq_ids: jax.Array, num_new_tokens: jax.Array, *,
                  num_slots: int | None = None) -> None:
   """Eagerly explains why `extend` would refuse these arguments; returns None if it would not.
 
@@ -52,9 +52,9 @@ def check_extend(cache: PagedKVCache, seq_ids: jax.Array, num_new_tokens: jax.Ar
                      max_seq_len=spec.max_seq_len, num_slots=num_slots)
 
 
-def extend(cache: PagedKVCache, seq_ids: jax.Array, num_new_tokens: jax.Array, *,
+def extend(cache: sharding.AnyCache, seq_ids: jax.Array, num_new_tokens: jax.Array, *,
            num_slots: int | None = None, tokens: jax.Array | None = None
-           ) -> tuple[PagedKVCache, jax.Array, jax.Array]:
+           ) -> tuple[sharding.AnyCache, jax.Array, jax.Array]:
   """Makes room for the new tokens of a ragged batch: atomic, vectorised, in-graph.
 
   Args:
@@ -109,7 +109,7 @@ def extend_args(cache, seq_ids, num_new_tokens, num_slots, tokens):
   return seq_ids, num_new_tokens, num_slots, tokens
 
 
-def token_positions(cache: PagedKVCache, seq_ids: jax.Array, num_new_tokens: jax.Array, *,
+def token_positions(cache: sharding.AnyCache, seq_ids: jax.Array, num_new_tokens: jax.Array, *,
                     num_slots: int | None = None) -> jax.Array:
   """Position within its sequence of every new token, in `extend`'s layout, for a cache that
   `extend` has already grown (so for RoPE): ``seq_len - num_new_tokens + offset``; -1 for
@@ -140,7 +140,7 @@ def token_positions(cache: PagedKVCache, seq_ids: jax.Array, num_new_tokens: jax
 
 # ----------------------------------------------------------------------------- release
 
-def release(cache: PagedKVCache, seq_ids: jax.Array) -> PagedKVCache:
+def release(cache: sharding.AnyCache, seq_ids: jax.Array) -> sharding.AnyCache:
   """Ends sequences: drops their page references and empties their slots.
 
   A page becomes free when nothing refers to it any more. Padding (-1), out-of-range ids, empty
@@ -161,7 +161,7 @@ def release(cache: PagedKVCache, seq_ids: jax.Array) -> PagedKVCache:
 
 # ----------------------------------------------------------------------------- fork
 
-def check_fork(cache: PagedKVCache, src_ids: jax.Array, dst_ids: jax.Array) -> None:
+def check_fork(cache: sharding.AnyCache, src_ids: jax.Array, dst_ids: jax.Array) -> None:
   """Eagerly explains why `fork` would refuse these arguments; returns None if it would not.
 
   >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
@@ -181,8 +181,8 @@ def check_fork(cache: PagedKVCache, src_ids: jax.Array, dst_ids: jax.Array) -> N
                      max_seqs=spec.max_seqs)
 
 
-def fork(cache: PagedKVCache, src_ids: jax.Array, dst_ids: jax.Array
-         ) -> tuple[PagedKVCache, jax.Array]:
+def fork(cache: sharding.AnyCache, src_ids: jax.Array, dst_ids: jax.Array
+         ) -> tuple[sharding.AnyCache, jax.Array]:
   """Each ``dst_ids[i]`` becomes a copy of ``src_ids[i]`` that shares all its pages (no K/V copy).
 
   Shared pages are reference counted; the first `extend` that appends into a shared, partly filled
@@ -219,7 +219,7 @@ def fork(cache: PagedKVCache, src_ids: jax.Array, dst_ids: jax.Array
 
 # ----------------------------------------------------------------------------- read back
 
-def gather_kv(cache: PagedKVCache, layer: int | jax.Array, seq_id: int | jax.Array
+def gather_kv(cache: sharding.AnyCache, layer: int | jax.Array, seq_id: int | jax.Array
               ) -> tuple[jax.Array, jax.Array]:
   """One sequence's K and V, contiguous and in token order (for tests and debugging).
 

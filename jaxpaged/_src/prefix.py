@@ -179,7 +179,7 @@ def match_args(cache, seq_ids, tokens, lengths, salts, max_prompt_tokens, num_sl
   return spec, seq_ids, tokens, lengths, salts, max_prompt_tokens, num_slots
 
 
-def check_match_prefix(cache: PagedKVCache, seq_ids: jax.Array, tokens: jax.Array,
+def check_match_prefix(cache: sharding.AnyCache, seq_ids: jax.Array, tokens: jax.Array,
                        lengths: jax.Array, *, salts: int | jax.Array | None = None,
                        max_prompt_tokens: jax.Array | None = None, num_slots: int | None = None,
                        impl: str = "auto", interpret: bool = False,
@@ -211,12 +211,12 @@ def check_match_prefix(cache: PagedKVCache, seq_ids: jax.Array, tokens: jax.Arra
                      max_seq_len=spec.max_seq_len, num_slots=num_slots)
 
 
-def match_prefix(cache: PagedKVCache, seq_ids: jax.Array, tokens: jax.Array, lengths: jax.Array,
-                 *, salts: int | jax.Array | None = None,
+def match_prefix(cache: sharding.AnyCache, seq_ids: jax.Array, tokens: jax.Array,
+                 lengths: jax.Array, *, salts: int | jax.Array | None = None,
                  max_prompt_tokens: jax.Array | None = None, num_slots: int | None = None,
                  impl: str = "auto", interpret: bool = False,
                  max_new_tokens: jax.Array | None = checks.UNSET
-                 ) -> tuple[PagedKVCache, PrefixMatch]:
+                 ) -> tuple[sharding.AnyCache, PrefixMatch]:
   """Starts new sequences on the longest verified run of cached blocks of their prompts.
 
   Args:
@@ -288,7 +288,7 @@ def match_core(cache, seq_ids, tokens, lengths, salts, max_prompt_tokens, *, num
 _match_jit = jax.jit(match_core, static_argnames=("num_slots", "impl", "interpret"))
 
 
-def reset_prefix_cache(cache: PagedKVCache) -> tuple[PagedKVCache, jax.Array]:
+def reset_prefix_cache(cache: sharding.AnyCache) -> tuple[sharding.AnyCache, jax.Array]:
   """Forgets every cached block (statistics are kept). Refused while any page is in use.
 
   Returns ``(cache, ok)``.
@@ -334,7 +334,7 @@ def _reset(cache):
       k_pages=cache.k_pages, v_pages=cache.v_pages), ok
 
 
-def prefix_stats(cache: PagedKVCache) -> dict:
+def prefix_stats(cache: sharding.AnyCache) -> dict:
   """Prefix-cache counters as int32/float32 scalars (usable in jit): ``lookup_blocks``,
   ``hit_blocks``, ``hit_rate`` (hit / lookup blocks), ``lookup_tokens``, ``hit_tokens``,
   ``evictions``, ``registered``, ``not_registered`` (table full, duplicate or over

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +85,7 @@ def kv_replicas(num_kv_heads: int, model: int) -> int:
   raise JaxPagedError(
       f"the mesh's model axis ({model}) must divide num_kv_heads ({num_kv_heads}) or be a "
       f"multiple of it (each head then stored model/num_kv_heads times); choose a model axis "
-      f"among {sorted({d for d in range(1, 65) if num_kv_heads % d == 0 or d % num_kv_heads == 0})[:8]}.")
+      f"among {[d for d in range(1, 65) if num_kv_heads % d == 0 or d % num_kv_heads == 0][:8]}.")
 
 
 def _check_mesh(mesh: Any) -> Mesh:
@@ -144,6 +144,10 @@ class ShardedCache:
     return checks.integer("seq_id", seq_id, minimum=0, below=self.max_seqs) // self.spec.max_seqs
 
 
+# What the public functions take: a single-device cache or a sharded one.
+AnyCache = Union["PagedKVCache", ShardedCache]
+
+
 def stored_spec(spec: CacheSpec, mesh: Mesh) -> CacheSpec:
   """The spec of one shard's stacked pools: KV heads times their replicas."""
   return dataclasses.replace(
@@ -182,8 +186,6 @@ def init_sharded_cache(spec: CacheSpec, mesh: Mesh) -> ShardedCache:
     raise JaxPagedError(f"init_sharded_cache expects a CacheSpec, got {type(spec).__name__}.")
   mesh = _check_mesh(mesh)
   stored = stored_spec(spec, mesh)
-  if spec.num_kv_heads * 1 and (stored.num_kv_heads % int(mesh.shape[MODEL])):
-    raise JaxPagedError("internal: stored heads do not divide the model axis")
   shape = jax.eval_shape(lambda: cache_lib.init_cache(stored))
   like = ShardedCache(jax.tree.map(lambda a: jax.ShapeDtypeStruct((1,) + a.shape, a.dtype),
                                    shape), spec, mesh)

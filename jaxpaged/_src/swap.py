@@ -100,8 +100,8 @@ def one_id(spec, seq_id) -> int:
   return int(check_index("seq_id", seq_id, spec.max_seqs, "max_seqs"))
 
 
-def swap_out(cache: PagedKVCache, seq_ids: Sequence[int] | np.ndarray
-             ) -> tuple[PagedKVCache, list[SwappedSequence]]:
+def swap_out(cache: sharding.AnyCache, seq_ids: Sequence[int] | np.ndarray
+             ) -> tuple[sharding.AnyCache, list[SwappedSequence]]:
   """Copies sequences' K/V to host RAM and releases them on device.
 
   The device-to-host copies start without waiting. The sequences' slots are empty afterwards;
@@ -234,8 +234,8 @@ def swap_in_args(cache: PagedKVCache, swapped, seq_id=None):
   return (jnp.int32(target), jnp.int32(swapped.length), tokens, lanes, k, v, written), match
 
 
-def swap_in(cache: PagedKVCache, swapped: SwappedSequence, *, seq_id: int | None = None
-            ) -> tuple[PagedKVCache, jax.Array]:
+def swap_in(cache: sharding.AnyCache, swapped: SwappedSequence, *, seq_id: int | None = None
+            ) -> tuple[sharding.AnyCache, jax.Array]:
   """Brings a swapped-out sequence back: allocates pages and restores its K/V bit-exactly.
 
   Blocks of it still cached on device are attached instead of copied (when its token ids are

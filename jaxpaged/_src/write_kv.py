@@ -90,8 +90,8 @@ def _write_kv_xla(k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array, k: j
           v_pages.at[layer, :, page, slots % page_size].set(v, mode="drop"))
 
 
-def write_kv(cache: PagedKVCache, layer: int | jax.Array, k: jax.Array, v: jax.Array,
-             slots: ArrayLike, *, impl: str = "auto", interpret: bool = False) -> PagedKVCache:
+def write_kv(cache: sharding.AnyCache, layer: int | jax.Array, k: jax.Array, v: jax.Array,
+             slots: ArrayLike, *, impl: str = "auto", interpret: bool = False) -> sharding.AnyCache:
   """Writes new keys and values into their cache slots (slots < 0 are skipped).
 
   Args:
