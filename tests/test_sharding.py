@@ -350,3 +350,25 @@ class ShardedCacheMachine(RuleBasedStateMachine):
 TestShardedCacheMachine = ShardedCacheMachine.TestCase
 TestShardedCacheMachine.settings = settings(max_examples=10, stateful_step_count=16,
                                             deadline=None, derandomize=True, database=None)
+
+
+def test_pallas_kernels_run_on_each_shard():
+  """The Pallas kernels (interpreted on CPU) inside shard_map give what the XLA path gives."""
+  spec = jp.CacheSpec(num_layers=1, num_kv_heads=2, head_dim=16, page_size=16, num_pages=8,
+                      max_seqs=2, max_pages_per_seq=4, prefix_caching=True)
+  cache = jp.init_sharded_cache(spec, jp.make_mesh(2, 2))
+  rng = np.random.default_rng(3)
+  prompts = jnp.asarray(rng.integers(0, 9, (3, 40)), jnp.int32)
+  ids, lengths = jnp.array([0, 3, 2]), jnp.array([40, 21, 17])
+  k = jnp.asarray(rng.normal(size=(3 * 40, 2, 16)), jnp.float32)  # match_prefix's 3 x 40 slots
+  q = jnp.asarray(rng.normal(size=(3, 4, 16)), jnp.float32)
+  outs = {}
+  for impl in ("xla", "pallas"):
+    c, found = jp.match_prefix(cache, ids, prompts, lengths, impl=impl, interpret=True)
+    c = jp.write_kv(c, 0, k, -k, found.slots, impl=impl, interpret=True)
+    outs[impl] = (jax.tree.map(np.asarray, c.shards), found,
+                  jp.paged_attention(q, c, 0, ids, impl=impl, interpret=True))
+  (xla_state, xla_found, xla_out), (pl_state, pl_found, pl_out) = outs["xla"], outs["pallas"]
+  jax.tree.map(np.testing.assert_array_equal, xla_state, pl_state)
+  jax.tree.map(np.testing.assert_array_equal, tuple(xla_found), tuple(pl_found))
+  np.testing.assert_allclose(np.asarray(pl_out), np.asarray(xla_out), rtol=1e-5, atol=1e-5)

@@ -400,15 +400,15 @@ def fork(cache: ShardedCache, src_ids, dst_ids):
   return _fork(cache, src_ids, dst_ids)
 
 
-@functools.partial(jax.jit, static_argnames=("impl",))
-def _write_kv(cache, layer, k, v, slots, *, impl):
+@functools.partial(jax.jit, static_argnames=("impl", "interpret"))
+def _write_kv(cache, layer, k, v, slots, *, impl, interpret):
   from jaxpaged._src.write_kv import write_kv as write
   r = cache.replicas
 
   def body(local, shard, layer, k, v, slots):
     mine = (slots >= 0) & (slots // cache.shard_slots == shard)
     return write(local, layer, k, v, jnp.where(mine, slots % cache.shard_slots, -1),
-                 impl=impl), ()
+                 impl=impl, interpret=interpret), ()
 
   heads = P(None, MODEL, None)
   return _on_shards(cache, body, (layer, expand_heads(k, r), expand_heads(v, r), slots),
@@ -424,7 +424,7 @@ def write_kv(cache: ShardedCache, layer, k, v, slots, *, impl="auto", interpret=
   slots = checks.index_vector("slots", slots, k.shape[0])
   if k.shape[0] == 0:
     return cache
-  return _write_kv(cache, layer, k, v, slots, impl="xla" if interpret else impl)
+  return _write_kv(cache, layer, k, v, slots, impl=impl, interpret=bool(interpret))
 
 
 @functools.partial(jax.jit, static_argnames=("ragged", "options"))
@@ -458,8 +458,6 @@ def attention(q, cache: ShardedCache, layer, seq_ids, q_lens=None, **options) ->
         f"q must be [tokens, num_q_heads, head_dim] with num_q_heads a multiple of the mesh's "
         f"model axis ({model}) and of num_kv_heads ({cache.spec.num_kv_heads}), got shape "
         f"{getattr(q, 'shape', None)}.")
-  if options.pop("interpret", False):
-    options["impl"] = "xla"  # the Pallas interpreter does not run under shard_map
   ragged = q_lens is not None
   q_lens = (checks.index_vector("q_lens", q_lens, seq_ids.shape[0]) if ragged
             else jnp.ones_like(seq_ids))
@@ -467,8 +465,9 @@ def attention(q, cache: ShardedCache, layer, seq_ids, q_lens=None, **options) ->
                     options=tuple(sorted(options.items())))
 
 
-@functools.partial(jax.jit, static_argnames=("num_slots", "impl", "has_max"))
-def _match(cache, seq_ids, tokens, lengths, salts, max_prompt, *, num_slots, impl, has_max):
+@functools.partial(jax.jit, static_argnames=("num_slots", "impl", "interpret", "has_max"))
+def _match(cache, seq_ids, tokens, lengths, salts, max_prompt, *, num_slots, impl, interpret,
+           has_max):
   from jaxpaged._src import prefix
   n, m = cache.num_shards, cache.spec.max_seqs
 
@@ -476,7 +475,7 @@ def _match(cache, seq_ids, tokens, lengths, salts, max_prompt, *, num_slots, imp
     ids = local_ids(seq_ids, shard, m, n)
     new, found = prefix.match_prefix(local, ids, tokens, lengths, salts=salts,
                                      max_prompt_tokens=max_prompt if has_max else None,
-                                     num_slots=num_slots, impl=impl)
+                                     num_slots=num_slots, impl=impl, interpret=interpret)
     ok = _all(found.ok)
     mine = (ids >= 0) & (ids < m) & ok
     num_cached = jax.lax.psum(jnp.where(mine, found.num_cached, 0), DATA)
@@ -506,7 +505,7 @@ def match_prefix(cache: ShardedCache, seq_ids, tokens, lengths, *, salts=None,
   has_max = max_prompt is not None
   cache, found = _match(cache, seq_ids, tokens, lengths, salts,
                 max_prompt if has_max else jnp.zeros((), jnp.int32), num_slots=num_slots,
-                impl="xla" if interpret else impl, has_max=has_max)
+                impl=impl, interpret=bool(interpret), has_max=has_max)
   return cache, prefix.PrefixMatch(*found)
 
 
