@@ -372,3 +372,32 @@ def test_pallas_kernels_run_on_each_shard():
   jax.tree.map(np.testing.assert_array_equal, xla_state, pl_state)
   jax.tree.map(np.testing.assert_array_equal, tuple(xla_found), tuple(pl_found))
   np.testing.assert_allclose(np.asarray(pl_out), np.asarray(xla_out), rtol=1e-5, atol=1e-5)
+
+
+def test_demoted_blocks_come_back_on_their_shard():
+  pair = Pair(2, 2, 2)
+  prompt = jnp.arange(1, 10, dtype=jnp.int32)[None]
+  rng = np.random.default_rng(5)
+  kv = [jnp.asarray(rng.normal(size=(9, 2, 8)), jnp.float32) for _ in range(2)]
+
+  def fill(cache, seq):
+    cache, found = jp.match_prefix(cache, [seq], prompt, [9])
+    for layer in range(2):
+      cache = jp.write_kv(cache, layer, kv[layer], -kv[layer], found.slots)
+    return jp.release(cache, [seq])
+
+  pair.sharded = fill(pair.sharded, SEQS)  # global id SEQS: shard 1's sequence 0
+  pair.single[1] = fill(pair.single[1], 0)
+  pair.sharded, blocks = jp.demote_blocks(pair.sharded, 2)
+  pair.single[1], want = jp.demote_blocks(pair.single[1], 2)
+  assert [b.tokens.tolist() for b in blocks] == [b.tokens.tolist() for b in want] != []
+  pair.check()
+  start = dict(max_prompt_tokens=[0])
+  pair.sharded, _ = jp.match_prefix(pair.sharded, [SEQS + 1], prompt[:, :5], [5], **start)
+  pair.single[1], _ = jp.match_prefix(pair.single[1], [1], prompt[:, :5], [5], **start)
+  pair.sharded, ok = jp.promote_blocks(pair.sharded, SEQS + 1, blocks[1:])
+  pair.single[1], local_ok = jp.promote_blocks(pair.single[1], 1, want[1:])
+  assert bool(ok) and bool(local_ok)
+  pair.check()
+  np.testing.assert_array_equal(np.asarray(jp.gather_kv(pair.sharded, 1, SEQS + 1)[0][:4]),
+                                np.asarray(kv[1][:4]))
