@@ -17,6 +17,7 @@ from benchmarks import bench_cache
 from benchmarks import bench_mesh
 from benchmarks import bench_model
 from benchmarks import bench_prefix
+from benchmarks import bench_routing
 from benchmarks import bench_serve
 from benchmarks import bench_tier
 from benchmarks import harness
@@ -30,6 +31,7 @@ BENCHMARKS = {
     "serve": bench_serve.run,
     "admission": bench_admission.run,
     "mesh": bench_mesh.run,
+    "routing": bench_routing.run,
 }
 
 
