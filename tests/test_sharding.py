@@ -401,3 +401,21 @@ def test_demoted_blocks_come_back_on_their_shard():
   pair.check()
   np.testing.assert_array_equal(np.asarray(jp.gather_kv(pair.sharded, 1, SEQS + 1)[0][:4]),
                                 np.asarray(kv[1][:4]))
+
+
+def test_traced_bad_ids_are_refused_like_one_cache():
+  """Inside jit the ids are not known: a bad row refuses the call on every shard."""
+  cache = jp.init_sharded_cache(_spec(2, prefix=False), jp.make_mesh(2, 2))
+  cache, _, _ = jp.extend(cache, [0, SEQS], [2, 2], num_slots=4)
+  fork = jax.jit(jp.fork)
+  for src, dst in (([-1], [1]), ([0], [SEQS + 1]), ([2 * SEQS], [1]), ([0], [-2])):
+    again, ok = fork(cache, jnp.array(src), jnp.array(dst))
+    assert not bool(ok), (src, dst)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, again.shards),
+                 jax.tree.map(np.asarray, cache.shards))
+  again, ok = fork(cache, jnp.array([SEQS, 0]), jnp.array([SEQS + 1, -1]))
+  assert bool(ok) and int(jp.shard_view(again, 1).seq_lens[1]) == 2
+  extend = jax.jit(jp.extend, static_argnames="num_slots")
+  for ids in ([2 * SEQS], [-2]):
+    again, slots, ok = extend(cache, jnp.array(ids), jnp.array([1]), num_slots=1)
+    assert not bool(ok) and int(slots[0]) == -1

@@ -347,7 +347,7 @@ def extend(cache: ShardedCache, seq_ids, num_new_tokens, *, num_slots=None, toke
 
 def _shape_only(cache: ShardedCache) -> PagedKVCache:
   """A stand-in single-shard cache for argument checks that only read its spec."""
-  return dataclasses.replace(jax.tree.map(lambda a: a, cache.shards), spec=cache.spec)
+  return dataclasses.replace(cache.shards, spec=cache.spec)
 
 
 @jax.jit
@@ -373,7 +373,9 @@ def _fork(cache, src_ids, dst_ids):
     dst_local = local_ids(dst, shard, m, n)
     # A source on another shard than its destination cannot be shared: shard 0 refuses it.
     split = (dst >= 0) & (src >= 0) & (src // m != dst // m)
-    src_local = jnp.where(dst_local >= 0, src % m, jnp.where(split & (shard == 0), m, -1))
+    src_ok = (src >= 0) & (src < n * m)  # else out of range: the owner refuses it
+    src_local = jnp.where(dst_local >= 0, jnp.where(src_ok, src % m, m),
+                          jnp.where(split & (shard == 0), m, -1))
     dst_local = jnp.where(split & (shard == 0), jnp.maximum(dst_local, 0), dst_local)
     new, ok = paging.fork(local, src_local, dst_local)
     ok = _all(ok)
