@@ -276,3 +276,53 @@ def test_generate_example_asks_for_its_own_host_devices_before_jax_starts():
   out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
                        text=True, timeout=120, check=True).stdout
   assert out.split() == ["6", "(2,", "3)"]
+
+
+# ----------------------------------------------------------------------------- several processes
+
+def _free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_with_four_devices_each_equal_one_device(tmp_path):
+  """tests/multiprocess_worker.py twice (gloo collectives, `jax.distributed.initialize` on
+  127.0.0.1), one global (2, 4) mesh: every process gets one device's greedy tokens, with the
+  processes as data shards and with the model axis spanning both processes."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests import multiprocess_worker as worker  # pylint: disable=g-import-not-at-top
+  script = pathlib.Path(worker.__file__)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, str(script), "--process-id", str(i), "--num-processes", "2",
+       "--coordinator", f"127.0.0.1:{port}", "--out", str(tmp_path / f"out{i}.json"),
+       "--timeout", "60"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  try:
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+  config = llama.LlamaConfig(**worker.SMALL)
+  one = generation.generate(llama.random_params(config, seed=worker.SEED), config,
+                            worker.PROMPTS, max_new_tokens=worker.NEW_TOKENS, eos_id=None,
+                            page_size=4, prefill_chunk=8)
+  for i in range(2):
+    result = json.loads((tmp_path / f"out{i}.json").read_text())
+    assert result["num_devices"] == 8 and result["process_count"] == 2
+    for name, processes in (("hosts_as_data", 1), ("model_across_hosts", 2)):
+      assert result[name + "_processes_per_model_group"] == processes
+      assert result[name] == one.tokens, (i, name)
+      np.testing.assert_allclose(result[name + "_first_logits"], one.first_logits,
+                                 atol=LOGITS_ATOL, rtol=0)

@@ -18,8 +18,14 @@ ordinary single-device `jaxpaged.models.llama.forward` runs with ``tp_axis="mode
 written once.
 
 On a CPU-only machine, fake devices: start Python with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8``. On several processes or hosts, call
-`jax.distributed.initialize` first and build the mesh from ``jax.devices()`` (all processes').
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``. On several processes or hosts, every
+process runs the same program: `jax.distributed.initialize` first (on CPU, with
+``jax.config.update("jax_cpu_collectives_implementation", "gloo")`` before it), then the same
+mesh from ``jax.devices()`` (all processes' devices, process 0's first: with
+``make_mesh(num_processes, devices_per_process)`` each process is a data shard and the
+all-reduces stay inside it). `generate` gathers what it reads back from every process
+(``multihost_utils.process_allgather``), so every process gets all the tokens;
+tests/multiprocess_worker.py is a runnable example.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jaxpaged as jp
@@ -342,6 +349,14 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
                                n * spec.num_pages, len(plan.prompts))
 
 
+def _fetch(x: jax.Array) -> np.ndarray:
+  """``x`` on the host, whole. On a mesh over several processes each process holds only its
+  devices' shards: every process then calls this at the same point (an all-gather)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def _local_ids(layout: _Layout) -> jax.Array:
   """``int32[num_shards, max_seqs]``: each shard's local sequence ids, -1 for padding rows."""
   present = layout.table([True] * sum(map(len, layout.rows)), False, bool)
@@ -369,10 +384,10 @@ def _prefill(params, config, cache, layout: _Layout, plan) -> tuple[jp.ShardedCa
     cache, logits, ok = _prefill_step(params, cache, jnp.asarray(tokens), ids,
                                       jnp.asarray(layout.table(takes, 0, np.int32)),
                                       config=config, impl=plan.impl)
-    if not bool(jnp.all(ok)):
+    if not _fetch(ok).all():
       raise RuntimeError("jaxpaged bug: the sharded cache refused a prefill chunk that generate "
                          "sized for it; please report it.")
-    logits = np.asarray(logits)
+    logits = _fetch(logits)
     for s, rows in enumerate(layout.rows):
       for local, i in enumerate(rows):
         fed[i] += takes[i]
@@ -387,7 +402,7 @@ def _decode(params, config, cache, layout: _Layout, first_logits: np.ndarray, pl
   every row is done. Returns ``(produced, peak_pages, seconds)`` in the prompts' order."""
   start = time.perf_counter()
   batch = len(plan.prompts)
-  used = lambda cache: int(np.sum(np.asarray(jp.num_used_pages(cache))))
+  used = lambda cache: int(np.sum(_fetch(jp.num_used_pages(cache))))
   peak_pages = used(cache)
   if not plan.max_new_tokens:
     return [[] for _ in range(batch)], peak_pages, time.perf_counter() - start
@@ -401,15 +416,15 @@ def _decode(params, config, cache, layout: _Layout, first_logits: np.ndarray, pl
   tokens = jnp.asarray(layout.table(first, 0, np.int32))
   budget = jnp.full(present.shape, plan.max_new_tokens - 1, jnp.int32)
   done = jnp.asarray(~present) | (tokens == plan.eos_id) | (budget <= 0)
-  while not bool(jnp.all(done)):
+  while not _fetch(done).all():
     cache, tokens, done, budget, key, new, ok = _decode_steps(
         params, cache, seq_ids, tokens, done, budget, jnp.int32(plan.eos_id), key,
         config=config, steps=plan.steps_per_call, temperature=plan.temperature,
         top_p=plan.top_p, impl=plan.impl)
-    if not bool(ok):
+    if not _fetch(ok):
       raise RuntimeError("jaxpaged bug: the sharded cache refused a decode step (generate sized "
                          "it too small); please report it.")
-    new = np.asarray(new)  # [steps, num_shards, max_seqs]
+    new = _fetch(new)  # [steps, num_shards, max_seqs]
     for s, rows in enumerate(layout.rows):
       for local, i in enumerate(rows):
         produced[i] += [int(t) for t in new[:, s, local] if t >= 0]
