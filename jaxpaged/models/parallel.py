@@ -306,8 +306,8 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
   shard), so it differs from a single-device run with the same seed.
 
   Args:
-    params: the whole model's weights (`shard_params` places them; placed ones are used as
-      they are).
+    params: the whole model's weights, as for one device (`jaxpaged.models.gguf.load`,
+      `llama.random_params`); generate places them with `shard_params`.
     mesh: a ``(data, model)`` mesh (`jaxpaged.make_mesh`) whose model axis fits the model
       (`check_mesh`).
     The rest: as `jaxpaged.models.generation.generate` (no dense or prefix-caching cache here).
