@@ -8,7 +8,6 @@ Runs on the 8 CPU host devices tests/conftest.py asks XLA for.
 import collections
 import dataclasses
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -147,61 +146,11 @@ def test_smollm2_on_data_2_model_3_equals_one_device():
 
 # ----------------------------------------------------------------------------- the HLO
 
-COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter",
-               "collective-broadcast", "ragged-all-to-all")
-_OP = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.*?)\s+([a-z][a-z0-9-]*)\((.*?)\)(.*)$")
-_SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
-          "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-
-
-@dataclasses.dataclass
-class Collective:
-  """One collective of a compiled module: its opcode, computation, and every array shape it
-  takes or gives (operands resolved by name)."""
-  opcode: str
-  computation: str
-  shapes: list[tuple[str, tuple[int, ...]]]
-  result_bytes: int
-
-
-def collectives(hlo: str) -> tuple[list[Collective], set[str]]:
-  """The collectives of compiled HLO text, and the names of the computations that are while
-  loop bodies."""
-  types, ops, bodies, computation = {}, [], set(), None
-  for line in hlo.splitlines():
-    header = re.match(r"^(?:ENTRY\s+)?%(\S+)\s+\((.*)\)\s*->", line)
-    if header:
-      computation = header.group(1)
-      for name, kind in re.findall(r"(\S+):\s*([^,()]+\[[\d,]*\])", header.group(2)):
-        types[name] = kind
-      continue
-    match = _OP.match(line)
-    if not match:
-      continue
-    name, result, opcode, operands, rest = match.groups()
-    types[name] = result
-    bodies.update(re.findall(r"body=%([\w.\-]+)", rest))
-    base = opcode.removesuffix("-start").removesuffix("-done")
-    if base in COLLECTIVES and not opcode.endswith("-done"):
-      ops.append((base, computation, result, re.findall(r"%([\w.\-]+)", operands)))
-  found = []
-  for opcode, computation, result, operands in ops:
-    shapes = [(d, tuple(int(x) for x in dims.split(",") if x))
-              for kind in [result] + [types.get(o, "") for o in operands]
-              for d, dims in _SHAPE.findall(kind)]
-    result_bytes = sum(_BYTES[d] * int(np.prod(dims, dtype=np.int64))
-                       for d, dims in (_SHAPE.findall(result))
-                       for dims in [tuple(int(x) for x in dims.split(",") if x)])
-    found.append(Collective(opcode, computation, shapes, result_bytes))
-  return found, bodies
-
-
-def kv_leaks(found: list[Collective], spec: jp.CacheSpec) -> list[Collective]:
+def kv_leaks(found: list[jp.Collective], spec: jp.CacheSpec) -> list[jp.Collective]:
   """The collectives other than all-reduce, and any collective that moves K/V: an array whose
   trailing dimensions are a page ``[page_size, head_dim]`` (a pool, a page, a gathered page)."""
   page = (spec.page_size, spec.head_dim)
-  return [c for c in found if c.opcode != "all-reduce"
+  return [c for c in found if c.op != "all-reduce"
           or any(len(dims) >= 2 and dims[-2:] == page for _, dims in c.shapes)]
 
 
@@ -212,7 +161,7 @@ def _compiled_decode_step(config, mesh, batch, spec):
   step = functools.partial(parallel.forward, config=config, decode=True)
   ids = jnp.tile(jnp.arange(batch, dtype=jnp.int32), (n, 1))
   return jax.jit(step).lower(params, cache, jnp.zeros((n, batch), jnp.int32), ids,
-                             jnp.ones((n, batch), jnp.int32)).compile().as_text()
+                             jnp.ones((n, batch), jnp.int32)).compile()
 
 
 HLO_CONFIG = dataclasses.replace(SMALL, num_layers=3)  # 3 layers: a loop XLA keeps as a loop
@@ -224,15 +173,15 @@ def test_decode_step_only_all_reduces_activations_twice_per_layer(data, model):
   (two per layer in the layer loop's body, over ``[tokens, hidden]`` activations)."""
   batch = 3
   spec = HLO_CONFIG.cache_spec(num_pages=16, max_seqs=batch, max_seq_len=24, page_size=4)
-  found, bodies = collectives(_compiled_decode_step(HLO_CONFIG, jp.make_mesh(data, model),
-                                                    batch, spec))
+  found = jp.collectives(_compiled_decode_step(HLO_CONFIG, jp.make_mesh(data, model), batch,
+                                               spec))
   for c in found:
-    print(f"{c.opcode} in {c.computation}: {c.shapes[0]} = {c.result_bytes} bytes")
+    print(f"{c.op} in {c.computation}: {c.shapes[0]} = {c.bytes} bytes")
   assert not kv_leaks(found, spec)
-  assert collections.Counter(c.opcode for c in found) == {"all-reduce": 2}
-  assert all(c.computation in bodies for c in found)  # the layer loop's body: per layer
+  assert collections.Counter(c.op for c in found) == {"all-reduce": 2}
+  assert all(c.in_loop for c in found)  # the layer loop's body: per layer
   assert all(dims == (batch, HLO_CONFIG.hidden) for c in found for _, dims in c.shapes)
-  per_step = HLO_CONFIG.num_layers * sum(c.result_bytes for c in found)
+  per_step = HLO_CONFIG.num_layers * sum(c.bytes for c in found)
   print(f"collective bytes per decode step (per device): {per_step}")
 
 
@@ -253,11 +202,10 @@ def test_the_hlo_check_sees_k_v_gathered_across_devices():
     return llama.forward(params, one, tokens, jnp.arange(3), jnp.ones(3, jnp.int32),
                          config=parallel.stored_config(SMALL, mesh), decode=True)
 
-  hlo = jax.jit(naive, out_shardings=NamedSharding(mesh, P())).lower(
-      cache.shards, jnp.zeros(3, jnp.int32)).compile().as_text()
-  found, _ = collectives(hlo)
-  leaks = kv_leaks(found, spec)
-  assert leaks and all(c.opcode != "all-reduce" for c in leaks)
+  compiled = jax.jit(naive, out_shardings=NamedSharding(mesh, P())).lower(
+      cache.shards, jnp.zeros(3, jnp.int32)).compile()
+  leaks = kv_leaks(jp.collectives(compiled), spec)
+  assert leaks and all(c.op != "all-reduce" for c in leaks)
   assert any(dims[-2:] == (spec.page_size, spec.head_dim) for c in leaks for _, dims in c.shapes)
 
 

@@ -181,21 +181,17 @@ def _check_step(params, cache, tokens, seq_ids, q_lens, config) -> tuple[Any, ..
 # ----------------------------------------------------------------------------- the model step
 
 def _step(params, cache, tokens, seq_ids, q_lens, *, config, decode, impl):
-  """`forward` without its checks (traceable): one `shard_map` over the whole mesh."""
-  spec, mesh = cache.spec, cache.mesh
-  partition = sharding.cache_partition(cache.shards)
+  """`forward` without its checks (traceable): one `jaxpaged.map_shards` over the whole mesh."""
 
-  def body(params, block, tokens, seq_ids, q_lens):
-    local = sharding.local_cache(block, spec, mesh)
+  def body(local, params, tokens, seq_ids, q_lens):
     local, logits, ok = llama.forward(params, local, tokens[0], seq_ids[0], q_lens[0],
                                       config=config, decode=decode, impl=impl, tp_axis=MODEL)
-    return sharding.stacked_cache(local, spec, mesh), logits[None], ok[None]
+    return local, (logits[None], ok[None])
 
-  shards, logits, ok = jax.shard_map(
-      body, mesh=mesh, in_specs=(param_partition(params), partition, P(DATA), P(DATA), P(DATA)),
-      out_specs=(partition, P(DATA), P(DATA)), check_vma=False)(
-          params, cache.shards, tokens, seq_ids, q_lens)
-  return dataclasses.replace(cache, shards=shards), logits, ok
+  cache, (logits, ok) = jp.map_shards(
+      body, cache, params, tokens, seq_ids, q_lens,
+      in_specs=(param_partition(params), P(DATA), P(DATA), P(DATA)), out_specs=(P(DATA), P(DATA)))
+  return cache, logits, ok
 
 
 _jitted_step = jax.jit(_step, static_argnames=("config", "decode", "impl"))
