@@ -89,6 +89,7 @@ def _child(quick: bool) -> list[dict]:
       rows.append(dict(name=f"{label}: collective bytes per device", value=moved, unit="B"))
       rows.append(dict(name=f"{label}: collectives with a K/V page operand", value=len(pages),
                        unit="count", target="0", passed=not pages))
+  rows += _model_rows(context)
   base = None
   for data in (1, 2, 4, 8):
     step, args = _step_and_args(data, 1, context, local=True)
@@ -108,6 +109,48 @@ def _child(quick: bool) -> list[dict]:
     rows.append(dict(name=f"{data} data shards: step time per shard / 1 shard's",
                      value=median / data / base, unit="x",
                      target="<= 1: no per-shard overhead when serialized"))
+  return rows
+
+
+def _model_rows(context: int) -> list[dict]:
+  """SmolLM2-135M's shape (random weights: the collectives depend on shapes only) under
+  `jaxpaged.models.parallel` (Megatron tensor parallel on "model", batch on "data"): collective
+  bytes per decode step from its compiled HLO. The layer loop's body holds the per-layer
+  collectives; it is compiled with 2 layers and counted for the model's 30."""
+  import dataclasses
+  import functools
+  import jax
+  import jax.numpy as jnp
+  import jaxpaged as jp
+  from jaxpaged.models import llama, parallel
+  smollm2 = llama.LlamaConfig(vocab_size=49152, hidden=576, num_layers=30, num_heads=9,
+                              num_kv_heads=3, ffn=1536)
+  config = dataclasses.replace(smollm2, num_layers=2)
+  rows = []
+  for data, model in ((1, 3), (2, 3)):
+    mesh = jp.make_mesh(data, model)
+    spec = config.cache_spec(num_pages=PER_SHARD_BATCH * (context // 16 + 1),
+                             max_seqs=PER_SHARD_BATCH, max_seq_len=context + 16)
+    params = parallel.shard_params(llama.random_params(config), config, mesh)
+    cache = jp.init_sharded_cache(spec, mesh)
+    ids = jnp.tile(jnp.arange(PER_SHARD_BATCH, dtype=jnp.int32), (data, 1))
+    step = jax.jit(functools.partial(parallel.forward, config=config, decode=True))
+    found = jp.collectives(step.lower(params, cache, jnp.zeros_like(ids), ids,
+                                      jnp.ones_like(ids)).compile())
+    per_step = sum(c.bytes * (smollm2.num_layers if c.in_loop else 1) for c in found)
+    kv = (smollm2.num_layers * 2 * (smollm2.num_kv_heads // model) * smollm2.head_dim * 4
+          * context * PER_SHARD_BATCH)
+    label = (f"SmolLM2-135M TP decode step, mesh data={data} model={model}, "
+             f"B={PER_SHARD_BATCH}/shard")
+    rows.append(dict(name=f"{label}: collective bytes per device", value=per_step, unit="B",
+                     target="the model's 2 all-reduces a layer, [B, 576] f32"))
+    rows.append(dict(name=f"{label}: ... / K/V bytes read at {context} tokens", unit="ratio",
+                     value=per_step / kv))
+    rows.append(dict(name=f"{label}: collectives other than all-reduce, or on K/V",
+                     value=sum(c.op != "all-reduce" or any(len(s) >= 4 for _, s in c.shapes)
+                               for c in found), unit="count", target="0",
+                     passed=all(c.op == "all-reduce" and all(len(s) < 4 for _, s in c.shapes)
+                                for c in found)))
   return rows
 
 
