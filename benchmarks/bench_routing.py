@@ -69,7 +69,7 @@ def _child(quick: bool) -> list[dict]:
     for name, server in servers.items():
       server.router.counts = [0, 0]
       reports[name].append(server.run(requests))
-      counts[name] = list(server.router.counts)
+      counts[name] = list(server.router.counts)  # (the last run's)
   return _rows(requests, reports, counts)
 
 
@@ -80,16 +80,20 @@ def _computed(stats: dict) -> int:
 def _rows(requests, reports, counts) -> list[dict]:
   rows, figures, outputs = [], {}, set()
   for name, runs in reports.items():
-    stats = runs[-1].stats  # the schedule differs between wall-clock runs: the last one's
-    throughput = statistics.median(r.throughput for r in runs)
-    per_shard = [_computed(s) for s in stats["shards"]]
-    figures[name] = (throughput, _computed(stats))
+    # Wall-clock arrivals: the schedule (and so the hits) may differ between runs: medians.
+    median = lambda f: statistics.median(f(r) for r in runs)
+    stats = runs[-1].stats
+    throughput = median(lambda r: r.throughput)
+    per_shard = [_computed(s) for s in stats["shards"]]  # the last run's
+    computed = median(lambda r: _computed(r.stats))
+    figures[name] = (throughput, computed)
     outputs |= {tuple(tuple(res.output) for res in r.results) for r in runs}
     rows += [
         dict(name=f"{name}: throughput (median)", value=throughput, unit="tok/s"),
-        dict(name=f"{name}: prefix block hit rate, device + host",
-             value=stats["device_hit_rate"] + stats["host_hit_rate"], unit="fraction"),
-        dict(name=f"{name}: prompt tokens computed", value=_computed(stats), unit="tokens"),
+        dict(name=f"{name}: prefix block hit rate, device + host (median)",
+             value=median(lambda r: r.stats["device_hit_rate"] + r.stats["host_hit_rate"]),
+             unit="fraction"),
+        dict(name=f"{name}: prompt tokens computed (median)", value=computed, unit="tokens"),
         dict(name=f"{name}: requests per shard ({counts[name][0]} / {counts[name][1]}), "
              "busiest / mean", value=max(counts[name]) / max(statistics.fmean(counts[name]), 1),
              unit="ratio"),
