@@ -13,11 +13,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
+from benchmarks import harness
 from benchmarks.harness import Row
 
 LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM, PAGE = 4, 8, 32, 128, 64
@@ -155,17 +151,8 @@ def _model_rows(context: int) -> list[dict]:
 
 
 def run(quick: bool = False) -> list[Row]:
-  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                                    + " --xla_force_host_platform_device_count=8").strip())
-  out = subprocess.run([sys.executable, "-m", "benchmarks.bench_mesh", "--child"]
-                       + (["--quick"] if quick else []), env=env, capture_output=True,
-                       text=True, check=True, timeout=1800)
-  return [Row("mesh", **row) for row in json.loads(out.stdout.strip().splitlines()[-1])]
+  return harness.on_host_devices("benchmarks.bench_mesh", _child, "mesh", quick)
 
 
 if __name__ == "__main__":
-  if "--child" in sys.argv:
-    print(json.dumps(_child("--quick" in sys.argv)))
-  else:
-    from benchmarks.harness import print_table
-    print_table(run("--quick" in sys.argv))
+  harness.child_main(_child, run)

@@ -60,6 +60,35 @@ def median_times_interleaved(fns: dict[str, Callable[[], object]], *, repeats: i
   return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def on_host_devices(module: str, child: Callable[[bool], list[dict]], benchmark: str,
+                    quick: bool, *, devices: int = 8, timeout: int = 3600) -> list[Row]:
+  """Runs ``child(quick)`` (rows as dicts) in a fresh process with ``devices`` CPU host devices
+  (XLA reads its flags once, when JAX starts), and returns its rows. ``module`` must end with
+  ``child_main(child, run)``."""
+  import json
+  import os
+  import re
+  import subprocess
+  import sys
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 os.environ.get("XLA_FLAGS", ""))
+  env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}")
+  out = subprocess.run([sys.executable, "-m", module, "--child"] + (["--quick"] if quick else []),
+                       env=env, capture_output=True, text=True, check=True, timeout=timeout)
+  return [Row(benchmark, **row) for row in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
+def child_main(child: Callable[[bool], list[dict]], run: Callable[[bool], list[Row]]) -> None:
+  """The ``__main__`` of a benchmark run by `on_host_devices`: ``--child`` prints the child's
+  rows as JSON; otherwise the benchmark runs and prints its table."""
+  import json
+  import sys
+  if "--child" in sys.argv:
+    print(json.dumps(child("--quick" in sys.argv)))
+  else:
+    print_table(run("--quick" in sys.argv))
+
+
 def block(x):
   return jax.block_until_ready(x)
 
