@@ -67,9 +67,9 @@ class _Queues:
   """Where the requests of a run are: ``pending`` (arrival, index) still to arrive; ``waiting``
   arrived, in arrival order (preempted ones to recompute first); ``swapped`` preempted to host
   RAM, oldest arrival first (resumed before anything is admitted); ``running`` in admission
-  order (the last one is preempted first); ``done`` by request index. With data shards, one per shard:
-  ``pending`` and ``done`` are shared (the same objects), ``manager`` and ``params`` are the
-  shard's."""
+  order (the last one is preempted first); ``done`` by request index. With data shards, one
+  per shard: ``pending`` and ``done`` are shared (the same objects), ``manager`` and ``params``
+  are the shard's."""
   pending: list[tuple[float, int]]
   waiting: list[InFlight] = dataclasses.field(default_factory=list)
   swapped: list[InFlight] = dataclasses.field(default_factory=list)
