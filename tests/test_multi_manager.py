@@ -152,6 +152,22 @@ def test_a_raising_policy_on_the_target_leaves_both_shards_as_before():
   assert multi.move_sequence(seq, 0)  # (already there)
 
 
+def test_a_raising_pressure_callback_on_the_target_raises_after_the_move_completed():
+  multi = jp.MultiDeviceCacheManager(_spec(num_pages=4), jax.devices()[:2])
+  seq = _prefill(multi, list(range(1, 15)))  # 4 of 4 pages: CRITICAL once moved
+  before = _kv(multi, seq)
+
+  def callback(shard, old, new):
+    raise RuntimeError(f"shard {shard} is {new.name}")
+  multi.on_pressure(callback)
+  with pytest.raises(RuntimeError, match="shard 1 is CRITICAL"):
+    multi.move_sequence(seq, 1)
+  assert multi.shard_of(seq) == 1 and multi.managers[0].active == []
+  for (k0, v0), (k1, v1) in zip(before, _kv(multi, seq)):
+    np.testing.assert_array_equal(k0, k1)
+    np.testing.assert_array_equal(v0, v1)
+
+
 def test_rebalance_reaches_the_tolerance_and_moves_exactly():
   multi = jp.MultiDeviceCacheManager(_spec(num_pages=16, max_seqs=6), mesh=jp.make_mesh(2, 1))
   multi.set_device_preference(0)

@@ -283,9 +283,9 @@ class CacheManager(ManagerCore):
     if seq is None:
       self._update_pressure()
       return None
-    with self._atomic():
+    with self._atomic():  # (no user callback inside: pressure is updated after it)
       self.host.put_sequences([dataclasses.replace(swapped, seq_id=seq)])
-      if not self.swap_in([seq])[0]:
+      if not self._restore([seq]):
         raise Refused
     self._update_pressure()
     return None if self._refused else seq
@@ -454,7 +454,14 @@ class CacheManager(ManagerCore):
       if s not in self.host.swapped:
         raise JaxPagedError(f"sequence {s} is not swapped out; swap_in takes ids given to "
                             "swap_out.")
-    # Plan every sequence first (in order, each as room allows), then one device step for all.
+    chosen = self._restore(ids)
+    self._update_pressure()
+    return [s in chosen for s in ids]
+
+  def _restore(self, ids: list[int]) -> list[int]:
+    """`swap_in`'s work on checked ids, without the pressure update (no user callback runs):
+    plans every sequence first (in order, each as room allows), then one device step for all.
+    Returns the ids brought back."""
     need, keep, restores, chosen = planning.plan_swap_ins(self.spec, self.cache, self.host, ids,
                                                           self.available_pages)
     self.counters["swap_in_failures"] += len(ids) - len(chosen)
@@ -472,8 +479,7 @@ class CacheManager(ManagerCore):
         for s in chosen:
           self.registry.add(s)
         self.counters["swap_ins"] += len(chosen)
-    self._update_pressure()
-    return [s in chosen for s in ids]
+    return chosen
 
   def gc(self) -> dict:
     """Moves every cached block nobody uses from the device to host RAM, freeing its page.

@@ -276,7 +276,7 @@ class MultiDeviceCacheManager:
     Raises:
       JaxPagedError: an unknown ``seq_id`` or ``target_shard``; nothing changed.
       TierError, or what a tier policy raises: from the target's host tier; nothing changed on
-        either shard.
+        either shard. A pressure callback that raises does so after the move completed.
 
     Example: the class's.
     """
@@ -292,12 +292,26 @@ class MultiDeviceCacheManager:
       if moved is None:
         raise JaxPagedError(f"sequence {seq_id} was dropped from host RAM on shard {shard}; it "
                             "must be recomputed (release it), it cannot be moved.")
-    new_local = self.managers[target].adopt(moved)
+    before = set(self.managers[target].active)
+    try:
+      new_local = self.managers[target].adopt(moved)
+    except BaseException as error:
+      added = set(self.managers[target].active) - before
+      if added:  # adopted; a pressure callback raised after it: the move completes, then raises
+        try:
+          self._moved(seq_id, source, local, target, added.pop())
+        except Exception:  # (a source's callback, after its release: the first error is raised)
+          pass
+      raise error
     if new_local is None:
       return False
+    self._moved(seq_id, source, local, target, new_local)
+    return True
+
+  def _moved(self, seq_id: int, source: CacheManager, local: int, target: int,
+             new_local: int) -> None:
     self._where[int(seq_id)] = (target, new_local)
     source.release([local])
-    return True
 
   def rebalance(self, tolerance: float = 0.1) -> list[tuple[int, int, int]]:
     """Moves sequences from the fullest shard to the emptiest until their used-page fractions
