@@ -16,12 +16,10 @@ throughput compares the routers' work, not a parallel speed-up.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import subprocess
 import sys
 
+from benchmarks import harness
 from benchmarks.harness import Row
 
 NOTE = ("note: on this 2-core CPU the 2 data shards are host devices sharing the same cores; "
@@ -120,18 +118,10 @@ def _rows(requests, reports, counts) -> list[dict]:
 
 def run(quick: bool = False) -> list[Row]:
   """Runs the benchmark in a child process with 2 CPU host devices; prints the CPU note."""
-  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                                    + " --xla_force_host_platform_device_count=2").strip())
-  out = subprocess.run([sys.executable, "-m", "benchmarks.bench_routing", "--child"]
-                       + (["--quick"] if quick else []), env=env, capture_output=True,
-                       text=True, check=True, timeout=3600)
+  rows = harness.on_host_devices("benchmarks.bench_routing", _child, "routing", quick, devices=2)
   print(NOTE, file=sys.stderr, flush=True)
-  return [Row("routing", **row) for row in json.loads(out.stdout.strip().splitlines()[-1])]
+  return rows
 
 
 if __name__ == "__main__":
-  if "--child" in sys.argv:
-    print(json.dumps(_child("--quick" in sys.argv)))
-  else:
-    from benchmarks.harness import print_table  # pylint: disable=g-import-not-at-top
-    print_table(run("--quick" in sys.argv))
+  harness.child_main(_child, run)
