@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jaxpaged._src import sharding
 from jaxpaged._src import allocator
 from jaxpaged._src import checks
-from jaxpaged._src.cache import (PagedKVCache, check_cache, check_index, check_layer,
+from jaxpaged._src.cache import (check_cache, check_index, check_layer,
                                  check_num_slots, token_rows)
 
 _extend_jit = jax.jit(allocator.extend_core, static_argnames=("num_slots",))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxpaged._src import sharding
 from jaxpaged._src import checks, hashing, prefix_state, table
 from jaxpaged._src.allocator import EXTEND_REASONS, any_problem, extend_core, extend_plan
-from jaxpaged._src.cache import (PagedKVCache, check_cache, check_num_slots, duplicated,
+from jaxpaged._src.cache import (check_cache, check_num_slots, duplicated,
                                  token_rows)
 from jaxpaged._src.prefix_state import STATS, bump, init_prefix_state
 from jaxpaged._src.spec import JaxPagedError

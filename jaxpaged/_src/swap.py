@@ -219,12 +219,12 @@ def swap_in_args(cache: PagedKVCache, swapped, seq_id=None):
   # On a mesh (a shard of a `ShardedCache`), K/V go where the pools' heads are and the rest is
   # replicated over the pools' devices.
   def place(x):
+    if not cache.k_pages.committed:
+      return jnp.asarray(x)
     where = cache.k_pages.sharding
     if isinstance(where, jax.sharding.NamedSharding) and np.ndim(x) != cache.k_pages.ndim:
       where = jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec())
     return jax.device_put(x, where)
-  if not cache.k_pages.committed:
-    place = jnp.asarray
   size = bucket(swapped.k.shape[2], spec.max_pages_per_seq)  # few shapes: few compiles
   k, v = (place(_pad(x, size, axis=2)) for x in (swapped.k, swapped.v))
   tokens = place(_pad(np.asarray(swapped.tokens), size * spec.page_size, axis=0)) if match else None
