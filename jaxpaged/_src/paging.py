@@ -173,7 +173,7 @@ def check_fork(cache: sharding.AnyCache, src_ids: jax.Array, dst_ids: jax.Array)
   jaxpaged._src.spec.JaxPagedError: dst_ids at rows [0]: is a sequence that still holds tokens; ...
   """
   if isinstance(cache, sharding.ShardedCache):
-    return sharding.check_each(cache, check_fork, {"dst_ids": dst_ids, "src_ids": src_ids})
+    return sharding.check_fork(cache, src_ids, dst_ids)
   spec = check_cache(cache)
   dst_ids = checks.index_vector("dst_ids", dst_ids)
   src_ids = checks.index_vector("src_ids", src_ids, dst_ids.shape[0], per="row of dst_ids")

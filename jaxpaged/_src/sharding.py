@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import TYPE_CHECKING, Any, Callable, Union
 
 import jax
@@ -371,17 +372,38 @@ def _fork(cache, src_ids, dst_ids):
 
   def body(local, shard, src, dst):
     dst_local = local_ids(dst, shard, m, n)
-    # A source on another shard than its destination cannot be shared: shard 0 refuses it.
-    split = (dst >= 0) & (src >= 0) & (src // m != dst // m)
-    src_ok = (src >= 0) & (src < n * m)  # else out of range: the owner refuses it
-    src_local = jnp.where(dst_local >= 0, jnp.where(src_ok, src % m, m),
-                          jnp.where(split & (shard == 0), m, -1))
-    dst_local = jnp.where(split & (shard == 0), jnp.maximum(dst_local, 0), dst_local)
+    # The destination's shard forks its row; a source elsewhere (another shard, padding, out of
+    # range) cannot be shared there, so it becomes an out-of-range id that shard refuses.
+    here = (src >= 0) & (src < n * m) & (src // m == shard)
+    src_local = jnp.where(dst_local >= 0, jnp.where(here, src % m, m), -1)
     new, ok = paging.fork(local, src_local, dst_local)
     ok = _all(ok)
     return _keep_if(ok, new, local), ok
 
   return _on_shards(cache, body, (src_ids, dst_ids), (P(), P()), P())
+
+
+def _check_same_shard(cache: ShardedCache, src_ids: jax.Array, dst_ids: jax.Array) -> None:
+  """Refuses (when the ids are known) a fork whose source and destination are on two shards."""
+  if checks.is_traced(src_ids) or checks.is_traced(dst_ids):
+    return
+  s, d, m = np.asarray(src_ids), np.asarray(dst_ids), cache.spec.max_seqs
+  split = np.flatnonzero((s >= 0) & (d >= 0) & (s // m != d // m))
+  if split.size:
+    raise JaxPagedError(
+        f"fork rows {split[:8].tolist()}: source and destination are on different data shards "
+        f"(shard = id // {m}); fork within a shard, or move the sequence to the destination's "
+        "shard first.")
+
+
+def check_fork(cache: ShardedCache, src_ids, dst_ids) -> None:
+  """`jaxpaged.check_fork` on a `ShardedCache`."""
+  from jaxpaged._src import paging
+  check_sharded(cache)
+  dst_ids = _ids(cache, "dst_ids", dst_ids)
+  src_ids = _ids(cache, "src_ids", src_ids, dst_ids.shape[0])
+  _check_same_shard(cache, src_ids, dst_ids)
+  check_each(cache, paging.check_fork, {"dst_ids": dst_ids, "src_ids": src_ids})
 
 
 def fork(cache: ShardedCache, src_ids, dst_ids):
@@ -390,15 +412,7 @@ def fork(cache: ShardedCache, src_ids, dst_ids):
   check_sharded(cache)
   dst_ids = _ids(cache, "dst_ids", dst_ids)
   src_ids = _ids(cache, "src_ids", src_ids, dst_ids.shape[0])
-  if not checks.is_traced(src_ids) and not checks.is_traced(dst_ids):
-    s, d = np.asarray(src_ids), np.asarray(dst_ids)
-    split = np.flatnonzero((s >= 0) & (d >= 0) & (s // cache.spec.max_seqs
-                                                  != d // cache.spec.max_seqs))
-    if split.size:
-      raise JaxPagedError(
-          f"fork rows {split[:8].tolist()}: source and destination are on different data "
-          f"shards (shard = id // {cache.spec.max_seqs}); fork within a shard, or move the "
-          "sequence to the destination's shard first.")
+  _check_same_shard(cache, src_ids, dst_ids)
   return _fork(cache, src_ids, dst_ids)
 
 
@@ -423,7 +437,7 @@ def write_kv(cache: ShardedCache, layer, k, v, slots, *, impl="auto", interpret=
   check_sharded(cache)
   layer = cache_lib.check_layer(cache.spec, layer)
   wk.check_kv(cache.spec, k, v)
-  slots = checks.index_vector("slots", slots, k.shape[0])
+  slots = wk.check_slots(cache.num_shards * cache.shard_slots, slots, k.shape[0])
   if k.shape[0] == 0:
     return cache
   return _write_kv(cache, layer, k, v, slots, impl=impl, interpret=bool(interpret))
@@ -578,11 +592,25 @@ def _local(cache: ShardedCache, seq_id: Any) -> tuple[int, int]:
   return shard, int(seq_id) - shard * cache.spec.max_seqs
 
 
+def _on_own_shard(cache: ShardedCache, seq_id: Any, fn: Callable, *args, **kwargs):
+  """`on_shard` of ``fn(view, local_id, *args)`` on ``seq_id``'s shard; an error names the
+  global id the caller gave, not the shard's local one."""
+  shard, local = _local(cache, seq_id)
+  try:
+    return on_shard(cache, shard, fn, local, *args, **kwargs)
+  except JaxPagedError as e:
+    raise JaxPagedError(re.sub(rf"\bseq_id {local}\b", f"seq_id {int(seq_id)}", str(e))) from e
+
+
 def swap_out(cache: ShardedCache, seq_ids):
   """`jaxpaged.swap_out` on a `ShardedCache`; the `SwappedSequence`s keep global ids."""
   from jaxpaged._src import swap
   check_sharded(cache)
   ids = checks.id_list("seq_ids", seq_ids, cache.max_seqs, distinct=True)
+  lengths = np.asarray(cache.shards.seq_lens).reshape(-1)
+  if (lengths[ids] == 0).any():
+    raise JaxPagedError(f"seq_ids {[i for i in ids if lengths[i] == 0]} hold no tokens; swap out "
+                        "only sequences in use.")
   out = {}
   for shard in sorted({cache.shard_of(i) for i in ids}):
     mine = [i for i in ids if cache.shard_of(i) == shard]
@@ -597,8 +625,9 @@ def swap_in(cache: ShardedCache, swapped, *, seq_id=None):
   left), on that id's shard."""
   from jaxpaged._src import swap
   check_sharded(cache)
-  shard, local = _local(cache, swapped.seq_id if seq_id is None else seq_id)
-  return on_shard(cache, shard, swap.swap_in, swapped, seq_id=local)
+  target = swapped.seq_id if seq_id is None else seq_id
+  return _on_own_shard(cache, target,
+                       lambda view, local: swap.swap_in(view, swapped, seq_id=local))
 
 
 def demote_blocks(cache: ShardedCache, count: int, *, keep=(), shard: int | None = None):
@@ -609,7 +638,12 @@ def demote_blocks(cache: ShardedCache, count: int, *, keep=(), shard: int | None
   check_sharded(cache)
   shards = range(cache.num_shards) if shard is None else [
       checks.integer("shard", shard, minimum=0, below=cache.num_shards)]
-  keep = [int(p) for p in keep]
+  pages = cache.num_shards * cache.spec.num_pages
+  keep = [int(p) for p in checks.host_token_ids("keep", np.asarray(keep).reshape(-1))]
+  bad = [p for p in keep if not 0 <= p < pages]
+  if bad:
+    raise JaxPagedError(f"keep holds pages {bad[:4]} outside [0, {pages}) (global page ids: "
+                        f"shard * num_pages + page); pass page ids of this cache.")
   out = []
   for s in shards:
     local_keep = [p - s * cache.spec.num_pages for p in keep
@@ -623,16 +657,30 @@ def promote_blocks(cache: ShardedCache, seq_id: int, host_blocks):
   """`jaxpaged.promote_blocks` on a `ShardedCache` (global ``seq_id``)."""
   from jaxpaged._src import blocks
   check_sharded(cache)
-  shard, local = _local(cache, seq_id)
-  return on_shard(cache, shard, blocks.promote_blocks, local, host_blocks)
+  return _on_own_shard(cache, seq_id, blocks.promote_blocks, host_blocks)
+
+
+@jax.jit
+def _gather(cache, layer, seq_id):
+  from jaxpaged._src import paging
+  n, m = cache.num_shards, cache.spec.max_seqs
+
+  def body(local, shard, layer, seq_id):
+    mine = (seq_id >= 0) & (seq_id < n * m) & (seq_id // m == shard)
+    k, v = paging.gather_kv(local, layer, jnp.where(mine, seq_id % m, -1))  # -1: zeros
+    return jax.lax.psum(k, DATA), jax.lax.psum(v, DATA)  # one sequence's K/V, from its shard
+
+  heads = P(None, MODEL, None)
+  k, v = _on_shards(cache, body, (layer, seq_id), (P(), P()), (heads, heads), changes=False)
+  return k[:, ::cache.replicas], v[:, ::cache.replicas]
 
 
 def gather_kv(cache: ShardedCache, layer, seq_id):
-  """`jaxpaged.gather_kv` on a `ShardedCache` (global ``seq_id``)."""
-  from jaxpaged._src import paging
+  """`jaxpaged.gather_kv` on a `ShardedCache` (global ``seq_id``; traceable)."""
   check_sharded(cache)
-  shard, local = _local(cache, seq_id)
-  return paging.gather_kv(shard_view(cache, shard), layer, local)
+  layer = cache_lib.check_layer(cache.spec, layer)
+  seq_id = cache_lib.check_index("seq_id", seq_id, cache.max_seqs, "num_shards * max_seqs")
+  return _gather(cache, layer, seq_id)
 
 
 def per_shard(cache: ShardedCache, fn: Callable[[PagedKVCache], Any]) -> Any:

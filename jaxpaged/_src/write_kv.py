@@ -116,7 +116,7 @@ def write_kv(cache: sharding.AnyCache, layer: int | jax.Array, k: jax.Array, v: 
   spec = check_cache(cache)
   layer = check_layer(spec, layer)
   check_kv(spec, k, v)
-  slots = _check_slots(spec, slots, k.shape[0])
+  slots = check_slots(spec.num_pages * spec.page_size, slots, k.shape[0])
   if not isinstance(interpret, (bool, np.bool_)):
     raise JaxPagedError(f"interpret must be a bool, got {interpret!r}.")
   impl = gpu.resolve_impl(impl)
@@ -140,15 +140,14 @@ def check_kv(spec: CacheSpec, k: Any, v: Any) -> None:
     raise JaxPagedError(f"k and v must have the same shape, got {k.shape} and {v.shape}.")
 
 
-def _check_slots(spec: CacheSpec, slots: ArrayLike, rows: int) -> jax.Array:
-  """``slots`` as ``int32[rows]``; known values past the pool are refused (their K/V would be
-  lost), negative ones skip their row."""
+def check_slots(capacity: int, slots: ArrayLike, rows: int) -> jax.Array:
+  """``slots`` as ``int32[rows]``; known values past the pool's ``capacity`` slots are refused
+  (their K/V would be lost), negative ones skip their row."""
   slots = checks.index_vector("slots", slots, rows, per="row of k: the slots `extend` returned")
-  capacity = spec.num_pages * spec.page_size
   if not checks.is_traced(slots) and (np.asarray(slots) >= capacity).any():
     past = np.asarray(slots)[np.asarray(slots) >= capacity]
     raise JaxPagedError(f"slots holds {past[:checks.SHOWN_VALUES]}, past the pool's {capacity} "
-                        "slots (num_pages * page_size): their K/V would be lost; pass the slots "
+                        "slots (num_pages * page_size, times the data shards on a mesh): their K/V would be lost; pass the slots "
                         "`extend` returned (-1 skips a row).")
   return slots
 
