@@ -5,6 +5,11 @@ Shapes follow JAX's own ``jax.experimental.pallas.ops.gpu.paged_attention``:
 ``block_tables`` is ``int32[batch, pages_per_seq]`` (-1 or any value past a row's length for
 unused entries: they are never read as data). A `jaxpaged.PagedKVCache` stores every layer's
 pages as ``cache.k_pages[layer]`` in exactly this layout.
+
+8-bit pools (int8, float8_e4m3fn, float8_e5m2) come with ``k_scales``/``v_scales``: float32
+``[num_kv_heads, total_pages, page_size]`` (one per stored token and head, as
+``cache.k_scales[layer]``) or a float32 scalar (one static scale); a stored value times its scale
+is the real value, dequantized inside the loop, one chunk of pages at a time.
 """
 
 import jax
@@ -16,10 +21,14 @@ from jaxpaged._src.attention import ragged_paged_attention_arrays
 from jaxpaged._src.attention import ragged_paged_attention_reference
 
 
-def _one_layer(k_pages: jax.Array, v_pages: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """One layer's checked ``[num_kv_heads, total_pages, page_size, head_dim]`` pools, as a
-  single-layer pool (the layout of the cache-level functions)."""
-  return pool_array("k_pages", k_pages, 4)[None], pool_array("v_pages", v_pages, 4)[None]
+def _one_layer(k_pages: jax.Array, v_pages: jax.Array, k_scales, v_scales) -> dict:
+  """One layer's checked ``[num_kv_heads, total_pages, page_size, head_dim]`` pools (and scales),
+  as a single-layer pool (the layout of the cache-level functions)."""
+  def scale(x):  # per token [H, P, ps] -> [1, H, P, ps]; a static scalar -> [1]; else checked
+    return x if not hasattr(x, "ndim") else x[None] if x.ndim else x.reshape(1)
+  return dict(k_pages=pool_array("k_pages", k_pages, 4)[None],
+              v_pages=pool_array("v_pages", v_pages, 4)[None],
+              k_scales=scale(k_scales), v_scales=scale(v_scales))
 
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
@@ -27,7 +36,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                     sm_scale: float | None = None, soft_cap: float | None = None,
                     sliding_window: int | None = None, impl: str = "auto",
                     interpret: bool = False, num_splits: int | None = None,
-                    block_kv: int | None = None) -> jax.Array:
+                    block_kv: int | None = None, k_scales: jax.Array | None = None,
+                    v_scales: jax.Array | None = None) -> jax.Array:
   """Decode attention: ``q [B, num_q_heads, head_dim]`` over each row's ``lengths[b]`` tokens.
 
   The query sits at position ``lengths[b] - 1``; rows with length 0 return zeros, and a batch
@@ -42,11 +52,11 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   >>> out.shape, out[:, 0, 0].tolist()  # equal scores: the mean of 0..5 and of 4, 5, 6
   ((2, 2, 8), [2.5, 5.0])
   """
-  k_pages, v_pages = _one_layer(k_pages, v_pages)
+  pools = _one_layer(k_pages, v_pages, k_scales, v_scales)
   return paged_attention_arrays(
-      q, k_pages, v_pages, jnp.int32(0), block_tables, lengths, sm_scale=sm_scale,
-      soft_cap=soft_cap, sliding_window=sliding_window, impl=impl, interpret=interpret,
-      num_splits=num_splits, block_kv=block_kv)
+      q, pools.pop("k_pages"), pools.pop("v_pages"), jnp.int32(0), block_tables, lengths,
+      sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window, impl=impl,
+      interpret=interpret, num_splits=num_splits, block_kv=block_kv, **pools)
 
 
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
@@ -55,7 +65,8 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            sliding_window: int | None = None, impl: str = "auto",
                            interpret: bool = False, q_block: int | None = None,
                            num_splits: int | None = None,
-                           block_kv: int | None = None) -> jax.Array:
+                           block_kv: int | None = None, k_scales: jax.Array | None = None,
+                           v_scales: jax.Array | None = None) -> jax.Array:
   """Mixed prefill/decode attention: ``q [T, num_q_heads, head_dim]`` holds ``q_lens[b]`` new
   tokens of each row, concatenated; they are the last ``q_lens[b]`` of the row's ``kv_lens[b]``
   tokens, causal among themselves; entries past ``sum(q_lens)`` (all of them with 0 rows) return
@@ -70,11 +81,11 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   >>> out.shape, bool(np.allclose(out, ops.ragged_paged_attention_reference(*args), atol=1e-5))
   ((5, 2, 8), True)
   """
-  k_pages, v_pages = _one_layer(k_pages, v_pages)
+  pools = _one_layer(k_pages, v_pages, k_scales, v_scales)
   return ragged_paged_attention_arrays(
-      q, k_pages, v_pages, jnp.int32(0), block_tables, kv_lens, q_lens, sm_scale=sm_scale,
-      soft_cap=soft_cap, sliding_window=sliding_window, impl=impl, interpret=interpret,
-      q_block=q_block, num_splits=num_splits, block_kv=block_kv)
+      q, pools.pop("k_pages"), pools.pop("v_pages"), jnp.int32(0), block_tables, kv_lens, q_lens,
+      sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window, impl=impl,
+      interpret=interpret, q_block=q_block, num_splits=num_splits, block_kv=block_kv, **pools)
 
 
 __all__ = ("paged_attention", "ragged_paged_attention", "ragged_paged_attention_reference")

@@ -45,6 +45,23 @@ def test_attention_kernel_lowers_for_cuda(dtype, head_dim, ragged):
   assert TRITON_CALL in hlo
 
 
+@pytest.mark.parametrize("dtype,static_scales", [
+    (jnp.int8, None), (jnp.float8_e4m3fn, None), (jnp.float8_e5m2, (0.05, 0.02))])
+def test_8bit_kernels_lower_for_cuda(dtype, static_scales):
+  """The write kernel quantizes into 8-bit pages and scale pools; attention reads both."""
+  spec = jp.CacheSpec(num_layers=2, num_kv_heads=3, head_dim=80, page_size=16, num_pages=64,
+                      max_seqs=4, max_pages_per_seq=16, dtype=dtype, static_scales=static_scales)
+  cache = jax.eval_shape(jp.init_cache, spec)
+  kv = jax.ShapeDtypeStruct((8, 3, 80), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((4,), jnp.int32)
+  write = functools.partial(jp.write_kv, impl="pallas")
+  assert TRITON_CALL in lower_for_cuda(write, cache, 1, kv, kv, jax.ShapeDtypeStruct(
+      (8,), jnp.int32), donate_argnums=0)
+  q = jax.ShapeDtypeStruct((4, 6, 80), jnp.bfloat16)
+  attend = functools.partial(jp.paged_attention, impl="pallas")
+  assert TRITON_CALL in lower_for_cuda(attend, q, cache, 1, ids)
+
+
 @pytest.mark.parametrize("queries", [1, 300])
 def test_prefix_lookup_kernel_lowers_for_cuda(queries):
   from jaxpaged._src import table  # pylint: disable=g-import-not-at-top

@@ -25,8 +25,9 @@ def test_spec_is_frozen_hashable_and_canonicalises_dtype():
     ("num_pages", -3, "num_pages must be positive, got -3"),
     ("head_dim", 64.0, "head_dim must be a Python int"),
     ("max_seqs", True, "max_seqs must be a Python int"),
-    ("dtype", jnp.int8, "dtype must be one of float32, bfloat16, float16"),
-    ("dtype", "not-a-dtype", "dtype must be a float dtype"),
+    ("dtype", jnp.int16, "dtype must be one of float32, bfloat16, float16, int8"),
+    ("dtype", "not-a-dtype", "dtype must be one of float32"),
+    ("static_scales", (0.1, 0.2), "static_scales applies to 8-bit K/V only"),
 ])
 def test_spec_rejects_bad_fields_with_a_fix(field, value, needle):
   with pytest.raises(jp.JaxPagedError, match=needle):
@@ -48,7 +49,7 @@ def test_init_cache_is_an_empty_pytree_of_arrays_and_works_under_eval_shape():
   assert shapes.page_table.shape == (4, 8) and shapes.page_table.dtype == jnp.int32
   cache = jp.init_cache(spec)
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(cache))
-  assert len(jax.tree.leaves(cache)) == 7
+  assert len(jax.tree.leaves(cache)) == 8  # no scale pools: float K/V
   assert cache.spec == spec
   np.testing.assert_array_equal(cache.page_table, -1)
   np.testing.assert_array_equal(cache.seq_lens, 0)

@@ -25,6 +25,7 @@ import numpy as np
 from jaxpaged._src import checks
 from jaxpaged._src import swap
 from jaxpaged._src import transfer
+from jaxpaged._src.blocks import stack_blocks
 from jaxpaged._src.allocator import extend_core
 from jaxpaged._src.cache import cdiv
 from jaxpaged._src.prefix import match_core, match_plan
@@ -48,8 +49,7 @@ class HostBlocks(NamedTuple):
   """Host copies of some of the prompt's blocks, ascending block index (padding: a large
   index)."""
   index: jax.Array  # int32[N]
-  k: jax.Array  # [L, H, N, page_size, D]
-  v: jax.Array
+  kv: dict  # the pools' pages by name (`cache.pools`): K/V [L, H, N, page_size, D], scales
 
 
 class AdmissionPlan(NamedTuple):
@@ -104,10 +104,7 @@ def host_blocks(spec, blocks) -> HostBlocks | None:
   size = swap.bucket(len(blocks), spec.max_pages_per_seq)
   index = np.full((size,), np.iinfo(np.int32).max, np.int32)
   index[:len(blocks)] = [i for i, _ in blocks]
-  pad = lambda x: np.concatenate([x, np.zeros((size - len(blocks),) + x.shape[1:], x.dtype)])
-  k = pad(np.stack([b.k for _, b in blocks])).transpose(1, 2, 0, 3, 4)
-  v = pad(np.stack([b.v for _, b in blocks])).transpose(1, 2, 0, 3, 4)
-  return HostBlocks(index, k, v)
+  return HostBlocks(index, stack_blocks([b for _, b in blocks], size))
 
 
 # ----------------------------------------------------------------------------- device half
@@ -186,10 +183,10 @@ def _promote(cache, seq, request: AdmitRequest, host: HostBlocks, plan: Admissio
   ps = cache.spec.page_size
   count = host.index.shape[0]
   order = jnp.searchsorted(host.index, plan.matched + jnp.arange(count))
-  take = lambda x: jnp.take(x, jnp.clip(order, 0, count - 1), axis=2)
+  kv = {name: jnp.take(x, jnp.clip(order, 0, count - 1), axis=2) for name, x in host.kv.items()}
   tokens = _window(request.row[0], plan.matched * ps, count * ps, plan.promoted * ps)
-  return transfer.restore_core(cache, seq, plan.promoted * ps, tokens, request.salt,
-                               take(host.k), take(host.v), None, match=False)
+  return transfer.restore_core(cache, seq, plan.promoted * ps, tokens, request.salt, kv, None,
+                               match=False)
 
 
 def _window(row, start, size: int, count):

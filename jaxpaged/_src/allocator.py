@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpaged._src import prefix_hooks
-from jaxpaged._src.cache import PagedKVCache, cdiv, duplicated, token_rows
+from jaxpaged._src.cache import PagedKVCache, cdiv, duplicated, pools, token_rows, with_pools
 
 # Each refusal reason: (argument it blames, message). Traced code computes one boolean mask per
 # reason; `ok` is "no mask set" and the eager `check_*` helpers turn set masks into errors.
@@ -141,10 +141,9 @@ def extend_core(cache, seq_ids, num_new_tokens, tokens, *, num_slots):
   cow_src = jnp.clip(plan.last_page, 0)
   ref_counts = cache.ref_counts.at[handed_out].add(1, mode="drop")
   total = jnp.sum(jnp.where(plan.ok, plan.need, 0))
-  k_pages, v_pages = _copy_shared_pages(plan.cow, cow_src, cow_dst,
-                                        (cache.k_pages, cache.v_pages))
+  cache = with_pools(cache, _copy_shared_pages(plan.cow, cow_src, cow_dst, pools(cache)))
   cache = dataclasses.replace(
-      cache, k_pages=k_pages, v_pages=v_pages,
+      cache,
       page_table=cache.page_table.at[write_row, logical].set(new_page, mode="drop"),
       seq_lens=cache.seq_lens.at[jnp.where(plan.live & plan.ok, seq_ids, spec.max_seqs)].set(
           plan.new_len, mode="drop"),
@@ -160,10 +159,11 @@ def extend_core(cache, seq_ids, num_new_tokens, tokens, *, num_slots):
 
 
 def _copy_shared_pages(cow, cow_src, cow_dst, pools):
-  """Copy-on-write: the pools with each ``cow_src`` page copied to ``cow_dst``. The copy is
-  skipped (no pool traffic at all) on the common steps that need none."""
+  """Copy-on-write: the pools (K/V and their scales) with each ``cow_src`` page copied to
+  ``cow_dst``. The copy is skipped (no pool traffic at all) on the common steps that need
+  none."""
   def copy(pools):
-    return tuple(p.at[:, :, cow_dst].set(p[:, :, cow_src], mode="drop") for p in pools)
+    return {k: p.at[:, :, cow_dst].set(p[:, :, cow_src], mode="drop") for k, p in pools.items()}
 
   return jax.lax.cond(jnp.any(cow), copy, lambda pools: pools, pools)
 
@@ -202,6 +202,7 @@ def release_core(cache, seq_ids):
       cache,
       page_table=cache.page_table.at[rows].set(-1, mode="drop"),
       seq_lens=cache.seq_lens.at[rows].set(0, mode="drop"),
+      num_evicted=cache.num_evicted.at[rows].set(0, mode="drop"),
       ref_counts=ref_counts,
       free_pages=cache.free_pages.at[push_to].set(held, mode="drop"),
       num_free=cache.num_free + jnp.sum(freed, dtype=jnp.int32),
@@ -240,6 +241,7 @@ def fork_core(cache, src_ids, dst_ids):
       cache,
       page_table=cache.page_table.at[dst].set(rows, mode="drop"),
       seq_lens=cache.seq_lens.at[dst].set(cache.seq_lens[src], mode="drop"),
+      num_evicted=cache.num_evicted.at[dst].set(cache.num_evicted[src], mode="drop"),
       ref_counts=cache.ref_counts.at[shared].add(1, mode="drop"),
       prefix=prefix,
   ), ok

@@ -26,8 +26,9 @@ from jaxpaged._src import sharding
 from jaxpaged._src import checks
 from jaxpaged._src import gpu
 from jaxpaged._src.attention_blocks import UNMAPPED, decode_blocks, ragged_blocks
+from jaxpaged._src import quant
 from jaxpaged._src.attention_checks import (check_attention_args, check_known, check_options,
-                                            check_tables, pool_array)
+                                            check_scales, check_tables, pool_array)
 from jaxpaged._src.attention_kernel import attention_pallas, pallas_supported
 from jaxpaged._src.attention_kernel import default_num_splits as default_pallas_splits
 from jaxpaged._src.attention_reference import ragged_paged_attention_reference
@@ -65,8 +66,9 @@ def _resolve_impl(impl: str, k_pages: jax.Array) -> str:
 @functools.partial(jax.jit, static_argnames=(
     "decode", "q_block", "sm_scale", "soft_cap", "sliding_window", "impl", "interpret",
     "num_splits", "block_kv"))
-def _attention(q, k_pages, v_pages, layer, page_table, kv_lens, q_lens, *, decode, q_block,
-               sm_scale, soft_cap, sliding_window, impl, interpret, num_splits, block_kv):
+def _attention(q, k_pages, v_pages, k_scales, v_scales, layer, page_table, kv_lens, q_lens, *,
+               decode, q_block, sm_scale, soft_cap, sliding_window, impl, interpret, num_splits,
+               block_kv):
   """Checked arguments -> query blocks -> the implementation -> outputs in q's token order."""
   num_tokens = q.shape[0]
   if 0 in (num_tokens, *page_table.shape):  # no query, or nothing to see: with no row, every
@@ -79,12 +81,14 @@ def _attention(q, k_pages, v_pages, layer, page_table, kv_lens, q_lens, *, decod
     q_blocks = jnp.concatenate([q, jnp.zeros_like(q[:1])])[blocks.token]
   options = dict(sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
   if impl == "pallas":
-    out = attention_pallas(q_blocks, k_pages, v_pages, layer, page_table, kv_lens, blocks,
+    out = attention_pallas(q_blocks, k_pages, v_pages, k_scales, v_scales, layer, page_table,
+                           kv_lens, blocks,
                            num_splits=num_splits or default_pallas_splits(page_table.shape[1],
                                                                           k_pages.shape[3]),
                            interpret=interpret, **options)
   else:
-    out = attention_xla(q_blocks, k_pages, v_pages, layer, page_table, kv_lens, blocks,
+    out = attention_xla(q_blocks, k_pages, v_pages, k_scales, v_scales, layer, page_table,
+                        kv_lens, blocks,
                         block_kv=block_kv, num_splits=num_splits, **options)
   if decode:
     return out[:, 0].astype(q.dtype)
@@ -97,16 +101,19 @@ def paged_attention_arrays(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            sm_scale: float | None = None, soft_cap: float | None = None,
                            sliding_window: int | None = None, impl: str = "auto",
                            interpret: bool = False, num_splits: int | None = None,
-                           block_kv: int | None = None) -> jax.Array:
-  """Decode attention on arrays; k_pages/v_pages carry a leading layer axis. See `ops`."""
+                           block_kv: int | None = None, k_scales: jax.Array | None = None,
+                           v_scales: jax.Array | None = None) -> jax.Array:
+  """Decode attention on arrays; k_pages/v_pages (and scales) carry a leading layer axis. See
+  `ops`."""
   check_attention_args(q, k_pages, v_pages, "decode")
+  k_scales, v_scales = check_scales(k_pages, k_scales, v_scales)
   options = check_options(k_pages.shape[4], sm_scale=sm_scale, soft_cap=soft_cap,
                           sliding_window=sliding_window, impl=impl, interpret=interpret,
                           num_splits=num_splits, block_kv=block_kv)
   page_table, kv_lens = check_tables(page_table, kv_lens, q.shape[0], k_pages.shape)
   options["impl"] = _resolve_impl(impl, k_pages)
-  return _attention(q, k_pages, v_pages, layer, page_table, kv_lens, None, decode=True,
-                    q_block=1, **options)
+  return _attention(q, k_pages, v_pages, k_scales, v_scales, layer, page_table, kv_lens, None,
+                    decode=True, q_block=1, **options)
 
 
 def ragged_paged_attention_arrays(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
@@ -116,9 +123,13 @@ def ragged_paged_attention_arrays(q: jax.Array, k_pages: jax.Array, v_pages: jax
                                   sliding_window: int | None = None, impl: str = "auto",
                                   interpret: bool = False, q_block: int | None = None,
                                   num_splits: int | None = None,
-                                  block_kv: int | None = None) -> jax.Array:
-  """Ragged attention on arrays; k_pages/v_pages carry a leading layer axis. See `ops`."""
+                                  block_kv: int | None = None,
+                                  k_scales: jax.Array | None = None,
+                                  v_scales: jax.Array | None = None) -> jax.Array:
+  """Ragged attention on arrays; k_pages/v_pages (and scales) carry a leading layer axis. See
+  `ops`."""
   check_attention_args(q, k_pages, v_pages, "ragged")
+  k_scales, v_scales = check_scales(k_pages, k_scales, v_scales)
   options = check_options(k_pages.shape[4], sm_scale=sm_scale, soft_cap=soft_cap,
                           sliding_window=sliding_window, impl=impl, interpret=interpret,
                           q_block=q_block, num_splits=num_splits, block_kv=block_kv)
@@ -132,15 +143,16 @@ def ragged_paged_attention_arrays(q: jax.Array, k_pages: jax.Array, v_pages: jax
                 "must be in [0, that row's length]: a row's new tokens are its last ones")
   options["q_block"] = options["q_block"] or _default_q_block(q.shape[0], num_rows)
   options["impl"] = _resolve_impl(impl, k_pages)
-  return _attention(q, k_pages, v_pages, layer, page_table, kv_lens, q_lens, decode=False,
-                    **options)
+  return _attention(q, k_pages, v_pages, k_scales, v_scales, layer, page_table, kv_lens, q_lens,
+                    decode=False, **options)
 
 
 # ----------------------------------------------------------------------------- on a cache
 
 def _rows_of(cache: PagedKVCache, layer, seq_ids):
   """``(layer, page_table, kv_lens)`` of a batch's sequences, checked; padding and bad ids see
-  nothing."""
+  nothing. (A sequence's keys are at their storage indices: after `compress` the causal mask
+  and a sliding window count stored tokens.)"""
   layer = check_layer(check_cache(cache), layer)
   seq_ids = checks.index_vector("seq_ids", seq_ids)
   live = (seq_ids >= 0) & (seq_ids < cache.spec.max_seqs)
@@ -189,10 +201,11 @@ def paged_attention(q: jax.Array, cache: sharding.AnyCache, layer: int | jax.Arr
                               sliding_window=sliding_window, impl=impl, interpret=interpret,
                               num_splits=num_splits, block_kv=block_kv)
   layer, page_table, kv_lens = _rows_of(cache, layer, seq_ids)
+  k_scales, v_scales = quant.attention_scales(cache)
   return paged_attention_arrays(
       q, cache.k_pages, cache.v_pages, layer, page_table, kv_lens, sm_scale=sm_scale,
       soft_cap=soft_cap, sliding_window=sliding_window, impl=impl, interpret=interpret,
-      num_splits=num_splits, block_kv=block_kv)
+      num_splits=num_splits, block_kv=block_kv, k_scales=k_scales, v_scales=v_scales)
 
 
 def ragged_paged_attention(q: jax.Array, cache: sharding.AnyCache, layer: int | jax.Array,
@@ -236,7 +249,9 @@ def ragged_paged_attention(q: jax.Array, cache: sharding.AnyCache, layer: int | 
                               interpret=interpret, q_block=q_block, num_splits=num_splits,
                               block_kv=block_kv)
   layer, page_table, kv_lens = _rows_of(cache, layer, seq_ids)
+  k_scales, v_scales = quant.attention_scales(cache)
   return ragged_paged_attention_arrays(
       q, cache.k_pages, cache.v_pages, layer, page_table, kv_lens, q_lens, sm_scale=sm_scale,
       soft_cap=soft_cap, sliding_window=sliding_window, impl=impl, interpret=interpret,
-      q_block=q_block, num_splits=num_splits, block_kv=block_kv)
+      q_block=q_block, num_splits=num_splits, block_kv=block_kv, k_scales=k_scales,
+      v_scales=v_scales)

@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxpaged._src import checks
 from jaxpaged._src import gpu
-from jaxpaged._src.spec import JaxPagedError
+from jaxpaged._src.spec import QUANTIZED_DTYPES, JaxPagedError
 
 # Bad rows (and their values) an error message lists, at most.
 MAX_LISTED_ROWS = 8
@@ -45,6 +45,9 @@ def pool_array(name: str, x: Any, ndim: int) -> jax.Array:
 
 def check_attention_args(q: Any, k_pages: jax.Array, v_pages: jax.Array, kind: str) -> None:
   """Static shape checks shared by every entry point (``kind``: "decode" or "ragged")."""
+  if k_pages.dtype != v_pages.dtype:
+    raise JaxPagedError(f"k_pages and v_pages must have one dtype, got {k_pages.dtype} and "
+                        f"{v_pages.dtype}.")
   if k_pages.shape != v_pages.shape or k_pages.ndim != 5:
     raise JaxPagedError(f"k_pages and v_pages must both be [num_kv_heads, num_pages, page_size, "
                         f"head_dim], got {k_pages.shape[1:]} and {v_pages.shape[1:]}.")
@@ -57,6 +60,28 @@ def check_attention_args(q: Any, k_pages: jax.Array, v_pages: jax.Array, kind: s
         "serves query heads i*group ... (i+1)*group-1).")
   if not jnp.issubdtype(q.dtype, jnp.floating):
     raise JaxPagedError(f"q must be a float array, got {q.dtype}.")
+
+
+def check_scales(k_pages: jax.Array, k_scales: Any, v_scales: Any):
+  """``(k_scales, v_scales)`` for the pools: None for float pools; for 8-bit ones float32
+  ``[L, num_kv_heads, num_pages, page_size]`` (per token) or ``[L]`` (static, one a layer)."""
+  quantized = k_pages.dtype in QUANTIZED_DTYPES
+  given = (k_scales is not None, v_scales is not None)
+  if not quantized:
+    if any(given):
+      raise JaxPagedError(f"k_scales/v_scales are for 8-bit pools, but the pools are "
+                          f"{k_pages.dtype}; pass None.")
+    return None, None
+  per_token, static = k_pages.shape[:4], k_pages.shape[:1]
+  for name, x in (("k_scales", k_scales), ("v_scales", v_scales)):
+    shape = tuple(getattr(x, "shape", ()))
+    if (not isinstance(x, (jax.Array, np.ndarray)) or shape not in (per_token, static)
+        or x.dtype != jnp.float32 or shape != tuple(getattr(k_scales, "shape", ()))):
+      raise JaxPagedError(
+          f"{name} must be float32 {list(per_token)} (a scale per token and head) or "
+          f"{list(static)} (one per layer), the same for k and v, for {k_pages.dtype} pools; got "
+          f"{getattr(x, 'dtype', type(x).__name__)}{list(shape)}; pass the cache's scales.")
+  return k_scales, v_scales
 
 
 def _static_positive(name: str, value: Any, integer: bool) -> int | float:

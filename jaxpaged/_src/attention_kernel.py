@@ -16,6 +16,7 @@ from jax.experimental import pallas as pl
 
 from jaxpaged._src import attention_softmax as softmax
 from jaxpaged._src import gpu
+from jaxpaged._src import quant
 from jaxpaged._src.attention_blocks import NO_QUERY, QueryBlocks, query_span
 from jaxpaged._src.spec import next_pow2
 
@@ -53,6 +54,8 @@ class _Program(NamedTuple):
   page_table_ref: Any  # [B, max_pages_per_seq] int32
   k_pages_ref: Any  # [L, Hkv, P, page_size, head_dim]
   v_pages_ref: Any  # [L, Hkv, P, page_size, head_dim]
+  k_scales_ref: Any  # 8-bit pools: [L, Hkv, P, page_size] per token, or [L] static; else None
+  v_scales_ref: Any
   layer: jax.Array  # int32 scalar
   head: jax.Array  # int32 scalar: this program's KV head
   row: jax.Array  # int32 scalar: the batch row of this program's query block
@@ -65,12 +68,22 @@ class _Program(NamedTuple):
   sliding_window: int | None
 
 
+def _read(prog: _Program, pages_ref, scales_ref, page, d0: int, dc: int) -> jax.Array:
+  """``[ps, dc]`` of one page's K or V rows, in place from the pool; 8-bit ones dequantized."""
+  x = pages_ref[prog.layer, prog.head, page, :, pl.ds(d0, dc)]
+  if scales_ref is None:
+    return x
+  if len(scales_ref.shape) == 1:  # static: one scale per layer
+    return quant.dequantize(x, scales_ref[prog.layer])
+  return quant.dequantize(x, scales_ref[prog.layer, prog.head, page, :])
+
+
 def _page_scores(prog: _Program, page) -> jax.Array:
   """[R, page_size] float32 scores of this program's queries against one page's keys."""
   page_size = prog.k_pages_ref.shape[3]
   s = jnp.zeros((prog.position.shape[0], page_size), jnp.float32)
   for qc, (d0, dc) in zip(prog.q, prog.chunks):
-    k = prog.k_pages_ref[prog.layer, prog.head, page, :, pl.ds(d0, dc)]  # [ps, dc]
+    k = _read(prog, prog.k_pages_ref, prog.k_scales_ref, page, d0, dc)  # [ps, dc]
     s += gpu.dot(qc.astype(k.dtype), k, trans_b=True)
   s *= prog.sm_scale
   return softmax.cap_scores(s, prog.soft_cap)
@@ -92,7 +105,7 @@ def _page_step(j, carry, prog: _Program, exact: bool):
   m, l, p, correction = softmax.online_softmax_step(m, l, s)
   new_acc, new_nonfinite = [], []
   for i, (a, (d0, dc)) in enumerate(zip(acc, prog.chunks)):
-    v = prog.v_pages_ref[prog.layer, prog.head, page, :, pl.ds(d0, dc)]  # [ps, dc]
+    v = _read(prog, prog.v_pages_ref, prog.v_scales_ref, page, d0, dc)  # [ps, dc]
     v = jnp.where(key_ok[:, None], v, jnp.zeros_like(v))  # foreign rows never reach the output
     if exact:  # V's non-finite entries reach only the queries that see them
       v, nonfinite = softmax.split_nonfinite(v, functools.partial(gpu.dot,
@@ -124,12 +137,16 @@ def paged_attention_kernel(
     q_ref,  # [NB, Hkv, R, Dp]: R = group * q_block rows, padded; Dp = head_dim padded
     k_pages_ref,  # [L, Hkv, P, page_size, head_dim]
     v_pages_ref,  # [L, Hkv, P, page_size, head_dim]
-    acc_ref,  # [NB, Hkv, S, R, Dp] float32: unnormalised output of each split
-    m_ref,  # [NB, Hkv, S, R] float32: running max of each split
-    l_ref,  # [NB, Hkv, S, R] float32: softmax denominator of each split
-    *, pages_per_split: int, sm_scale: float, soft_cap: float | None,
+    *refs,  # (k_scales_ref, v_scales_ref if scaled), then the outputs acc_ref, m_ref, l_ref
+    scaled: bool, pages_per_split: int, sm_scale: float, soft_cap: float | None,
     sliding_window: int | None):
-  """Flash-decoding over one split of one block's pages, one page per step."""
+  """Flash-decoding over one split of one block's pages, one page per step.
+
+  Outputs: ``acc_ref [NB, Hkv, S, R, Dp]`` float32, the unnormalised output of each split;
+  ``m_ref``, ``l_ref [NB, Hkv, S, R]`` float32, its running max and softmax denominator.
+  """
+  k_scales_ref, v_scales_ref = refs[:2] if scaled else (None, None)
+  acc_ref, m_ref, l_ref = refs[-3:]
   n, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   page_size, head_dim = k_pages_ref.shape[3:]
   layer, row = layer_ref[0], block_row_ref[n]
@@ -142,7 +159,8 @@ def paged_attention_kernel(
   hi = jnp.minimum(start + pages_per_split, last // page_size + 1)
   chunks = gpu.pow2_chunks(head_dim)
   prog = _Program(page_table_ref=page_table_ref, k_pages_ref=k_pages_ref,
-                  v_pages_ref=v_pages_ref, layer=layer, head=h, row=row, kv_len=kv_len,
+                  v_pages_ref=v_pages_ref, k_scales_ref=k_scales_ref,
+                  v_scales_ref=v_scales_ref, layer=layer, head=h, row=row, kv_len=kv_len,
                   position=position, q=[q_ref[n, h, :, pl.ds(d0, dc)] for d0, dc in chunks],
                   chunks=chunks, sm_scale=sm_scale, soft_cap=soft_cap,
                   sliding_window=sliding_window)
@@ -155,8 +173,8 @@ def paged_attention_kernel(
   l_ref[n, h, split, :] = l
 
 
-def _paged_attention_call(q, k_pages, v_pages, layer, page_table, kv_lens, block_row, position,
-                          *, num_splits: int, interpret: bool, **options):
+def _paged_attention_call(q, k_pages, v_pages, scales, layer, page_table, kv_lens, block_row,
+                          position, *, num_splits: int, interpret: bool, **options):
   """Binds the kernel's statics and runs it over the grid (query block, KV head, split).
 
   ``q [NB, Hkv, R, Dp]`` and ``position [NB, R]`` in the kernel's padded layout. Returns the
@@ -164,7 +182,8 @@ def _paged_attention_call(q, k_pages, v_pages, layer, page_table, kv_lens, block
   """
   num_blocks, num_kv_heads, rows, padded_dim = q.shape
   pages_per_split = -(-page_table.shape[1] // num_splits)
-  kernel = functools.partial(paged_attention_kernel, pages_per_split=pages_per_split, **options)
+  kernel = functools.partial(paged_attention_kernel, scaled=bool(scales),
+                             pages_per_split=pages_per_split, **options)
   partial_shape = (num_blocks, num_kv_heads, num_splits, rows)
   return pl.pallas_call(
       kernel,
@@ -175,15 +194,17 @@ def _paged_attention_call(q, k_pages, v_pages, layer, page_table, kv_lens, block
       compiler_params=gpu.compiler_params(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
       interpret=interpret,
       name="jaxpaged_paged_attention",
-  )(layer.reshape(1), block_row, position, page_table, kv_lens, q, k_pages, v_pages)
+  )(layer.reshape(1), block_row, position, page_table, kv_lens, q, k_pages, v_pages, *scales)
 
 
-def attention_pallas(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array,
-                     page_table: jax.Array, kv_lens: jax.Array, blocks: QueryBlocks, *,
-                     sm_scale: float, soft_cap: float | None, sliding_window: int | None,
-                     num_splits: int, interpret: bool) -> jax.Array:
+def attention_pallas(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, k_scales, v_scales,
+                     layer: jax.Array, page_table: jax.Array, kv_lens: jax.Array,
+                     blocks: QueryBlocks, *, sm_scale: float, soft_cap: float | None,
+                     sliding_window: int | None, num_splits: int,
+                     interpret: bool) -> jax.Array:
   """Attention of query blocks ``q [NB, qb, Hq, D]`` over ``k_pages[layer]``/``v_pages[layer]``
-  with the Pallas kernel. Returns ``[NB, qb, Hq, D]`` float32."""
+  (8-bit: with their ``k_scales``/``v_scales``, else None) with the Pallas kernel. Returns
+  ``[NB, qb, Hq, D]`` float32."""
   num_blocks, q_block, num_q_heads, head_dim = q.shape
   _, num_kv_heads, _, page_size, _ = k_pages.shape
   group = num_q_heads // num_kv_heads
@@ -195,7 +216,8 @@ def attention_pallas(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer
   q = jnp.pad(q, ((0, 0),) + pad_rows + ((0, next_pow2(head_dim) - head_dim),))
   position = jnp.pad(jnp.tile(blocks.position, (1, group)), pad_rows, constant_values=NO_QUERY)
   acc, m, l = _paged_attention_call(
-      q, k_pages, v_pages, layer, page_table, kv_lens, blocks.row, position,
+      q, k_pages, v_pages, () if k_scales is None else (k_scales, v_scales), layer, page_table,
+      kv_lens, blocks.row, position,
       num_splits=num_splits, interpret=interpret, sm_scale=sm_scale, soft_cap=soft_cap,
       sliding_window=sliding_window)
   seen = jnp.tile(softmax.sees_a_key(page_table, blocks, page_size, sliding_window), (1, group))

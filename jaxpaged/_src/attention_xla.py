@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpaged._src import attention_softmax as softmax
+from jaxpaged._src import quant
 from jaxpaged._src.attention_blocks import POSITION_MAX, UNMAPPED, QueryBlocks, query_span
 
 # Default KV tokens a step, measured on XLA:CPU: the whole context in one step while the
@@ -26,6 +27,9 @@ WHOLE_CONTEXT_ROWS = 8192
 ROWS_PER_STEP = 512
 MIN_BLOCK_KV = 64
 MAX_BLOCK_KV = 1024
+# 8-bit pools: at most this many KV tokens a step per query block, so that the dequantized
+# (float32) chunk stays a small part of any sequence: never a float copy of a whole context.
+QUANTIZED_MAX_BLOCK_KV = 256
 # Default splits: two independent loops (XLA:CPU runs them on two cores) pay off once a context
 # spans SPLIT_MIN_CHUNKS chunks or more.
 DEFAULT_SPLITS = 2
@@ -34,11 +38,13 @@ SPLIT_MIN_CHUNKS = 8
 _F32 = dict(preferred_element_type=jnp.float32)
 
 
-def default_block_kv(context: int, num_blocks: int) -> int:
+def default_block_kv(context: int, num_blocks: int, quantized: bool = False) -> int:
   """KV tokens a step gathers per query block, for ``context`` tokens a row (see above)."""
   if context * num_blocks <= WHOLE_CONTEXT_ROWS:
-    return context
-  return min(MAX_BLOCK_KV, max(MIN_BLOCK_KV, ROWS_PER_STEP // num_blocks))
+    block = context
+  else:
+    block = min(MAX_BLOCK_KV, max(MIN_BLOCK_KV, ROWS_PER_STEP // num_blocks))
+  return min(block, QUANTIZED_MAX_BLOCK_KV) if quantized else block
 
 
 def default_num_splits(max_pages: int, chunk_pages: int) -> int:
@@ -56,6 +62,8 @@ class _Loop(NamedTuple):
   kv_len: jax.Array  # [NB] int32: length of each block's sequence
   k_pages: jax.Array  # [L, Hkv, P, page_size, D]
   v_pages: jax.Array  # [L, Hkv, P, page_size, D]
+  k_scales: jax.Array | None  # 8-bit pools: [L, Hkv, P, page_size] per token, or [L] static
+  v_scales: jax.Array | None
   layer: jax.Array  # int32 scalar
   chunk_pages: int
   soft_cap: float | None
@@ -103,12 +111,19 @@ def _gather_chunk(c, loop: _Loop):
   key_pos = c * chunk + jnp.arange(chunk)  # [chunk]
   key_ok = (jnp.repeat(pages >= 0, page_size, axis=1)
             & (key_pos[None] < loop.kv_len[:, None]))  # [NB, chunk]
-  # The layer is indexed here, inside the step: the loops take the whole pools as operands,
-  # never a layer-sized slice made before them.
-  k = loop.k_pages[loop.layer][:, safe].reshape(num_kv_heads, num_blocks, chunk, head_dim)
-  v = loop.v_pages[loop.layer][:, safe].reshape(num_kv_heads, num_blocks, chunk, head_dim)
-  v = jnp.where(key_ok[None, :, :, None], v, 0).astype(loop.q.dtype)
-  return k.astype(loop.q.dtype), v, key_ok, key_pos
+  shape = (num_kv_heads, num_blocks, chunk)
+
+  def read(pool, scales):
+    # The layer is indexed here, inside the step: the loops take the whole pools as operands,
+    # never a layer-sized slice made before them. 8-bit pages are dequantized here, one chunk.
+    x = pool[loop.layer][:, safe].reshape(shape + (head_dim,))
+    if scales is not None:
+      scale = scales[loop.layer]
+      x = quant.dequantize(x, scale[:, safe].reshape(shape) if scale.ndim else scale)
+    return x.astype(loop.q.dtype)
+
+  v = jnp.where(key_ok[None, :, :, None], read(loop.v_pages, loop.v_scales), 0)
+  return read(loop.k_pages, loop.k_scales), v, key_ok, key_pos
 
 
 def _chunk_step(c, carry, loop: _Loop, exact: bool):
@@ -149,11 +164,13 @@ def _attend(loop: _Loop, lo, hi, seen, *, num_splits: int, one_chunk: bool,
   return softmax.merge_splits(acc + nonfinite[0] if exact else acc, m, l, 0, seen)
 
 
-def attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array,
-                  page_table: jax.Array, kv_lens: jax.Array, blocks: QueryBlocks, *,
-                  sm_scale: float, soft_cap: float | None, sliding_window: int | None,
-                  block_kv: int | None, num_splits: int | None) -> jax.Array:
-  """Attention of query blocks ``q [NB, qb, Hq, D]`` over ``k_pages[layer]``/``v_pages[layer]``.
+def attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, k_scales, v_scales,
+                  layer: jax.Array, page_table: jax.Array, kv_lens: jax.Array,
+                  blocks: QueryBlocks, *, sm_scale: float, soft_cap: float | None,
+                  sliding_window: int | None, block_kv: int | None,
+                  num_splits: int | None) -> jax.Array:
+  """Attention of query blocks ``q [NB, qb, Hq, D]`` over ``k_pages[layer]``/``v_pages[layer]``
+  (8-bit: with their ``k_scales``/``v_scales``, else None).
 
   Returns ``[NB, qb, Hq, D]`` float32. ``block_kv`` and ``num_splits`` default as measured on
   XLA:CPU (`default_block_kv`, `default_num_splits`).
@@ -163,17 +180,18 @@ def attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: j
   group = num_q_heads // num_kv_heads
   max_pages = page_table.shape[1]
   if block_kv is None:
-    block_kv = default_block_kv(max_pages * page_size, num_blocks)
+    block_kv = default_block_kv(max_pages * page_size, num_blocks, k_scales is not None)
   chunk_pages = max(1, min(block_kv // page_size, max_pages))
   if num_splits is None:
     num_splits = default_num_splits(max_pages, chunk_pages)
-  dot_dtype = jnp.promote_types(k_pages.dtype, jnp.float32 if q.dtype == jnp.float32 else
-                                k_pages.dtype)
+  dot_dtype = jnp.float32 if k_scales is not None else jnp.promote_types(
+      k_pages.dtype, jnp.float32 if q.dtype == jnp.float32 else k_pages.dtype)
   loop = _Loop(q=_head_major(q, num_kv_heads, sm_scale, dot_dtype),
                position=jnp.tile(blocks.position, (1, group)),  # head-major like q
                pages=jnp.pad(page_table[blocks.row], ((0, 0), (0, chunk_pages)),
                              constant_values=UNMAPPED),
-               kv_len=kv_lens[blocks.row], k_pages=k_pages, v_pages=v_pages, layer=layer,
+               kv_len=kv_lens[blocks.row], k_pages=k_pages, v_pages=v_pages,
+               k_scales=k_scales, v_scales=v_scales, layer=layer,
                chunk_pages=chunk_pages, soft_cap=soft_cap, sliding_window=sliding_window)
   lo, hi = _chunk_range(loop.position, chunk_pages * page_size, sliding_window)
   seen = jnp.tile(softmax.sees_a_key(page_table, blocks, page_size, sliding_window), (1, group))

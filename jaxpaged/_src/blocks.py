@@ -4,7 +4,7 @@ A demoted block (`CachedBlock`) keeps what a host hit needs to be verified and b
 bit-exactly: its K/V, the whole prefix of token ids it ends, and its 64-bit salt. The device
 programs are in `jaxpaged._src.transfer`; sequences swap out and in with `jaxpaged._src.swap`.
 
-Internal API: `cached_blocks`, `keep_pages`, `promote_args`, `promote_arrays`.
+Internal API: `cached_blocks`, `keep_pages`, `promote_args`, `promote_arrays`, `stack_blocks`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import numpy as np
 from jaxpaged._src import sharding
 from jaxpaged._src import checks
 from jaxpaged._src import transfer
-from jaxpaged._src.cache import PagedKVCache, check_cache, num_cached_free_pages
+from jaxpaged._src.cache import (HOST_FIELDS, PagedKVCache, check_cache, check_host_pools,
+                                 host_pools, num_cached_free_pages)
 from jaxpaged._src.spec import JaxPagedError, next_pow2
 from jaxpaged._src.swap import bucket, one_id
 
@@ -53,18 +54,22 @@ class CachedBlock:
     salt: the salt it was registered under, an int in ``[0, 2**64)``.
     tokens: ``int32[(depth + 1) * page_size]`` the whole prefix it ends, so a host hit is verified
       against every token before it, not only its hash.
-    k, v: ``[num_layers, num_kv_heads, page_size, head_dim]`` NumPy arrays.
+    k, v: ``[num_layers, num_kv_heads, page_size, head_dim]`` NumPy arrays, the cache's dtype.
+    k_scales, v_scales: ``float32[num_layers, num_kv_heads, page_size]``, the per-token scales
+      of 8-bit K/V (None for other caches).
 
   Example: `demote_blocks`.
 
   >>> [f.name for f in dataclasses.fields(CachedBlock)]
-  ['key', 'salt', 'tokens', 'k', 'v']
+  ['key', 'salt', 'tokens', 'k', 'v', 'k_scales', 'v_scales']
   """
   key: int
   salt: int
   tokens: np.ndarray
   k: np.ndarray
   v: np.ndarray
+  k_scales: np.ndarray | None = None
+  v_scales: np.ndarray | None = None
 
   @property
   def depth(self) -> int:
@@ -73,7 +78,7 @@ class CachedBlock:
 
   @property
   def nbytes(self) -> int:
-    return int(self.k.nbytes + self.v.nbytes + self.tokens.nbytes)
+    return int(sum(x.nbytes for x in host_pools(self).values()) + self.tokens.nbytes)
 
 
 def cached_blocks(spec, contents) -> list[CachedBlock]:
@@ -85,7 +90,8 @@ def cached_blocks(spec, contents) -> list[CachedBlock]:
     blocks.append(CachedBlock(block_key(contents["hashes"][i]),
                               checks.salt_int(contents["salts"][i]),
                               np.array(contents["tokens"][i, :end]),
-                              np.array(contents["k"][:, :, i]), np.array(contents["v"][:, :, i])))
+                              **{HOST_FIELDS[name]: np.array(x[:, :, i])
+                                 for name, x in contents["kv"].items()}))
   return blocks
 
 
@@ -173,15 +179,8 @@ def promote_arrays(spec, seq: int, held_tokens, salt: int, blocks):
   if length + len(blocks) * ps > spec.max_seq_len:
     raise JaxPagedError(f"blocks: {len(blocks)} blocks after {length} tokens exceed "
                         f"max_seq_len={spec.max_seq_len}; promote fewer blocks.")
-  expected = (spec.num_layers, spec.num_kv_heads, ps, spec.head_dim)
   for i, block in enumerate(blocks):
-    for name in ("k", "v"):
-      x = getattr(block, name)
-      if getattr(x, "shape", None) != expected or getattr(x, "dtype", None) != spec.dtype:
-        raise JaxPagedError(
-            f"blocks[{i}].{name} is {getattr(x, 'dtype', None)}{list(getattr(x, 'shape', ()))} "
-            f"but this cache's blocks are {spec.dtype}{list(expected)}; promote blocks demoted "
-            "from a cache with the same spec.")
+    check_host_pools(spec, block, f"blocks[{i}]")
     tokens = checks.host_token_ids(f"blocks[{i}].tokens", block.tokens)
     full = length + (i + 1) * ps
     if (len(tokens) != full
@@ -190,14 +189,23 @@ def promote_arrays(spec, seq: int, held_tokens, salt: int, blocks):
       raise JaxPagedError(f"blocks[{i}] does not continue seq_id {seq}: its prefix tokens or salt "
                           "differ; promote only blocks whose prefix the sequence holds.")
   pages = bucket(len(blocks), spec.max_pages_per_seq)
-  pad = lambda x: np.concatenate([x, np.zeros((pages - len(blocks),) + x.shape[1:], x.dtype)])
-  k = pad(np.stack([b.k for b in blocks])).transpose(1, 2, 0, 3, 4)
-  v = pad(np.stack([b.v for b in blocks])).transpose(1, 2, 0, 3, 4)
+  kv = stack_blocks(blocks, pages)
   tokens = np.zeros(pages * ps, np.int32)
   tokens[:len(blocks) * ps] = np.concatenate([b.tokens[-ps:] for b in blocks])
   lanes = jnp.asarray(np.array(checks.split_salt(salt), np.uint32))
   return (jnp.int32(seq), jnp.int32(len(blocks) * ps), jnp.asarray(tokens), lanes,
-          jnp.asarray(k), jnp.asarray(v), None)
+          {name: jnp.asarray(x) for name, x in kv.items()}, None)
+
+
+def stack_blocks(blocks, pages: int) -> dict[str, np.ndarray]:
+  """The blocks' pools (`host_pools`) stacked on the page axis (2) and zero-padded to
+  ``pages`` pages: what `transfer.restore_core` writes."""
+  def stack(arrays):
+    x = np.stack(arrays)
+    x = np.concatenate([x, np.zeros((pages - len(arrays),) + x.shape[1:], x.dtype)])
+    return np.moveaxis(x, 0, 2)
+  per_block = [host_pools(b) for b in blocks]
+  return {name: stack([kv[name] for kv in per_block]) for name in per_block[0]}
 
 
 def promote_blocks(cache: sharding.AnyCache, seq_id: int, blocks: Sequence[CachedBlock]

@@ -8,7 +8,9 @@ and XLA's CPU dot want; a token-major layout was 2-6x slower for decode attentio
 The allocator (`jaxpaged._src.allocator`) is a stack of free page ids (``free_pages[:num_free]``)
 plus a reference count per page; the public update functions are in `jaxpaged._src.paging`.
 
-Internal API (for the other ``jaxpaged._src`` modules): `check_cache`, `check_num_slots`,
+Internal API (for the other ``jaxpaged._src`` modules): `POOLS`, `HOST_FIELDS`, `pools`, `with_pools`,
+`keep_unless_pools`, `pool_layouts`, `host_pools`, `check_host_pools`,
+`check_cache`, `check_num_slots`,
 `check_layer`, `check_index`, `duplicated`, `cdiv`, `token_rows`.
 """
 
@@ -24,13 +26,86 @@ import numpy as np
 from jaxpaged._src import sharding
 from jaxpaged._src import checks
 from jaxpaged._src.prefix_state import PrefixState, init_prefix_state
-from jaxpaged._src.spec import CacheSpec, JaxPagedError
+from jaxpaged._src.spec import SCALE_DTYPE, CacheSpec, JaxPagedError
+
+# The page-indexed arrays of a cache, page axis 2 in each: what fork, swap, demotion and
+# promotion move together. The scale pools are None (absent) unless K/V have per-token scales.
+POOLS = ("k_pages", "v_pages", "k_scales", "v_scales")
+
+
+# The fields of a host copy (`SwappedSequence`, `CachedBlock`) that hold each pool's pages.
+HOST_FIELDS = dict(zip(POOLS, ("k", "v", "k_scales", "v_scales")))
+
+
+def pool_layouts(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
+  """Each pool this spec's caches hold: ``name -> (shape, dtype)``, in `POOLS` order."""
+  layouts = {"k_pages": (spec.pages_shape, spec.dtype), "v_pages": (spec.pages_shape, spec.dtype)}
+  if spec.token_scales:
+    layouts.update(k_scales=(spec.scales_shape, SCALE_DTYPE),
+                   v_scales=(spec.scales_shape, SCALE_DTYPE))
+  return layouts
+
+
+def host_pools(copy) -> dict:
+  """The pools' pages a host copy holds (fields `HOST_FIELDS`), by pool name; absent ones
+  (None) left out."""
+  return {name: getattr(copy, field) for name, field in HOST_FIELDS.items()
+          if getattr(copy, field, None) is not None}
+
+
+def check_host_pools(spec: CacheSpec, copy, what: str, min_pages: int | None = None) -> dict:
+  """`host_pools` of ``copy``, checked against ``spec``'s `pool_layouts`: the same pools and
+  dtypes, shapes without the page axis (``min_pages`` None: one page, as a `CachedBlock`) or
+  with the same count of at least ``min_pages`` pages in every pool. Else a `JaxPagedError`
+  naming ``what``'s field."""
+  found, layouts = host_pools(copy), pool_layouts(spec)
+  if set(found) != set(layouts):
+    raise JaxPagedError(f"{what} holds {sorted(HOST_FIELDS[n] for n in found)} but this cache "
+                        f"needs {sorted(HOST_FIELDS[n] for n in layouts)} ({spec.dtype} K/V); "
+                        "bring it into a cache with the same spec.")
+  counts = set()
+  for name, (shape, dtype) in layouts.items():
+    x, field = found[name], HOST_FIELDS[name]
+    got = tuple(getattr(x, "shape", ()))
+    if min_pages is None:
+      want, ok = shape[:2] + shape[3:], got == shape[:2] + shape[3:]
+    else:
+      want = shape[:2] + (f">={min_pages} pages",) + shape[3:]
+      ok = len(got) == len(shape) and got[:2] + got[3:] == shape[:2] + shape[3:] and (
+          got[2] >= min_pages)
+      counts.add(got[2] if ok else None)
+    if not ok or getattr(x, "dtype", None) != dtype:
+      raise JaxPagedError(f"{what}.{field} is {getattr(x, 'dtype', None)}{list(got)} but this "
+                          f"cache needs {jnp.dtype(dtype)}{list(want)}; bring back what came "
+                          "from a cache with the same spec.")
+  if len(counts) > 1:
+    raise JaxPagedError(f"{what}'s fields hold different page counts "
+                        f"{[found[n].shape[2] for n in layouts]}; pass them as they came.")
+  return found
+
+
+def pools(cache) -> dict[str, jax.Array]:
+  """The cache's present page-indexed arrays by name (`POOLS`), in that order."""
+  return {name: getattr(cache, name) for name in POOLS if getattr(cache, name) is not None}
+
+
+def with_pools(cache, new: dict):
+  """``cache`` with the arrays of `pools` replaced by ``new``'s (same names)."""
+  return dataclasses.replace(cache, **new)
+
+
+def keep_unless_pools(keep, new, old):
+  """``keep(new_leaf, old_leaf)`` over every leaf but the pools, which come out None (a select
+  over the pools would copy them): the caller puts back the pools it chose."""
+  no_pools = {name: None for name in POOLS}
+  return jax.tree.map(keep, dataclasses.replace(new, **no_pools),
+                      dataclasses.replace(old, **no_pools))
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["k_pages", "v_pages", "page_table", "seq_lens", "ref_counts", "free_pages",
-                 "num_free", "prefix"],
+    data_fields=["k_pages", "v_pages", "k_scales", "v_scales", "page_table", "seq_lens",
+                 "num_evicted", "ref_counts", "free_pages", "num_free", "prefix"],
     meta_fields=["spec"])
 @dataclasses.dataclass(frozen=True)
 class PagedKVCache:
@@ -40,9 +115,14 @@ class PagedKVCache:
   Attributes:
     k_pages: ``[num_layers, num_kv_heads, num_pages, page_size, head_dim]`` keys.
     v_pages: same shape, values.
+    k_scales: ``float32[num_layers, num_kv_heads, num_pages, page_size]``, the scale of every
+      stored (token, head) row of K, for 8-bit K/V with per-token scales; else None.
+    v_scales: the same for V.
     page_table: ``int32[max_seqs, max_pages_per_seq]``, physical page of each logical page,
       -1 where unmapped.
     seq_lens: ``int32[max_seqs]`` tokens held by each sequence (0 = empty slot).
+    num_evicted: ``int32[max_seqs]`` tokens `compress` dropped from each sequence: its next
+      token's position is ``seq_lens + num_evicted`` (`token_positions`).
     ref_counts: ``int32[num_pages]`` page-table entries referring to each page.
     free_pages: ``int32[num_pages]`` stack of free, never-cached page ids; entries
       ``[0, num_free)`` are valid.
@@ -54,13 +134,16 @@ class PagedKVCache:
   ...                  max_seqs=2, max_pages_per_seq=4)
   >>> cache = init_cache(spec)
   >>> cache.k_pages.shape, cache.page_table.shape, len(jax.tree.leaves(cache))
-  ((2, 1, 8, 4, 8), (2, 4), 7)
+  ((2, 1, 8, 4, 8), (2, 4), 8)
   """
 
   k_pages: jax.Array
   v_pages: jax.Array
+  k_scales: jax.Array | None
+  v_scales: jax.Array | None
   page_table: jax.Array
   seq_lens: jax.Array
+  num_evicted: jax.Array
   ref_counts: jax.Array
   free_pages: jax.Array
   num_free: jax.Array
@@ -79,11 +162,12 @@ def init_cache(spec: CacheSpec) -> PagedKVCache:
   if not isinstance(spec, CacheSpec):
     raise JaxPagedError(f"init_cache expects a CacheSpec, got {type(spec).__name__}; "
                         "build one with jaxpaged.CacheSpec(...).")
+  empty = {name: jnp.zeros(shape, dtype) for name, (shape, dtype) in pool_layouts(spec).items()}
   return PagedKVCache(
-      k_pages=jnp.zeros(spec.pages_shape, spec.dtype),
-      v_pages=jnp.zeros(spec.pages_shape, spec.dtype),
+      **{name: empty.get(name) for name in POOLS},
       page_table=jnp.full((spec.max_seqs, spec.max_pages_per_seq), -1, jnp.int32),
       seq_lens=jnp.zeros((spec.max_seqs,), jnp.int32),
+      num_evicted=jnp.zeros((spec.max_seqs,), jnp.int32),
       ref_counts=jnp.zeros((spec.num_pages,), jnp.int32),
       # Popped from the top, so page 0 is handed out first.
       free_pages=jnp.arange(spec.num_pages - 1, -1, -1, dtype=jnp.int32),

@@ -42,6 +42,7 @@ from jaxpaged._src import manager_steps as steps
 from jaxpaged._src import planning
 from jaxpaged._src import blocks
 from jaxpaged._src import swap
+from jaxpaged._src.cache import cdiv, check_host_pools
 from jaxpaged._src.manager_core import ManagerCore, Refused
 from jaxpaged._src.prefix import match_plan
 from jaxpaged._src.prefix_hooks import evictable
@@ -272,13 +273,11 @@ class CacheManager(ManagerCore):
     if not isinstance(swapped, swap.SwappedSequence):
       raise JaxPagedError(f"swapped must be a jaxpaged.SwappedSequence (from swap_out), got "
                           f"{type(swapped).__name__}.")
-    shape = (self.spec.num_layers, self.spec.num_kv_heads)
-    if (tuple(swapped.k.shape[:2]) != shape or swapped.k.shape[3:] != (self.spec.page_size,
-                                                                     self.spec.head_dim)
-        or not 1 <= swapped.length <= self.spec.max_seq_len):
-      raise JaxPagedError(f"swapped must come from a cache of this manager's spec {self.spec}, "
-                          f"got K/V of shape {tuple(swapped.k.shape)} and length "
+    if not 1 <= swapped.length <= self.spec.max_seq_len:
+      raise JaxPagedError(f"swapped.length must be in [1, {self.spec.max_seq_len}], got "
                           f"{swapped.length}; move sequences only between equal specs.")
+    check_host_pools(self.spec, swapped, "swapped", min_pages=cdiv(swapped.length,
+                                                                    self.spec.page_size))
     seq = self._free_slot()
     if seq is None:
       self._update_pressure()

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxpaged._src import sharding
 from jaxpaged._src import allocator
 from jaxpaged._src import checks
+from jaxpaged._src import quant
 from jaxpaged._src.cache import (check_cache, check_index, check_layer,
                                  check_num_slots, token_rows)
 
@@ -112,8 +113,9 @@ def extend_args(cache, seq_ids, num_new_tokens, num_slots, tokens):
 def token_positions(cache: sharding.AnyCache, seq_ids: jax.Array, num_new_tokens: jax.Array, *,
                     num_slots: int | None = None) -> jax.Array:
   """Position within its sequence of every new token, in `extend`'s layout, for a cache that
-  `extend` has already grown (so for RoPE): ``seq_len - num_new_tokens + offset``; -1 for
-  padding rows and entries past the last row.
+  `extend` has already grown (so for RoPE): ``seq_len + num_evicted - num_new_tokens +
+  offset`` (``num_evicted``: tokens `compress` dropped before); -1 for padding rows and entries
+  past the last row.
 
   >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
   ...                  max_seqs=2, max_pages_per_seq=4)
@@ -132,7 +134,8 @@ def token_positions(cache: sharding.AnyCache, seq_ids: jax.Array, num_new_tokens
     return jnp.full((num_slots,), -1, jnp.int32)
   live = (seq_ids >= 0) & (seq_ids < cache.spec.max_seqs)
   row, offset, valid = token_rows(counts, num_slots)
-  length = cache.seq_lens[jnp.where(live, seq_ids, 0)]
+  rows = jnp.where(live, seq_ids, 0)
+  length = cache.seq_lens[rows] + cache.num_evicted[rows]
   position = (length - counts)[row] + offset
   return jnp.where(valid & live[row], position, -1).astype(jnp.int32)
 
@@ -225,7 +228,8 @@ def gather_kv(cache: sharding.AnyCache, layer: int | jax.Array, seq_id: int | ja
 
   Returns:
     ``(k, v)``, each ``[max_pages_per_seq * page_size, num_kv_heads, head_dim]``; positions at or
-    past the sequence's length are zero, so ``k[:cache.seq_lens[seq_id]]`` is its keys.
+    past the sequence's length are zero, so ``k[:cache.seq_lens[seq_id]]`` is its keys. 8-bit
+    K/V come back dequantized, as float32 (`quant.dequantize`).
 
   >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=2, page_size=4, num_pages=8,
   ...                  max_seqs=2, max_pages_per_seq=2)
@@ -251,11 +255,17 @@ def _gather_kv(cache, layer, seq_id):
   pages = cache.page_table[seq_id]
   valid = in_range & (jnp.arange(spec.max_seq_len) < cache.seq_lens[seq_id])[:, None, None]
 
-  def gather(pool):  # [H, P, ps, D] -> [max_seq_len, H, D]
+  def gather(pool):  # [H, P, ps, ...] -> [max_seq_len, H, ...]
     x = pool[layer][:, jnp.clip(pages, 0)]
-    x = jnp.moveaxis(x, 0, 2).reshape(spec.max_seq_len, spec.num_kv_heads, spec.head_dim)
+    return jnp.moveaxis(x, 0, 2).reshape((spec.max_seq_len, spec.num_kv_heads) + x.shape[3:])
+
+  def read(pages, scales):
+    x = gather(pages)
+    if scales is not None:
+      x = quant.dequantize(x, gather(scales) if scales.ndim > 1 else scales[layer])
     return jnp.where(valid, x, 0)
 
-  return gather(cache.k_pages), gather(cache.v_pages)
+  k_scales, v_scales = quant.attention_scales(cache)
+  return read(cache.k_pages, k_scales), read(cache.v_pages, v_scales)
 
 

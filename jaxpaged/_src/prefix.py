@@ -25,7 +25,7 @@ from jaxpaged._src import sharding
 from jaxpaged._src import checks, hashing, prefix_state, table
 from jaxpaged._src.allocator import EXTEND_REASONS, any_problem, extend_core, extend_plan
 from jaxpaged._src.cache import (check_cache, check_num_slots, duplicated,
-                                 token_rows)
+                                 keep_unless_pools, pools, token_rows, with_pools)
 from jaxpaged._src.prefix_state import STATS, bump, init_prefix_state
 from jaxpaged._src.spec import JaxPagedError
 
@@ -276,10 +276,7 @@ def match_core(cache, seq_ids, tokens, lengths, salts, max_prompt_tokens, *, num
                                    plan.num_new, new_tokens, num_slots=num_slots)
   ok = ok & plan.ok
   keep = lambda new, old: jnp.where(ok, new, old)
-  result = dataclasses.replace(
-      jax.tree.map(keep, dataclasses.replace(extended, k_pages=None, v_pages=None),
-                   dataclasses.replace(cache, k_pages=None, v_pages=None)),
-      k_pages=extended.k_pages, v_pages=extended.v_pages)
+  result = with_pools(keep_unless_pools(keep, extended, cache), pools(extended))
   zero = lambda x: jnp.where(ok, x, jnp.zeros_like(x))
   return result, PrefixMatch(zero(plan.num_cached), zero(plan.num_new),
                              jnp.where(ok, slots, -1), ok)
@@ -328,10 +325,7 @@ def _reset(cache):
                                  stats=prefix.stats, seq_salt=prefix.seq_salt,
                                  seq_hashable=prefix.seq_hashable))
   keep = lambda new, old: jnp.where(ok, new, old)
-  return dataclasses.replace(
-      jax.tree.map(keep, dataclasses.replace(reset, k_pages=None, v_pages=None),
-                   dataclasses.replace(cache, k_pages=None, v_pages=None)),
-      k_pages=cache.k_pages, v_pages=cache.v_pages), ok
+  return with_pools(keep_unless_pools(keep, reset, cache), pools(cache)), ok
 
 
 def prefix_stats(cache: sharding.AnyCache) -> dict:

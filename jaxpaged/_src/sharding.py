@@ -165,7 +165,8 @@ def local_spec(spec: CacheSpec, mesh: Mesh) -> CacheSpec:
 def cache_partition(shards: PagedKVCache) -> PagedKVCache:
   """The `PartitionSpec` of every leaf of a stacked cache (a `PagedKVCache`-shaped pytree)."""
   specs = jax.tree.map(lambda _: P(DATA), shards)
-  return dataclasses.replace(specs, k_pages=P(DATA, None, MODEL), v_pages=P(DATA, None, MODEL))
+  return cache_lib.with_pools(specs, {name: P(DATA, None, MODEL)
+                                      for name in cache_lib.pools(shards)})
 
 
 def cache_shardings(cache: ShardedCache) -> ShardedCache:
@@ -562,15 +563,15 @@ def shard_view(cache: ShardedCache, shard: int) -> PagedKVCache:
   """
   one = jax.tree.map(lambda a: a[shard], cache.shards)
   r = cache.replicas
-  return dataclasses.replace(one, k_pages=one.k_pages[:, ::r], v_pages=one.v_pages[:, ::r],
-                             spec=cache.spec)
+  return dataclasses.replace(cache_lib.with_pools(one, {
+      name: pool[:, ::r] for name, pool in cache_lib.pools(one).items()}), spec=cache.spec)
 
 
 @functools.partial(jax.jit, static_argnames=("shard",))
 def _put(cache: ShardedCache, view: PagedKVCache, shard: int) -> ShardedCache:
   r = cache.replicas
-  view = dataclasses.replace(view, k_pages=jnp.repeat(view.k_pages, r, axis=1),
-                             v_pages=jnp.repeat(view.v_pages, r, axis=1),
+  view = dataclasses.replace(cache_lib.with_pools(view, {
+      name: jnp.repeat(pool, r, axis=1) for name, pool in cache_lib.pools(view).items()}),
                              spec=cache.shards.spec)
   shards = jax.tree.map(lambda a, b: a.at[shard].set(b), cache.shards, view)
   return dataclasses.replace(cache, shards=jax.lax.with_sharding_constraint(

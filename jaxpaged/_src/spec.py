@@ -18,7 +18,15 @@ INT32_MIN, INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
 # The largest power of two an int32 holds: the hash table's code uses ``capacity`` itself, an
 # int32, as "no slot" (`jaxpaged._src.table.probe`). At 12 bytes a slot that is 12 GiB of table.
 _MAX_TABLE = 1 << 30
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# 8-bit storage and the largest magnitude each stores: a value is divided by its scale, then
+# rounded (int8, symmetric: -127..127) or cast (fp8, saturating at the finite maximum).
+QUANTIZED_DTYPES = {jnp.dtype(jnp.int8): 127.0,
+                    jnp.dtype(jnp.float8_e4m3fn): float(jnp.finfo(jnp.float8_e4m3fn).max),
+                    jnp.dtype(jnp.float8_e5m2): float(jnp.finfo(jnp.float8_e5m2).max)}
+SUPPORTED_DTYPES = FLOAT_DTYPES + tuple(QUANTIZED_DTYPES)
+# Per-token scales are stored as float32: 4 bytes per (token, KV head), for K and for V.
+SCALE_DTYPE = jnp.dtype(jnp.float32)
 
 
 def next_pow2(n: int) -> int:
@@ -57,17 +65,38 @@ def _check_min_prefix_tokens(value: Any) -> None:
 
 def _canonical_dtype(dtype: Any) -> jnp.dtype:
   """``dtype`` as a `jnp.dtype`, if it is one of `SUPPORTED_DTYPES`."""
+  names = ", ".join(d.name for d in SUPPORTED_DTYPES)
   try:
     canonical = jnp.dtype(dtype)
   except TypeError as e:
-    raise JaxPagedError(
-        f"CacheSpec.dtype must be a float dtype, got {dtype!r}; "
-        "use jnp.float32, jnp.bfloat16 or jnp.float16.") from e
+    raise JaxPagedError(f"CacheSpec.dtype must be one of {names}, got {dtype!r}; e.g. "
+                        "dtype=jnp.bfloat16, or jnp.int8 for 8-bit K/V with scales.") from e
   if canonical not in SUPPORTED_DTYPES:
     raise JaxPagedError(
-        f"CacheSpec.dtype must be one of float32, bfloat16, float16, got {canonical}; "
-        "store K/V in one of those (cast the model's K/V before write_kv).")
+        f"CacheSpec.dtype must be one of {names}, got {canonical}; store K/V in one of those "
+        "(the 8-bit ones quantize in write_kv).")
   return canonical
+
+
+def _check_static_scales(value: Any, dtype: jnp.dtype, num_layers: int):
+  """``static_scales`` as a tuple of ``num_layers`` ``(k_scale, v_scale)`` float pairs, or None."""
+  if value is None:
+    return None
+  if dtype not in QUANTIZED_DTYPES:
+    raise JaxPagedError(f"CacheSpec.static_scales applies to 8-bit K/V only, but dtype is "
+                        f"{dtype}; leave it None, or set dtype to int8 or a float8 type.")
+  try:
+    pairs = np.asarray(value, np.float64)
+  except (TypeError, ValueError):
+    pairs = np.asarray(np.nan)
+  if pairs.shape == (2,):
+    pairs = np.broadcast_to(pairs, (num_layers, 2))
+  if pairs.shape != (num_layers, 2) or not (np.isfinite(pairs).all() and (pairs > 0).all()):
+    raise JaxPagedError(f"CacheSpec.static_scales must be one (k_scale, v_scale) pair of "
+                        f"positive finite floats, or one pair per layer ({num_layers}), got "
+                        f"{value!r}; e.g. static_scales=(0.05, 0.02) (a stored value times its "
+                        "scale is the real value).")
+  return tuple((float(k), float(v)) for k, v in pairs)
 
 
 _SIZES = ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages", "max_seqs",
@@ -88,7 +117,13 @@ class CacheSpec:
     max_seqs: sequence slots; a sequence id is an index in ``[0, max_seqs)``.
     max_pages_per_seq: page-table width, so a sequence holds at most
       ``max_pages_per_seq * page_size`` tokens.
-    dtype: K/V element type: float32, bfloat16 or float16.
+    dtype: K/V storage type: float32, bfloat16 or float16, or 8-bit (int8, float8_e4m3fn,
+      float8_e5m2), which `write_kv` quantizes into and attention dequantizes per chunk.
+    static_scales: 8-bit only. None (default): one float32 scale per (token, KV head), taken
+      from that row's largest magnitude when it is written, kept in ``k_scales``/``v_scales``.
+      Else ``(k_scale, v_scale)`` for every layer, or a tuple of such pairs one per layer
+      (vLLM's fp8 style, from calibration): no scale pools, and values past ``scale * max``
+      saturate. See `token_bytes`.
     prefix_caching: keep full blocks cached after their sequences end, for `match_prefix`.
     table_capacity: prefix hash-table slots, a power of two, at most 2**30 (default: the
       smallest power of two >= 2 * num_pages, capped there).
@@ -116,6 +151,7 @@ class CacheSpec:
   max_cached_blocks: int | None = None
   min_prefix_tokens: int = 0
   block_hash: str = "mix64"
+  static_scales: Any = None
 
   def __post_init__(self) -> None:
     # In this order: a spec with several bad fields reports the first of them.
@@ -130,6 +166,8 @@ class CacheSpec:
       raise JaxPagedError(f"CacheSpec.block_hash must be 'mix64' (or 'constant' / 'unchained', "
                           f"for testing), got {self.block_hash!r}.")
     object.__setattr__(self, "dtype", _canonical_dtype(self.dtype))
+    object.__setattr__(self, "static_scales",
+                       _check_static_scales(self.static_scales, self.dtype, self.num_layers))
     self._check_int32_products()
     if self.min_prefix_tokens > self.max_seq_len:
       raise JaxPagedError(f"CacheSpec.min_prefix_tokens must be at most max_seq_len = "
@@ -191,7 +229,36 @@ class CacheSpec:
     return (self.num_layers, self.num_kv_heads, self.num_pages, self.page_size, self.head_dim)
 
   @property
+  def quantized(self) -> bool:
+    """Whether K/V are stored in 8 bits (with scales)."""
+    return self.dtype in QUANTIZED_DTYPES
+
+  @property
+  def token_scales(self) -> bool:
+    """Whether the cache keeps a scale per (token, KV head): 8-bit without static scales."""
+    return self.quantized and self.static_scales is None
+
+  @property
+  def scales_shape(self) -> tuple[int, int, int, int]:
+    """Shape of the K (and V) scale pools: [layers, kv heads, pages, page_size]."""
+    return self.pages_shape[:4]
+
+  @property
+  def token_bytes(self) -> int:
+    """Bytes one token takes across all layers, K and V, scales included: ``2 * layers *
+    kv_heads * (head_dim * itemsize + 4 with per-token scales)``.
+
+    >>> sizes = dict(num_layers=1, num_kv_heads=1, head_dim=64, page_size=16, num_pages=8,
+    ...              max_seqs=1, max_pages_per_seq=4)
+    >>> [CacheSpec(**sizes, dtype=d).token_bytes for d in (jnp.float32, jnp.bfloat16, jnp.int8)]
+    [512, 256, 136]
+    >>> CacheSpec(**sizes, dtype=jnp.float8_e4m3fn, static_scales=(0.1, 0.1)).token_bytes
+    128
+    """
+    row = self.head_dim * self.dtype.itemsize + (SCALE_DTYPE.itemsize if self.token_scales else 0)
+    return 2 * self.num_layers * self.num_kv_heads * row
+
+  @property
   def page_bytes(self) -> int:
-    """Bytes of K plus V that one page holds across all layers."""
-    k_or_v = self.num_layers * self.num_kv_heads * self.page_size * self.head_dim
-    return 2 * k_or_v * self.dtype.itemsize
+    """Bytes of K plus V (and their scales) that one page holds across all layers."""
+    return self.page_size * self.token_bytes

@@ -27,7 +27,8 @@ import numpy as np
 from jaxpaged._src import sharding
 from jaxpaged._src import checks
 from jaxpaged._src import transfer
-from jaxpaged._src.cache import PagedKVCache, check_cache, check_index
+from jaxpaged._src.cache import (HOST_FIELDS, PagedKVCache, check_cache, check_host_pools,
+                                 check_index, host_pools, pools)
 from jaxpaged._src.paging import release
 from jaxpaged._src.spec import JaxPagedError, next_pow2
 
@@ -65,13 +66,16 @@ class SwappedSequence:
     seq_id: the slot it came from (and returns to by default).
     length: tokens it holds.
     k, v: host arrays ``[num_layers, num_kv_heads, pages, page_size, head_dim]`` (``pages`` >=
-      ``ceil(length / page_size)``): NumPy on the CPU backend, else ``pinned_host`` arrays
-      where the device has that memory (a few padded sizes), else NumPy.
+      ``ceil(length / page_size)``) in the cache's dtype: NumPy on the CPU backend, else
+      ``pinned_host`` arrays where the device has that memory (a few padded sizes), else NumPy.
     tokens: host ``int32`` array of its token ids (first ``length`` valid), or None when they
       are unknown (it was extended without ids, or prefix caching is off).
     salt: its prefix-cache salt, an int in ``[0, 2**64)``.
     written: host ``bool[pages, num_layers, page_size]``, which K/V had been written (None
       without prefix caching: all of its tokens count as written).
+    k_scales, v_scales: host ``float32[num_layers, num_kv_heads, pages, page_size]``, the
+      per-token scales of 8-bit K/V (None for other caches).
+    num_evicted: tokens `compress` had dropped from it (its positions continue after them).
 
   Example: `swap_in`.
 
@@ -85,11 +89,14 @@ class SwappedSequence:
   tokens: object | None
   salt: int
   written: object | None = None
+  k_scales: object | None = None
+  v_scales: object | None = None
+  num_evicted: int = 0
 
   @property
   def nbytes(self) -> int:
-    """Host bytes held (K, V, token ids and written flags)."""
-    return int(sum(x.nbytes for x in (self.k, self.v, self.tokens, self.written)
+    """Host bytes held (K, V, their scales, token ids and written flags)."""
+    return int(sum(x.nbytes for x in (*host_pools(self).values(), self.tokens, self.written)
                    if x is not None))
 
 
@@ -144,26 +151,30 @@ def copy_out(cache: PagedKVCache, seq_ids) -> list[SwappedSequence]:
   # On the CPU backend the pool already is host memory: NumPy copies the pages out of it (4-5x
   # faster than an XLA gather there). Elsewhere the device gathers and copies to host async.
   on_cpu = next(iter(cache.k_pages.devices())).platform == "cpu"
+  evicted = np.asarray(cache.num_evicted)[ids]
   if on_cpu:
     table = np.asarray(cache.page_table)
-    pools = [np.asarray(x) for x in (cache.k_pages, cache.v_pages)]
+    host = {name: np.asarray(x) for name, x in pools(cache).items()}
     page_tokens = None if prefix is None else np.asarray(prefix.page_tokens)
     page_written = None if prefix is None else np.asarray(prefix.page_written)
   swapped = []
-  for seq, length, has_tokens, salt in zip(ids, lengths.tolist(), known, salts):
+  for seq, length, has_tokens, salt, gone in zip(ids, lengths.tolist(), known, salts,
+                                                 evicted.tolist()):
     pages = -(-length // spec.page_size)
     if on_cpu:
       held = table[seq, :pages]
-      k, v = (np.take(pool, held, axis=2) for pool in pools)
+      kv = {name: np.take(pool, held, axis=2) for name, pool in host.items()}
       tokens = page_tokens[held].reshape(-1) if has_tokens else None
       written = None if prefix is None else page_written[held]
     else:
-      k, v, tokens, written = transfer.gather_sequence(cache, jnp.int32(seq),
-                                               num_pages=bucket(pages, spec.max_pages_per_seq))
-      k, v = host_copy(k), host_copy(v)
+      kv, tokens, written = transfer.gather_sequence(cache, jnp.int32(seq),
+                                                 num_pages=bucket(pages, spec.max_pages_per_seq))
+      kv = {name: host_copy(x) for name, x in kv.items()}
       tokens = host_copy(tokens) if has_tokens else None
       written = None if written is None else np.asarray(written)
-    swapped.append(SwappedSequence(seq, length, k, v, tokens, salt, written))
+    swapped.append(SwappedSequence(seq, length, tokens=tokens, salt=salt, written=written,
+                                   num_evicted=gone,
+                                   **{HOST_FIELDS[name]: x for name, x in kv.items()}))
   return swapped
 
 
@@ -182,16 +193,12 @@ def _check_swapped(spec, cache, swapped, seq_id):
     raise JaxPagedError(f"swapped.length must be an int in [1, {spec.max_seq_len}], got "
                         f"{length!r}; pass what swap_out returned.")
   pages = -(-int(length) // spec.page_size)
-  expected = spec.pages_shape[:2] + (pages,) + spec.pages_shape[3:]
-  for name in ("k", "v"):
-    x = getattr(swapped, name)
-    shape, dtype = tuple(getattr(x, "shape", ())), getattr(x, "dtype", None)
-    if (len(shape) != 5 or shape[:2] + shape[3:] != expected[:2] + expected[3:]
-        or shape[2] < pages or dtype != spec.dtype or shape != tuple(swapped.k.shape)):
-      raise JaxPagedError(
-          f"swapped.{name} is {dtype}{list(shape)} but this cache needs {spec.dtype}"
-          f"{list(expected)} (at least {pages} pages for {length} tokens, k and v alike); "
-          "swap in into a cache with the same spec, with what swap_out returned.")
+  check_host_pools(spec, swapped, "swapped", min_pages=pages)
+  evicted = swapped.num_evicted
+  if isinstance(evicted, bool) or not isinstance(evicted, (int, np.integer)) or not (
+      0 <= evicted <= checks.INT32_MAX - spec.max_seq_len):
+    raise JaxPagedError(f"swapped.num_evicted must be an int >= 0 (tokens compress dropped), "
+                        f"got {evicted!r}; pass what swap_out returned.")
   match = cache.prefix is not None and swapped.tokens is not None
   tokens = swapped.tokens
   if match and (getattr(tokens, "ndim", None) != 1 or len(tokens) < length
@@ -226,12 +233,13 @@ def swap_in_args(cache: PagedKVCache, swapped, seq_id=None):
       where = jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec())
     return jax.device_put(x, where)
   size = bucket(swapped.k.shape[2], spec.max_pages_per_seq)  # few shapes: few compiles
-  k, v = (place(_pad(x, size, axis=2)) for x in (swapped.k, swapped.v))
+  kv = {name: place(_pad(x, size, axis=2)) for name, x in host_pools(swapped).items()}
   tokens = place(_pad(np.asarray(swapped.tokens), size * spec.page_size, axis=0)) if match else None
   if written is not None:
     written = place(_pad(np.asarray(written), size, axis=0))
   lanes = jnp.asarray(np.array(checks.split_salt(salt), np.uint32))
-  return (jnp.int32(target), jnp.int32(swapped.length), tokens, lanes, k, v, written), match
+  return (jnp.int32(target), jnp.int32(swapped.length), tokens, lanes, kv, written,
+          jnp.int32(swapped.num_evicted)), match
 
 
 def swap_in(cache: sharding.AnyCache, swapped: SwappedSequence, *, seq_id: int | None = None

@@ -20,33 +20,38 @@ import jax.numpy as jnp
 
 from jaxpaged._src import prefix_state
 from jaxpaged._src.allocator import extend_core
+from jaxpaged._src.cache import pools, with_pools
 from jaxpaged._src.prefix import match_core
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages",))
 def gather_sequence(cache, seq_id, *, num_pages):
-  """K/V pages ``[L, H, num_pages, ps, D]``, token ids and written flags of one sequence, in
-  logical order."""
+  """The pools' pages of one sequence (a dict like `cache.pools`: K/V ``[L, H, num_pages, ps,
+  D]``, scales ``[L, H, num_pages, ps]``), its token ids and written flags, in logical order."""
   pages = cache.page_table[seq_id, :num_pages]
   prefix = cache.prefix
   tokens = None if prefix is None else prefix.page_tokens[pages].reshape(-1)
   written = None if prefix is None else prefix.page_written[pages]
   take = lambda pool: jnp.take(pool, pages, axis=2, mode="clip")  # the fastest gather on CPU
-  return take(cache.k_pages), take(cache.v_pages), tokens, written
+  return {name: take(pool) for name, pool in pools(cache).items()}, tokens, written
 
 
-def restore_core(cache, seq_id, length, tokens, salt, k, v, written, *, match: bool):
-  """Makes room for ``length`` tokens of ``seq_id`` and writes their K/V ``[L, H, n, ps, D]``.
+def restore_core(cache, seq_id, length, tokens, salt, kv, written, num_evicted=None, *,
+                 match: bool):
+  """Makes room for ``length`` tokens of ``seq_id`` and writes their pages ``kv`` (a dict of
+  every pool of `cache.pools`, K/V ``[L, H, n, ps, D]``, scales ``[L, H, n, ps]``).
 
   ``match``: the sequence is new and its ``tokens`` are known, so blocks still cached on device
   are attached (`match_prefix`) and only the rest is copied. Otherwise the tokens are appended
   (`extend`, registering full blocks when ``tokens`` are given). ``salt`` is ``uint32[2]``;
   ``written`` ``bool[n, L, ps]`` says which copied K/V count as written (None: every token
-  below ``length``). Traceable and atomic: ``(cache, ok)``.
+  below ``length``). ``num_evicted`` (an int32 scalar, or None to leave it): the tokens
+  `compress` had dropped from it. Traceable and atomic: ``(cache, ok)``.
   """
   spec = cache.spec
   ps = spec.page_size
-  width = k.shape[2] * ps
+  num_pages = kv["k_pages"].shape[2]
+  width = num_pages * ps
   seq_ids = seq_id[None]
   if match:
     cache, found = match_core(cache, seq_ids, tokens[None], length[None], salt[None], None,
@@ -58,7 +63,7 @@ def restore_core(cache, seq_id, length, tokens, salt, k, v, written, *, match: b
   # New tokens start on a page boundary (hits and promoted blocks are whole pages), so whole
   # pages are copied: source page i goes where the new range's page i - skip starts (skip: pages
   # attached as hits). Only page ids are gathered; the K/V move once, in one scatter.
-  i = jnp.arange(k.shape[2]) - start // ps
+  i = jnp.arange(num_pages) - start // ps
   first = slots[jnp.clip(i * ps, 0, width - 1)]
   page = jnp.where((i >= 0) & (first >= 0), first // ps, spec.num_pages)  # else dropped
   write = lambda pool, new: pool.at[:, :, page].set(new, mode="drop")
@@ -66,11 +71,15 @@ def restore_core(cache, seq_id, length, tokens, salt, k, v, written, *, match: b
   if prefix is not None:
     if written is None:
       below = jnp.arange(width).reshape(-1, 1, ps) < length
-      written = jnp.broadcast_to(below, (k.shape[2], spec.num_layers, ps))
+      written = jnp.broadcast_to(below, (num_pages, spec.num_layers, ps))
     prefix = dataclasses.replace(prefix, page_written=prefix.page_written.at[page].set(
         written, mode="drop"))
-  return dataclasses.replace(cache, k_pages=write(cache.k_pages, k),
-                             v_pages=write(cache.v_pages, v), prefix=prefix), ok
+  new = {name: write(pool, kv[name]) for name, pool in pools(cache).items()}
+  cache = dataclasses.replace(with_pools(cache, new), prefix=prefix)
+  if num_evicted is not None:
+    cache = dataclasses.replace(cache, num_evicted=cache.num_evicted.at[seq_id].set(
+        jnp.where(ok, num_evicted, cache.num_evicted[seq_id])))
+  return cache, ok
 
 
 restore_jit = jax.jit(restore_core, static_argnames=("match",))
@@ -110,7 +119,7 @@ def demote_plan(cache, count, keep, *, max_count: int):
 
   Returns ``(victims int32[max_count], contents)``: victims -1 past the count; ``contents`` a
   dict of ``hashes``, ``salts``, ``depths``, ``tokens`` (the whole prefix), ``complete`` (that
-  prefix could be read back), ``k``, ``v`` per victim.
+  prefix could be read back), ``kv`` (the pools' pages, by `cache.pools` name) per victim.
   """
   spec, prefix = cache.spec, cache.prefix
   protect = jnp.zeros((spec.num_pages,), bool).at[
@@ -124,7 +133,7 @@ def demote_plan(cache, count, keep, *, max_count: int):
   complete &= (victims >= 0) & prefix_state.fully_written(prefix, safe)
   return victims, dict(hashes=prefix.page_hash[safe], salts=prefix.page_salt[safe],
                        depths=prefix.page_depth[safe], tokens=tokens, complete=complete,
-                       k=cache.k_pages[:, :, safe], v=cache.v_pages[:, :, safe])
+                       kv={name: pool[:, :, safe] for name, pool in pools(cache).items()})
 
 
 def evict_blocks(cache, victims):

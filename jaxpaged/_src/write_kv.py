@@ -26,28 +26,22 @@ from jax.typing import ArrayLike
 from jaxpaged._src import sharding
 from jaxpaged._src import checks
 from jaxpaged._src import gpu
+from jaxpaged._src import cache as cache_lib
 from jaxpaged._src import prefix_state
+from jaxpaged._src import quant
 from jaxpaged._src.cache import PagedKVCache, check_cache, check_layer
-from jaxpaged._src.spec import CacheSpec, JaxPagedError
+from jaxpaged._src.spec import FLOAT_DTYPES, CacheSpec, JaxPagedError
 
-# Where the pools are in the kernel's operands, (slots, layer, k, v, k_pages, v_pages): each is
-# aliased to the output it becomes, so the kernel writes the pools in place.
-_K_PAGES_OPERAND, _V_PAGES_OPERAND = 4, 5
+def _write_kv_kernel(slots_ref, layer_ref, *refs):
+  """One program per token: copies its rows (all heads) of every pool into its slot.
 
-
-def _write_kv_kernel(
-    slots_ref,  # [T] int32
-    layer_ref,  # [1] int32
-    k_ref,  # [T, num_kv_heads, head_dim]
-    v_ref,  # [T, num_kv_heads, head_dim]
-    k_pages_in_ref,  # aliased to k_pages_ref
-    v_pages_in_ref,  # aliased to v_pages_ref
-    k_pages_ref,  # [num_layers, num_kv_heads, num_pages, page_size, head_dim]
-    v_pages_ref,  # [num_layers, num_kv_heads, num_pages, page_size, head_dim]
-):
-  """One program per token: copies its K and V rows (all heads) into its slot."""
-  del k_pages_in_ref, v_pages_in_ref
-  num_layers, num_kv_heads, num_pages, page_size, head_dim = k_pages_ref.shape
+  ``refs``: for each of the n pools, the token's rows ``[T, num_kv_heads(, head_dim)]``; then the
+  n pools as inputs (aliased to the outputs, unused); then the n pools as outputs, K/V
+  ``[num_layers, num_kv_heads, num_pages, page_size, head_dim]``, scales without head_dim.
+  """
+  n = len(refs) // 3
+  rows, pools = refs[:n], refs[2 * n:]
+  num_layers, num_kv_heads, num_pages, page_size = pools[0].shape[:4]
   t = pl.program_id(0)
   slot = slots_ref[t]
   layer = layer_ref[0]
@@ -55,39 +49,44 @@ def _write_kv_kernel(
   @pl.when((slot >= 0) & (slot < num_pages * page_size) & (layer >= 0) & (layer < num_layers))
   def _():
     page, offset = slot // page_size, slot % page_size
-    for h in range(num_kv_heads):
-      # Triton blocks must be powers of two: head_dim 80 is copied as 64 + 16.
-      for start, size in gpu.pow2_chunks(head_dim):
-        d = pl.ds(start, size)
-        k_pages_ref[layer, h, page, offset, d] = k_ref[t, h, d]
-        v_pages_ref[layer, h, page, offset, d] = v_ref[t, h, d]
+    for row, pool in zip(rows, pools):
+      for h in range(num_kv_heads):
+        if len(pool.shape) == 4:  # a scale: one float per (token, head)
+          pool[layer, h, page, offset] = row[t, h]
+          continue
+        # Triton blocks must be powers of two: head_dim 80 is copied as 64 + 16.
+        for start, size in gpu.pow2_chunks(pool.shape[4]):
+          d = pl.ds(start, size)
+          pool[layer, h, page, offset, d] = row[t, h, d]
 
 
-def _write_kv_pallas(k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array, k: jax.Array,
-                     v: jax.Array, slots: jax.Array, *,
-                     interpret: bool) -> tuple[jax.Array, jax.Array]:
-  num_tokens = k.shape[0]
-  return pl.pallas_call(
+def _write_kv_pallas(pools: dict, layer: jax.Array, rows: dict, slots: jax.Array, *,
+                     interpret: bool) -> dict:
+  names = list(pools)
+  n = len(names)
+  out = pl.pallas_call(
       _write_kv_kernel,
-      grid=(num_tokens,),
-      out_shape=(jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),) * 2,
-      input_output_aliases={_K_PAGES_OPERAND: 0, _V_PAGES_OPERAND: 1},
+      grid=(slots.shape[0],),
+      out_shape=tuple(jax.ShapeDtypeStruct(pools[k].shape, pools[k].dtype) for k in names),
+      # Operands (slots, layer, rows..., pools...): each pool is aliased to the output it
+      # becomes, so the kernel writes the pools in place.
+      input_output_aliases={2 + n + i: i for i in range(n)},
       # One warp: a program copies one token's few rows. One stage: no loop of loads to pipeline.
       compiler_params=gpu.compiler_params(num_warps=1, num_stages=1),
       interpret=interpret,
       name="jaxpaged_write_kv",
-  )(slots, layer.reshape(1), k, v, k_pages, v_pages)
+  )(slots, layer.reshape(1), *(rows[k] for k in names), *(pools[k] for k in names))
+  return dict(zip(names, out))
 
 
-def _write_kv_xla(k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array, k: jax.Array,
-                  v: jax.Array, slots: jax.Array) -> tuple[jax.Array, jax.Array]:
-  num_layers, _, num_pages, page_size, _ = k_pages.shape
+def _write_kv_xla(pools: dict, layer: jax.Array, rows: dict, slots: jax.Array) -> dict:
+  num_layers, _, num_pages, page_size = pools["k_pages"].shape[:4]
   valid = (slots >= 0) & (slots < num_pages * page_size)
   page = jnp.where(valid, slots // page_size, num_pages)  # out of bounds: dropped
   layer = jnp.where((layer >= 0) & (layer < num_layers), layer, num_layers)
-  # [layer, :, page, offset] puts the token axis first: the update is [T, heads, head_dim].
-  return (k_pages.at[layer, :, page, slots % page_size].set(k, mode="drop"),
-          v_pages.at[layer, :, page, slots % page_size].set(v, mode="drop"))
+  # [layer, :, page, offset] puts the token axis first: the update is [T, heads(, head_dim)].
+  return {name: pool.at[layer, :, page, slots % page_size].set(rows[name], mode="drop")
+          for name, pool in pools.items()}
 
 
 def write_kv(cache: sharding.AnyCache, layer: int | jax.Array, k: jax.Array, v: jax.Array,
@@ -99,7 +98,9 @@ def write_kv(cache: sharding.AnyCache, layer: int | jax.Array, k: jax.Array, v: 
       pools: jit your step and donate the cache there to write in place.
     layer: layer index, a Python int (checked now) or an int32 scalar (e.g. inside a
       `lax.scan` over layers; out of range there writes nothing).
-    k, v: ``[T, num_kv_heads, head_dim]`` in the cache's dtype.
+    k, v: ``[T, num_kv_heads, head_dim]`` in the cache's dtype; for an 8-bit cache any float
+      dtype, quantized here (`jaxpaged._src.quant`: with per-token scales each (token, head)
+      row gets its own scale).
     slots: ``int32[T]`` from `extend`.
     impl: ``"auto"`` (Pallas on GPU, XLA elsewhere), ``"xla"`` or ``"pallas"``.
     interpret: run the Pallas kernel in interpret mode (on CPU, for tests).
@@ -126,14 +127,19 @@ def write_kv(cache: sharding.AnyCache, layer: int | jax.Array, k: jax.Array, v: 
 
 
 def check_kv(spec: CacheSpec, k: Any, v: Any) -> None:
-  """``k`` and ``v`` must be ``[T, num_kv_heads, head_dim]`` arrays of the cache's dtype."""
+  """``k`` and ``v`` must be ``[T, num_kv_heads, head_dim]`` arrays of the cache's dtype (any
+  float dtype for an 8-bit cache, which quantizes them)."""
   expected = f"[T, num_kv_heads={spec.num_kv_heads}, head_dim={spec.head_dim}]"
   for name, x in (("k", k), ("v", v)):
     if getattr(x, "ndim", None) != 3 or x.shape[1:] != (spec.num_kv_heads, spec.head_dim):
       raise JaxPagedError(f"{name} must have shape {expected}, got "
                           f"{getattr(x, 'shape', type(x).__name__)}; reshape the projection "
                           "output to one row per new token.")
-    if x.dtype != spec.dtype:
+    if spec.quantized and x.dtype not in FLOAT_DTYPES:
+      raise JaxPagedError(f"{name} has dtype {x.dtype} but this {spec.dtype} cache quantizes "
+                          f"float K/V (float32, bfloat16 or float16); pass the model's K/V "
+                          "before any rounding.")
+    if not spec.quantized and x.dtype != spec.dtype:
       raise JaxPagedError(f"{name} has dtype {x.dtype} but the cache stores {spec.dtype}; "
                           f"cast with {name}.astype({spec.dtype.name!r}).")
   if k.shape != v.shape:
@@ -155,12 +161,16 @@ def check_slots(capacity: int, slots: ArrayLike, rows: int) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("impl", "interpret"))
 def _write_kv(cache: PagedKVCache, layer: jax.Array, k: jax.Array, v: jax.Array,
               slots: jax.Array, *, impl: str, interpret: bool) -> PagedKVCache:
+  spec = cache.spec
+  rows = {}
+  rows["k_pages"], rows["k_scales"] = quant.quantize(k, spec, layer, 0)
+  rows["v_pages"], rows["v_scales"] = quant.quantize(v, spec, layer, 1)
+  pools = cache_lib.pools(cache)
   if impl == "pallas":
-    k_pages, v_pages = _write_kv_pallas(cache.k_pages, cache.v_pages, layer, k, v, slots,
-                                        interpret=interpret)
+    pools = _write_kv_pallas(pools, layer, rows, slots, interpret=interpret)
   else:
-    k_pages, v_pages = _write_kv_xla(cache.k_pages, cache.v_pages, layer, k, v, slots)
+    pools = _write_kv_xla(pools, layer, rows, slots)
   prefix = cache.prefix
   if prefix is not None:  # a block is served only once every layer of it was written
-    prefix = prefix_state.note_written(prefix, layer, slots, cache.spec.page_size)
-  return dataclasses.replace(cache, k_pages=k_pages, v_pages=v_pages, prefix=prefix)
+    prefix = prefix_state.note_written(prefix, layer, slots, spec.page_size)
+  return dataclasses.replace(cache_lib.with_pools(cache, pools), prefix=prefix)

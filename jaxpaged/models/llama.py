@@ -396,8 +396,8 @@ def _layer(carry, weights, *, config, positions, slots, seq_ids, q_lens, decode,
   v = (h @ weights["wv"]).reshape(num_tokens, -1, head_dim)
   q, k = rope(q, positions, config.rope_theta), rope(k, positions, config.rope_theta)
   if isinstance(cache, jp.PagedKVCache):
-    cache = jp.write_kv(cache, index, k.astype(cache.k_pages.dtype),
-                        v.astype(cache.v_pages.dtype), slots, impl=impl)
+    store = k.dtype if cache.spec.quantized else cache.spec.dtype  # 8-bit: write_kv quantizes
+    cache = jp.write_kv(cache, index, k.astype(store), v.astype(store), slots, impl=impl)
     if decode:
       attn = jp.paged_attention(q, cache, index, seq_ids, impl=impl)
     else:
