@@ -14,9 +14,11 @@ import sys
 from benchmarks import bench_admission
 from benchmarks import bench_attention
 from benchmarks import bench_cache
+from benchmarks import bench_compress
 from benchmarks import bench_mesh
 from benchmarks import bench_model
 from benchmarks import bench_prefix
+from benchmarks import bench_quant
 from benchmarks import bench_routing
 from benchmarks import bench_serve
 from benchmarks import bench_tier
@@ -32,6 +34,8 @@ BENCHMARKS = {
     "admission": bench_admission.run,
     "mesh": bench_mesh.run,
     "routing": bench_routing.run,
+    "quant": bench_quant.run,
+    "compress": bench_compress.run,
 }
 
 
