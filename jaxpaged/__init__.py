@@ -4,6 +4,11 @@ from jaxpaged import ops
 from jaxpaged._src.attention import paged_attention
 from jaxpaged._src.attention import ragged_paged_attention
 from jaxpaged._src.cache import PagedKVCache
+from jaxpaged._src.compress import H2O
+from jaxpaged._src.compress import KeyNorm
+from jaxpaged._src.compress import StreamingLLM
+from jaxpaged._src.compress import check_compress
+from jaxpaged._src.compress import compress
 from jaxpaged._src.paging import check_extend
 from jaxpaged._src.paging import check_fork
 from jaxpaged._src.paging import extend
@@ -23,6 +28,7 @@ from jaxpaged._src.prefix import prefix_stats
 from jaxpaged._src.prefix import reset_prefix_cache
 from jaxpaged._src.manager import Admission
 from jaxpaged._src.manager import CacheManager
+from jaxpaged._src.manager import CompressionStats
 from jaxpaged._src.multi_manager import MultiDeviceCacheManager
 from jaxpaged._src.routing import LeastLoadedRouter
 from jaxpaged._src.routing import PrefixAwareRouter
@@ -65,7 +71,10 @@ __all__ = (
     "CacheSpec",
     "CachedBlock",
     "Collective",
+    "CompressionStats",
+    "H2O",
     "JaxPagedError",
+    "KeyNorm",
     "LFUPolicy",
     "LRUPolicy",
     "LeastLoadedRouter",
@@ -78,16 +87,19 @@ __all__ = (
     "Router",
     "ShardLoad",
     "ShardedCache",
+    "StreamingLLM",
     "SwappedSequence",
     "Tier",
     "TierError",
     "TierPolicy",
     "TieredStore",
     "block_key",
+    "check_compress",
     "check_extend",
     "check_fork",
     "check_match_prefix",
     "collectives",
+    "compress",
     "demote_blocks",
     "extend",
     "fork",

@@ -30,6 +30,7 @@ is a convenience for loops without a scheduler: least recently used first.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Sequence, Union
 
 import jax
@@ -38,6 +39,7 @@ import numpy as np
 
 from jaxpaged._src import admission as steps_admit
 from jaxpaged._src import checks
+from jaxpaged._src import compress as compress_lib
 from jaxpaged._src import manager_steps as steps
 from jaxpaged._src import planning
 from jaxpaged._src import blocks
@@ -85,6 +87,26 @@ class Admission:
 
 
 
+@dataclasses.dataclass(frozen=True)
+class CompressionStats:
+  """What `CacheManager.compress_cache` did so far (automatic compressions included).
+
+  Attributes:
+    compressed_caches: sequences compressed (calls that went ahead).
+    memory_saved_bytes: device pages the compressions let go of (freed, or left to cached
+      blocks that may be evicted), times ``spec.page_bytes``.
+    avg_compression_ratio: mean of tokens kept / tokens stored, per compression (0 if none).
+    avg_compression_time_ms: mean wall time of one compression, device step included.
+
+  >>> [f.name for f in dataclasses.fields(CompressionStats)]
+  ['compressed_caches', 'memory_saved_bytes', 'avg_compression_ratio', 'avg_compression_time_ms']
+  """
+  compressed_caches: int
+  memory_saved_bytes: int
+  avg_compression_ratio: float
+  avg_compression_time_ms: float
+
+
 class CacheManager(ManagerCore):
   """Paged KV cache plus host RAM tier, for serving loops.
 
@@ -96,6 +118,12 @@ class CacheManager(ManagerCore):
     thresholds: pressure thresholds (medium, high, critical) on the fraction of pages in use.
     device: the `jax.Device` the cache lives on (committed there, so every step of this manager
       runs there); default: JAX's default device.
+    auto_compress: None (default: off), or a ratio, or ``(ratio, policy)``: when an `extend` or
+      `reserve` does not fit, or would preempt, the least recently used active sequences not in
+      the call are compressed first (`compress_cache`, default policy `StreamingLLM()`), one at
+      a time until it fits; a sequence that already dropped tokens is not compressed again.
+      Compressions done stay done even if the call still cannot fit. Compressing discards
+      tokens, so it is only done when asked.
 
   >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
   ...                  max_seqs=4, max_pages_per_seq=4, prefix_caching=True)
@@ -343,6 +371,7 @@ class CacheManager(ManagerCore):
       TierError: preempting needs host room the host tier cannot give; nothing changed.
     """
     plan = self._plan_rows(seq_ids, num_new_tokens, num_slots, preempt)
+    plan = self._compress_for_room(plan, seq_ids, num_new_tokens, num_slots, preempt)
     if not plan.fits or (not plan.released and not plan.shortfall):  # nothing to move
       if plan.fits:
         self._touch(plan)
@@ -381,6 +410,7 @@ class CacheManager(ManagerCore):
       When ``ok`` is False (the pool cannot hold the call), nothing changed.
     """
     plan = self._plan_rows(seq_ids, num_new_tokens, num_slots, preempt)
+    plan = self._compress_for_room(plan, seq_ids, num_new_tokens, num_slots, preempt)
     if tokens is not None:
       tokens = checks.token_ids("tokens", tokens, (plan.num_slots,))
       if self.cache.prefix is None:
@@ -495,6 +525,107 @@ class CacheManager(ManagerCore):
     self._update_pressure()
     return dict(pages_freed=freed, bytes_freed=freed * self.spec.page_bytes,
                 blocks_demoted=self.counters["demoted_blocks"] - before)
+
+  # --------------------------------------------------------------------------- compression
+
+  def compress_cache(self, seq_id: int, ratio: float, policy=None, *, scores=None) -> bool:
+    """Keeps about ``ratio`` of an active sequence's tokens (`jaxpaged.compress`, in this
+    manager's own donating step) and frees the rest of its pages.
+
+    Args:
+      seq_id: an active sequence of this manager (admitted, not released or swapped out).
+      ratio: the fraction kept, in ``(0, 1]``.
+      policy: `StreamingLLM()` (default), `KeyNorm()` or `H2O()` (with ``scores``).
+      scores: `H2O` only, ``float[max_seq_len]`` per stored token, higher kept.
+
+    Returns:
+      True, or False when the pool has no room for the compressed copies (its pages are
+      shared or cached, so they are not reused); then nothing changed.
+
+    Raises:
+      JaxPagedError: an unknown, swapped-out or empty sequence, a bad ratio or policy;
+        nothing changed.
+
+    >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+    ...                  max_seqs=2, max_pages_per_seq=4)
+    >>> manager = CacheManager(spec)
+    >>> seq = manager.admit(list(range(1, 17))).seq_id  # 16 tokens, 4 pages
+    >>> manager.compress_cache(seq, 0.5)
+    True
+    >>> stats = manager.compression_stats()
+    >>> stats.compressed_caches, stats.memory_saved_bytes == 2 * spec.page_bytes
+    (1, True)
+    """
+    seq = checks.integer("seq_id", seq_id, minimum=0, below=self.spec.max_seqs)
+    if seq in self.host.swapped:
+      raise JaxPagedError(f"seq_id {seq} is swapped out; swap_in([{seq}]) before compressing "
+                          "it.")
+    if seq not in self.registry.active:
+      raise JaxPagedError(f"seq_id {seq} is not an active sequence of this manager (active: "
+                          f"{self.active}); compress sequences that were admitted and not "
+                          "released.")
+    ratio = compress_lib.check_ratio(ratio)
+    policy = compress_lib.check_policy(policy)
+    if scores is not None:
+      scores = jnp.asarray(scores)[None] if getattr(scores, "ndim", 1) == 1 else scores
+    scores = compress_lib.check_scores(policy, scores, 1, self.spec.max_seq_len)
+    if int(self.cache.seq_lens[seq]) == 0:
+      raise JaxPagedError(f"seq_id {seq} holds no tokens yet; compress it after its tokens "
+                          "are appended.")
+    ok = self._compress(seq, ratio, policy, scores)
+    self._update_pressure()
+    return ok
+
+  def _compress(self, seq: int, ratio, policy, scores=None) -> bool:
+    """`compress_cache`'s work on checked arguments, without the pressure update."""
+    before_len = int(self.cache.seq_lens[seq])
+    before_used = self._used_pages()
+    start = time.perf_counter()
+    with self._atomic():
+      cache, ok = steps.compress_step(self.cache, jnp.asarray([seq], jnp.int32), ratio, scores,
+                                      policy=policy)
+      self.cache = cache
+      if not bool(ok):
+        raise Refused
+    if self._refused:
+      return False
+    jax.block_until_ready(self.cache.seq_lens)
+    c = self._compression
+    c["calls"] += 1
+    c["ms"] += (time.perf_counter() - start) * 1e3
+    c["ratio"] += int(self.cache.seq_lens[seq]) / before_len
+    c["pages"] += before_used - self._used_pages()
+    return True
+
+  def _used_pages(self) -> int:
+    return self.spec.num_pages - int(self.cache.num_free) - int(evictable(self.cache.prefix))
+
+  def compression_stats(self) -> CompressionStats:
+    """The `CompressionStats` of every compression so far."""
+    c = self._compression
+    n = max(c["calls"], 1)
+    return CompressionStats(compressed_caches=c["calls"],
+                            memory_saved_bytes=c["pages"] * self.spec.page_bytes,
+                            avg_compression_ratio=c["ratio"] / n,
+                            avg_compression_time_ms=c["ms"] / n)
+
+  def _compress_for_room(self, plan, seq_ids, num_new_tokens, num_slots, preempt):
+    """With ``auto_compress``: while the rows do not fit (or would preempt), compresses the
+    least recently used active sequences not in the call that never dropped tokens, then plans
+    again. Returns the last plan."""
+    if self._auto_compress is None or (plan.fits and not plan.released):
+      return plan
+    ratio, policy = self._auto_compress
+    in_call = set(np.asarray(plan.seq_ids).tolist())
+    evicted = np.asarray(self.cache.num_evicted)
+    for s in self.registry.least_recent(in_call):
+      if evicted[s] > 0 or int(self.cache.seq_lens[s]) == 0:
+        continue
+      self._compress(s, jnp.float32(ratio), policy)
+      plan = self._plan_rows(seq_ids, num_new_tokens, num_slots, preempt)
+      if plan.fits and not plan.released:
+        break
+    return plan
 
   # --------------------------------------------------------------------------- planning
 

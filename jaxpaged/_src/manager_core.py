@@ -38,9 +38,12 @@ class ManagerCore:
   def __init__(self, spec: CacheSpec, *, host_bytes: int = 1 << 30,
                tiers: Sequence[Tier] | None = None, policy: TierPolicy | None = None,
                thresholds: tuple[float, float, float] = DEFAULT_THRESHOLDS,
-               device: jax.Device | None = None):
+               device: jax.Device | None = None, auto_compress=None):
     if not isinstance(spec, CacheSpec):
       raise JaxPagedError(f"spec must be a jaxpaged.CacheSpec, got {type(spec).__name__}.")
+    self._auto_compress = _check_auto_compress(auto_compress)
+    # compressed_caches, pages_saved, sum of kept/stored ratios, sum of milliseconds
+    self._compression = dict(calls=0, pages=0, ratio=0.0, ms=0.0)
     if tiers is None:
       tiers = [Tier("host", checks.count("host_bytes", host_bytes))]
     self._monitor = PressureMonitor(thresholds)
@@ -206,6 +209,20 @@ class ManagerCore:
 
   def _free_slot(self) -> int | None:
     return self.registry.free_slot(self.host.swapped | set(self.host.dropped))
+
+
+def _check_auto_compress(value):
+  """``auto_compress`` as ``(ratio, policy)`` or None: a ratio, or a (ratio, policy) pair."""
+  from jaxpaged._src import compress
+  if value is None:
+    return None
+  ratio, policy = (value if isinstance(value, tuple) and len(value) == 2 else (value, None))
+  try:
+    compress.check_ratio(ratio)
+  except JaxPagedError as e:
+    raise JaxPagedError(f"auto_compress must be None (off), a ratio in (0, 1] or a (ratio, "
+                        f"policy) pair, got {value!r}: {e}") from None
+  return float(ratio), compress.check_policy(policy)
 
 
 class Refused(Exception):

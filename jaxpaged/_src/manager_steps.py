@@ -5,7 +5,7 @@ are updated in place. Sequence lists are padded to ``max_seqs`` (-1), page lists
 two, so few programs compile.
 
 Internal API: `room`, `demotion_plan`, `device_matches`, `room_step`, `extend_step`,
-`restore_step`, `padded_ids`, `NO_VICTIMS`.
+`restore_step`, `compress_step`, `padded_ids`, `NO_VICTIMS`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpaged._src import compress as compress_lib
 from jaxpaged._src import transfer
 from jaxpaged._src.allocator import extend_core, extend_plan, release_core
 from jaxpaged._src.prefix import match_plan
@@ -75,3 +76,9 @@ def restore_step(cache, victims, restores, *, matches):
     cache, ok = transfer.restore_core(cache, *args, match=match)
     oks.append(ok)
   return cache, jnp.all(jnp.stack(oks))
+
+
+compress_step = jax.jit(compress_lib.compress_core, static_argnames=("policy", "axis",
+                                                                     "problems_only"),
+                        donate_argnames=("cache",))
+compress_step.__doc__ = "`compress` of the rows, in place (`compress.compress_core`)."

@@ -417,6 +417,30 @@ def fork(cache: ShardedCache, src_ids, dst_ids):
   return _fork(cache, src_ids, dst_ids)
 
 
+@functools.partial(jax.jit, static_argnames=("policy",))
+def _compress(cache, seq_ids, ratio, scores, *, policy):
+  from jaxpaged._src import compress as comp
+  n, m = cache.num_shards, cache.spec.max_seqs
+
+  def body(local, shard, seq_ids, ratio, scores):
+    ids = local_ids(seq_ids, shard, m, n)
+    # Rows of other shards are padding here; their scores are not read.
+    new, ok = comp.compress_core(local, ids, ratio, scores, policy=policy, axis=MODEL)
+    ok = _all(ok)
+    return _keep_if(ok, new, local), ok
+
+  return _on_shards(cache, body, (seq_ids, ratio, scores), (P(), P(), P()), P())
+
+
+def compress(cache: ShardedCache, seq_ids, ratio, scores, *, policy):
+  """`jaxpaged.compress` on a `ShardedCache` (checked arguments, global ids): each sequence is
+  compressed on its own shard; a refusal on any shard changes no shard. `KeyNorm` averages its
+  key norms over every head of the model axis, so all devices of a shard keep the same tokens."""
+  check_sharded(cache)
+  seq_ids = _ids(cache, "seq_ids", seq_ids)
+  return _compress(cache, seq_ids, ratio, scores, policy=policy)
+
+
 @functools.partial(jax.jit, static_argnames=("impl", "interpret"))
 def _write_kv(cache, layer, k, v, slots, *, impl, interpret):
   from jaxpaged._src.write_kv import write_kv as write
