@@ -296,7 +296,7 @@ def test_auto_compress_is_off_by_default_and_frees_room_when_turned_on():
   results = {}
   for auto in (None, (0.5, jp.StreamingLLM(sinks=1))):
     manager = jp.CacheManager(spec, auto_compress=auto)
-    a = manager.admit(list(range(1, 17))).seq_id  # 4 pages
+    manager.admit(list(range(1, 17)))  # 4 pages
     b = manager.admit(list(range(1, 13))).seq_id  # 3 pages: 1 free
     _, ok, preempted = manager.extend([b], [8], num_slots=8)  # needs 2
     results[auto is None] = (bool(ok), preempted, manager.cache.num_evicted.tolist()[:2],

@@ -35,7 +35,6 @@ Internal API: `compress_core`, `COMPRESS_REASONS`, `check_ratio`, `check_policy`
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -203,7 +202,6 @@ def _flat(pool):
 def _key_norms(cache, slot_grid, axis: str | None):
   """``float32[B, S]``: each stored token's key L2 norm, averaged over layers and KV heads
   (``axis``: the mesh axis the heads are split over, summed across)."""
-  spec = cache.spec
   idx = jnp.clip(slot_grid, 0).reshape(-1)
   k = jnp.take(_flat(cache.k_pages), idx, axis=2, mode="clip")  # [L, H, B*S, D]
   k_scales, _ = quant.attention_scales(cache)
