@@ -12,8 +12,10 @@ PS = 4
 
 
 def _spec(**kw):
+  # One spec for most tests (sized for the rebalance test's five sequences): the cache's shapes,
+  # and so the compiled admission and move programs, are shared between tests.
   return jp.CacheSpec(**{**dict(num_layers=2, num_kv_heads=1, head_dim=8, page_size=PS,
-                                num_pages=12, max_seqs=4, max_pages_per_seq=6,
+                                num_pages=16, max_seqs=6, max_pages_per_seq=6,
                                 prefix_caching=True), **kw})
 
 
@@ -169,9 +171,11 @@ def test_a_raising_pressure_callback_on_the_target_raises_after_the_move_complet
 
 
 def test_rebalance_reaches_the_tolerance_and_moves_exactly():
-  multi = jp.MultiDeviceCacheManager(_spec(num_pages=16, max_seqs=6), mesh=jp.make_mesh(2, 1))
+  multi = jp.MultiDeviceCacheManager(_spec(), mesh=jp.make_mesh(2, 1))
   multi.set_device_preference(0)
-  lengths = [9, 5, 13, 3, 7]
+  # 1, 3, 4, 3, 1 pages (12 of 16) on shard 0, three moves to 6 and 6. Prompts of 3-4 or 9-16
+  # tokens: the two prompt shapes the tests above compiled already.
+  lengths = [4, 9, 13, 11, 3]
   seqs = [_prefill(multi, [100 * i + t for t in range(1, n + 1)], seed=i)
           for i, n in enumerate(lengths)]
   kv = {s: _kv(multi, s) for s in seqs}

@@ -69,7 +69,9 @@ def test_routers_refuse_bad_input():
 
 CONFIG = llama.LlamaConfig(vocab_size=64, hidden=32, num_layers=2, num_heads=2, num_kv_heads=1,
                            ffn=64)
-SERVER = dict(eos_id=0, num_pages=24, max_seqs=3, page_size=4, max_seq_len=64, token_budget=32)
+# token_budget 16: one prefill step shape (the prompts, 17-19 tokens, take two chunks), so every
+# server compiles one prefill and one decode step (each shard on its own device compiles its own).
+SERVER = dict(eos_id=0, num_pages=24, max_seqs=3, page_size=4, max_seq_len=64, token_budget=16)
 
 
 @pytest.fixture(scope="module")
