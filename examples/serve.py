@@ -4,6 +4,7 @@
   python examples/serve.py --requests 32 --pages 64 --max-new-tokens 48
   python examples/serve.py --no-prefix-caching     # every request computes the system prompt
   python examples/serve.py --step-clock            # reproducible schedule (times in steps)
+  python examples/serve.py --kv-dtype int8 --pages 150  # 8-bit K/V: 3.76x the pages, same bytes
 
 The workload (`chat_workload.py` beside this script): chat requests to SmolLM2-135M-Instruct
 that share a long system prompt, arrive over time, and every fourth one asks a second question
@@ -30,6 +31,8 @@ try:  # run as a script (python examples/serve.py): this directory is on sys.pat
   from chat_workload import chat_workload
 except ImportError:  # run from the repository root (runpy in the tests, python -m examples.serve)
   from examples.chat_workload import chat_workload
+
+KV_DTYPES = ("float32", "bfloat16", "float16", "int8", "float8_e4m3fn", "float8_e5m2")
 
 
 def plot(report: serving.Report, path: pathlib.Path) -> bool:
@@ -77,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--max-seqs", type=cli.integer(1), default=16, help="sequences in flight")
   parser.add_argument("--token-budget", type=cli.power_of_two, default=128,
                       help="most tokens per step: a power of two >= --max-seqs")
+  parser.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32",
+                      help="K/V cache storage (8-bit ones keep a scale per token and head)")
   parser.add_argument("--no-prefix-caching", action="store_true")
   parser.add_argument("--step-clock", action="store_true",
                       help="count time in model steps: a reproducible schedule")
@@ -97,9 +102,13 @@ def serve(args: argparse.Namespace):
   server = serving.Server(params, config, eos_id=tokenizer.eos_token_id, num_pages=args.pages,
                           max_seqs=args.max_seqs, page_size=args.page_size,
                           token_budget=args.token_budget,
-                          prefix_caching=not args.no_prefix_caching)
+                          prefix_caching=not args.no_prefix_caching,
+                          cache_dtype=jnp.dtype(args.kv_dtype))
+  spec = server.spec
   print(f"model loaded in {time.perf_counter() - start:.1f}s; jax {jax.__version__} on "
-        f"{jax.default_backend()}; compiling (a first pass over the workload) ...", flush=True)
+        f"{jax.default_backend()}; K/V cache: {spec.dtype.name}, {spec.token_bytes} bytes per "
+        f"token, pool {spec.num_pages} pages = {spec.num_pages * spec.page_bytes / 2**20:.1f} MiB;"
+        f" compiling (a first pass over the workload) ...", flush=True)
   start = time.perf_counter()
   server.warmup(requests)
   print(f"compiled in {time.perf_counter() - start:.1f}s; serving ...", flush=True)

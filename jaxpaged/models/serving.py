@@ -44,7 +44,7 @@ from jaxpaged._src import checks
 from jaxpaged._src import multi_manager
 from jaxpaged._src import routing
 from jaxpaged._src.spec import next_pow2
-from jaxpaged.models import batching, llama
+from jaxpaged.models import batching, generation, llama
 from jaxpaged.models.batching import InFlight, Step
 from jaxpaged.models.llama import LlamaConfig, Params, forward
 from jaxpaged.models.requests import Report, Request, Result, check_requests
@@ -133,7 +133,10 @@ class Server:
       ``max(16, next_pow2(max_seqs))``, or ``token_budget`` itself when that is smaller.
     prefix_caching: share full prompt blocks between requests (device and host RAM).
     host_bytes: host RAM for swapped sequences and demoted blocks, >= 0.
-    cache_dtype: dtype of the cached K/V.
+    cache_dtype: dtype of the cached K/V: float32, bfloat16, float16, or 8-bit (int8,
+      float8_e4m3fn, float8_e5m2, with a float32 scale per token and KV head): an 8-bit pool of
+      ``num_pages`` pages takes about a quarter of float32's bytes (`spec`'s ``page_bytes``), so
+      for the same bytes pass about 3.8x the pages.
     mesh: data parallelism: a ``(data, model=1)`` mesh (`jaxpaged.make_mesh`); each device of
       its data axis holds one shard (a cache of ``num_pages`` pages, ``max_seqs`` rows, a
       model replica). Or
@@ -187,6 +190,7 @@ class Server:
                                  fix="pass the longest sequence (prompt plus answer) in tokens")
     token_budget = _check_token_budget(token_budget, max_seqs, max_seq_len)
     prefix_caching = checks.flag("prefix_caching", prefix_caching)
+    cache_dtype = generation.check_cache_dtype(cache_dtype)
     host_bytes = checks.integer("host_bytes", host_bytes, minimum=0,
                                 fix="pass the host RAM for swapped sequences in bytes (0: none)")
     self.params, self.config, self.eos_id = params, config, eos_id
