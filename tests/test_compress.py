@@ -13,7 +13,8 @@ import jaxpaged as jp
 SPEC = jp.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, page_size=4, num_pages=32,
                     max_seqs=4, max_pages_per_seq=8, dtype=jnp.float32)
 S = SPEC.max_seq_len
-POLICIES = (jp.StreamingLLM(sinks=2), jp.KeyNorm(sinks=2, recent=3), jp.H2O(sinks=2, recent=3))
+POLICIES = (jp.StreamingLLM(sinks=2), jp.KeyNorm(sinks=2, recent=3),
+            jp.KeyNorm(sinks=1, recent=0, skip_layers=1), jp.H2O(sinks=2, recent=3))
 
 
 # ----------------------------------------------------------------------------- the oracle
@@ -48,7 +49,8 @@ def filled(spec, lengths, seed=0):
   # Each token's rows scaled by its own factor: key norms far apart (no near ties).
   scale = rng.permutation(total)[:, None, None] + 1.0
   kv = [(rng.normal(size=(total, spec.num_kv_heads, spec.head_dim)) * scale,
-         rng.normal(size=(total, spec.num_kv_heads, spec.head_dim))) for _ in range(spec.num_layers)]
+         rng.normal(size=(total, spec.num_kv_heads, spec.head_dim)))
+        for _ in range(spec.num_layers)]
   for layer, (k, v) in enumerate(kv):
     cache = jp.write_kv(cache, layer, jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32),
                         slots)
@@ -59,14 +61,15 @@ def filled(spec, lengths, seed=0):
   return cache, per_seq
 
 
-def key_norms(k):  # [L, n, H, D] -> [n]: mean over layers and heads of the L2 norm
-  return np.linalg.norm(np.asarray(k, np.float64), axis=-1).mean(axis=(0, 2))
+def key_norms(k, skip_layers=0):  # [L, n, H, D] -> [n]: mean over layers and heads of the L2 norm
+  return np.linalg.norm(np.asarray(k, np.float64)[skip_layers:], axis=-1).mean(axis=(0, 2))
 
 
 def stored(cache, seq, n):
   """The sequence's K/V as stored, ``[L, n, H, D]`` each (gather_kv)."""
   kv = [jp.gather_kv(cache, layer, seq) for layer in range(cache.spec.num_layers)]
-  return (np.stack([np.asarray(k)[:n] for k, _ in kv]), np.stack([np.asarray(v)[:n] for _, v in kv]))
+  return (np.stack([np.asarray(k)[:n] for k, _ in kv]),
+          np.stack([np.asarray(v)[:n] for _, v in kv]))
 
 
 def same_tree(a, b):
@@ -76,7 +79,7 @@ def same_tree(a, b):
 
 # ----------------------------------------------------------------------------- single cache
 
-@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__)
+@pytest.mark.parametrize("policy", POLICIES, ids=str)
 def test_each_policy_keeps_what_the_numpy_rule_keeps_bit_exactly_and_frees_pages(policy):
   lengths = [19, 7]
   cache, per_seq = filled(SPEC, lengths)
@@ -90,7 +93,7 @@ def test_each_policy_keeps_what_the_numpy_rule_keeps_bit_exactly_and_frees_pages
     used = 0
     for seq, n in enumerate(lengths):
       k, v = per_seq[seq]
-      priority = (-key_norms(k) if policy.uses_keys else scores[seq, :n]
+      priority = (-key_norms(k, policy.skip_layers) if policy.uses_keys else scores[seq, :n]
                   if policy.uses_scores else None)
       kept = numpy_keep(n, ratio, policy, priority)
       assert int(new.seq_lens[seq]) == len(kept)
