@@ -42,10 +42,12 @@ def filled(spec, lengths, seed=0):
   ``[L, n, H, D]``) as written."""
   rng = np.random.default_rng(seed)
   cache = jp.init_cache(spec)
-  ids = jnp.arange(len(lengths))
-  cache, slots, ok = jp.extend(cache, ids, jnp.asarray(lengths), num_slots=sum(lengths))
+  # Always 2 rows and max_seq_len slots: every test reuses the same compiled programs.
+  ids = jnp.array([0, 1 if len(lengths) > 1 else -1])
+  counts = jnp.asarray((list(lengths) + [0])[:2])
+  cache, slots, ok = jp.extend(cache, ids, counts, num_slots=spec.max_seq_len)
   assert bool(ok)
-  total = sum(lengths)
+  total = spec.max_seq_len
   # Each token's rows scaled by its own factor: key norms far apart (no near ties).
   scale = rng.permutation(total)[:, None, None] + 1.0
   kv = [(rng.normal(size=(total, spec.num_kv_heads, spec.head_dim)) * scale,
@@ -121,7 +123,7 @@ def test_int8_kept_rows_and_scales_are_bit_exact():
                                ("ks", cache.k_scales), ("vs", cache.v_scales)]}
 
   before = raw(cache, 13)
-  new, ok = jp.compress(cache, jnp.array([0]), 0.5, policy=jp.StreamingLLM(sinks=3))
+  new, ok = jp.compress(cache, jnp.array([0, -1]), 0.5, policy=jp.StreamingLLM(sinks=3))
   assert bool(ok)
   kept = numpy_keep(13, 0.5, jp.StreamingLLM(sinks=3))
   after = raw(new, len(kept))
@@ -131,7 +133,7 @@ def test_int8_kept_rows_and_scales_are_bit_exact():
 
 def test_positions_continue_and_attention_equals_float64_over_the_kept_tokens():
   cache, per_seq = filled(SPEC, [22])
-  new, ok = jp.compress(cache, jnp.array([0]), 0.4, policy=jp.KeyNorm(sinks=2, recent=2))
+  new, ok = jp.compress(cache, jnp.array([0, -1]), 0.4, policy=jp.KeyNorm(sinks=2, recent=2))
   assert bool(ok)
   k, v = per_seq[0]
   kept = numpy_keep(22, 0.4, jp.KeyNorm(sinks=2, recent=2), -key_norms(k))
@@ -154,7 +156,7 @@ def test_a_forked_sibling_sharing_pages_is_unchanged():
   cache, ok = jp.fork(cache, jnp.array([0]), jnp.array([1]))
   before = stored(cache, 1, 18)
   pages = np.asarray(cache.page_table[1])
-  new, ok = jp.compress(cache, jnp.array([0]), 0.5)
+  new, ok = jp.compress(cache, jnp.array([0, -1]), 0.5)
   assert bool(ok)
   after = stored(new, 1, 18)
   np.testing.assert_array_equal(after[0], before[0])
@@ -179,7 +181,7 @@ def test_prefix_cached_blocks_stay_unchanged_and_hit_and_no_new_block_is_registe
     cache = jp.write_kv(cache, layer, k, -k, slots)
   blocks = np.asarray(cache.page_table[0, :4])
   registered = int(jp.prefix_stats(cache)["registered"])
-  new, ok = jp.compress(cache, jnp.array([0]), 0.5)
+  new, ok = jp.compress(cache, jnp.array([0, -1]), 0.5)
   assert bool(ok)
   np.testing.assert_array_equal(np.asarray(new.k_pages)[:, :, blocks],
                                 np.asarray(cache.k_pages)[:, :, blocks])
@@ -197,14 +199,15 @@ def test_refused_calls_explain_and_change_nothing():
   cache, _ = filled(SPEC, [9])
   for ratio in (0, 0.0, 1.5, float("nan"), True, -0.5, "half"):
     with pytest.raises(jp.JaxPagedError, match="ratio must be a number in"):
-      jp.compress(cache, jnp.array([0]), ratio)
+      jp.compress(cache, jnp.array([0, -1]), ratio)
     with pytest.raises(jp.JaxPagedError, match="ratio"):
       jp.check_compress(cache, jnp.array([0]), ratio)
   with pytest.raises(jp.JaxPagedError, match="policy must be"):
-    jp.compress(cache, jnp.array([0]), 0.5, policy="h2o")
+    jp.compress(cache, jnp.array([0, -1]), 0.5, policy="h2o")
   with pytest.raises(jp.JaxPagedError, match=r"scores must be a float array \[len\(seq_ids\)"):
-    jp.compress(cache, jnp.array([0]), 0.5, policy=jp.H2O())
-  for ids, message in (([7], "out of range"), ([2], "holds no tokens"), ([0, 0], "twice")):
+    jp.compress(cache, jnp.array([0, -1]), 0.5, policy=jp.H2O())
+  for ids, message in (([7, -1], "out of range"), ([2, -1], "holds no tokens"),
+                       ([0, 0], "twice")):
     new, ok = jp.compress(cache, jnp.array(ids), 0.5)
     assert not bool(ok) and same_tree(new, cache)
     with pytest.raises(jp.JaxPagedError, match=message):
@@ -215,8 +218,8 @@ def test_refused_calls_explain_and_change_nothing():
 def test_traced_bad_ids_and_ratios_under_jit_give_ok_false_and_the_input_back():
   cache, _ = filled(SPEC, [9, 5])
   step = jax.jit(lambda c, ids, r: jp.compress(c, ids, r, policy=jp.KeyNorm()))
-  for ids, ratio in (([7], 0.5), ([-3], 0.5), ([1, 1], 0.5), ([0], 0.0), ([0], jnp.nan),
-                     ([0], 1.5)):
+  for ids, ratio in (([7, -1], 0.5), ([-3, -1], 0.5), ([1, 1], 0.5), ([0, -1], 0.0),
+                     ([0, -1], jnp.nan), ([0, -1], 1.5)):
     new, ok = step(cache, jnp.array(ids), jnp.float32(ratio))
     assert not bool(ok) and same_tree(new, cache)
   new, ok = step(cache, jnp.array([1, -1]), jnp.float32(0.5))
@@ -228,7 +231,7 @@ def test_out_of_pages_for_the_copies_is_refused_atomically():
                       max_seqs=2, max_pages_per_seq=4)
   cache, _, _ = jp.extend(jp.init_cache(spec), jnp.array([0]), jnp.array([16]), num_slots=16)
   cache, _ = jp.fork(cache, jnp.array([0]), jnp.array([1]))  # every page shared, none free
-  new, ok = jp.compress(cache, jnp.array([0]), 0.5)
+  new, ok = jp.compress(cache, jnp.array([0, -1]), 0.5)
   assert not bool(ok) and same_tree(new, cache)
   with pytest.raises(jp.JaxPagedError, match="too few free pages"):
     jp.check_compress(cache, jnp.array([0]), 0.5)
@@ -236,7 +239,7 @@ def test_out_of_pages_for_the_copies_is_refused_atomically():
 
 def test_swap_out_and_in_after_compression_keep_num_evicted():
   cache, _ = filled(SPEC, [15])
-  cache, ok = jp.compress(cache, jnp.array([0]), 0.5)
+  cache, ok = jp.compress(cache, jnp.array([0, -1]), 0.5)
   before = stored(cache, 0, 8)
   cache, (swapped,) = jp.swap_out(cache, [0])
   assert swapped.num_evicted == 7
@@ -323,17 +326,18 @@ def test_smollm2_decodes_the_same_tokens_after_compress_with_ratio_one():
                    donate_argnames="cache")
   compress = jax.jit(functools.partial(jp.compress, policy=jp.StreamingLLM()))
 
-  def run(ratio):
-    cache, logits, _ = prefill(params, jp.init_cache(spec), jnp.asarray(prompt), jnp.array([0]),
-                               jnp.array([len(prompt)]))
-    if ratio is not None:
-      cache, ok = compress(cache, jnp.array([0]), jnp.float32(ratio))
-      assert bool(ok) and int(cache.num_evicted[0]) == 0
-    out = []
+  cache, first, _ = prefill(params, jp.init_cache(spec), jnp.asarray(prompt), jnp.array([0]),
+                            jnp.array([len(prompt)]))
+
+  def run(cache):
+    cache, logits, out = jax.tree.map(jnp.copy, cache), first, []  # decode donates its cache
     for _ in range(8):
       token = jnp.argmax(logits, -1).astype(jnp.int32)
       out.append(int(token[0]))
       cache, logits, _ = decode(params, cache, token, jnp.array([0]), jnp.array([1]))
     return out
 
-  assert run(1.0) == run(None)
+  compressed, ok = compress(cache, jnp.array([0]), jnp.float32(1.0))
+  assert bool(ok) and int(compressed.num_evicted[0]) == 0
+  assert not np.array_equal(np.asarray(compressed.page_table), np.asarray(cache.page_table))
+  assert run(compressed) == run(cache)
