@@ -171,7 +171,8 @@ def check_scores(policy: Policy, scores, rows: int, max_seq_len: int):
       scores.dtype, jnp.floating):
     raise JaxPagedError(f"scores must be a float array [len(seq_ids), max_seq_len] = "
                         f"[{rows}, {max_seq_len}] (one per stored token, higher kept) for "
-                        f"{policy}, got {checks._describe(scores)}.")
+                        f"{policy}, got {getattr(scores, 'dtype', type(scores).__name__)}"
+                        f"{list(shape) if shape is not None else ''}.")
   return jnp.asarray(scores, jnp.float32)
 
 
@@ -388,8 +389,8 @@ def compress(cache: sharding.AnyCache, seq_ids: jax.Array, ratio, *, policy: Pol
   """
   if isinstance(cache, sharding.ShardedCache):
     sharding.check_sharded(cache)
-    seq_ids, ratio, policy, scores = _args(sharding._shape_only(cache), seq_ids, ratio, policy,
-                                           scores)
+    shape_only = dataclasses.replace(cache.shards, spec=cache.spec)  # reads only the spec
+    seq_ids, ratio, policy, scores = _args(shape_only, seq_ids, ratio, policy, scores)
     return sharding.compress(cache, seq_ids, ratio, scores, policy=policy)
   check_cache(cache)
   seq_ids, ratio, policy, scores = _args(cache, seq_ids, ratio, policy, scores)
