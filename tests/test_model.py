@@ -346,7 +346,9 @@ BAD_GENERATE = [  # (generate arguments, what the message must say)
     (dict(eos_id=-1), r"eos_id must be an int in \[0, 32\), got -1"),
     (dict(seed=1 << 64), r"seed must be an int in \[-2\*\*63, 2\*\*63\)"),
     (dict(impl="cuda"), r"impl must be one of \('auto', 'xla', 'pallas'\), got 'cuda'"),
-    (dict(cache_dtype=jnp.int8), r"cache_dtype must be one of float32, bfloat16, float16"),
+    (dict(cache_dtype=jnp.int16), r"cache_dtype must be one of float32, bfloat16, float16, int8"),
+    (dict(cache_dtype=jnp.int8, dense_cache=True), r"cache_dtype=int8 \(8-bit K/V with scales\) "
+     r"needs the paged cache"),
     (dict(dense_cache=True, prefix_caching=True), r"prefix_caching=True needs the paged cache"),
     (dict(prefix_caching="yes"), r"prefix_caching must be True or False, got 'yes'"),
     (dict(progress=print, prompts=[[1, 2], [3, 32]]),
