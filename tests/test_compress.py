@@ -313,6 +313,23 @@ def test_auto_compress_is_off_by_default_and_frees_room_when_turned_on():
     jp.CacheManager(spec, auto_compress=2.0)
 
 
+def test_auto_compress_that_cannot_make_room_rolls_back_every_compression():
+  """A call that fails changes nothing, the compressions tried for it included."""
+  spec = jp.CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+                      max_seqs=4, max_pages_per_seq=8)
+  manager = jp.CacheManager(spec, auto_compress=(0.5, jp.StreamingLLM(sinks=1)))
+  manager.admit(list(range(1, 17)))  # 4 pages
+  b = manager.admit(list(range(1, 13))).seq_id  # 3 pages: 1 free
+  before = jax.tree.map(np.asarray, manager.cache)
+  _, ok, preempted = manager.extend([b], [20], num_slots=20)  # needs 5: compressing frees 2
+  assert not bool(ok) and preempted == []
+  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before),
+                                                  jax.tree.leaves(manager.cache)))
+  assert manager.compression_stats().compressed_caches == 0
+  _, ok, _ = manager.extend([b], [8], num_slots=8)  # this one fits after compressing
+  assert bool(ok) and manager.compression_stats().compressed_caches == 1
+
+
 # ----------------------------------------------------------------------------- the real model
 
 def test_smollm2_decodes_the_same_tokens_after_compress_with_ratio_one():

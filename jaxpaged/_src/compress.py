@@ -184,10 +184,10 @@ def keep_counts(ratio, length):
   return jnp.clip(kept, jnp.minimum(1, length), length)
 
 
-def keep_mask(length, keep, priority, *, sinks: int, recent: int | None):
-  """``bool[B, S]``: the tokens kept (the rule of the module docstring). ``priority`` is
-  ``float32[B, S]`` (higher kept)."""
-  pos = jnp.arange(priority.shape[1])[None]
+def keep_mask(length, keep, priority, *, sinks: int, recent: int | None, size: int):
+  """``bool[B, size]``: the tokens kept (the rule of the module docstring). ``priority`` is
+  ``float32[B, size]`` (higher kept), or None (sinks and the most recent tokens only)."""
+  pos = jnp.arange(size)[None]
   length, keep = length[:, None], keep[:, None]
   s = jnp.minimum(sinks, keep)
   r = keep - s if recent is None else jnp.minimum(recent, keep - s)
@@ -266,8 +266,8 @@ def compress_core(cache, seq_ids, ratio, scores, *, policy: Policy, axis: str | 
     priority = scores
   else:
     priority = None
-  mask = keep_mask(length, keep, priority, sinks=policy.sinks, recent=policy.recent_tokens()) \
-      if priority is not None else _streaming_mask(length, keep, S, policy.sinks)
+  mask = keep_mask(length, keep, priority, sinks=policy.sinks, recent=policy.recent_tokens(),
+                   size=S)
   mask &= pos < length[:, None]
   # The kept tokens' source slots, compacted in order: [B, S], -1 past each row's count.
   b = jnp.arange(B)[:, None]
@@ -306,13 +306,6 @@ def compress_core(cache, seq_ids, ratio, scores, *, policy: Policy, axis: str | 
       jnp.where(go, seq_ids, spec.max_seqs)].set(evicted, mode="drop"))
   out = keep_unless_pools(lambda n, o: jnp.where(ok, n, o), new, cache)
   return with_pools(out, moved), ok
-
-
-def _streaming_mask(length, keep, S: int, sinks: int):
-  pos = jnp.arange(S)[None]
-  length, keep = length[:, None], keep[:, None]
-  s = jnp.minimum(sinks, keep)
-  return (pos < s) | ((pos >= length - (keep - s)) & (pos < length))
 
 
 _compress_jit = jax.jit(compress_core, static_argnames=("policy", "axis", "problems_only"))

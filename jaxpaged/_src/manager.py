@@ -122,8 +122,9 @@ class CacheManager(ManagerCore):
       `reserve` does not fit, or would preempt, the least recently used active sequences not in
       the call are compressed first (`compress_cache`, default policy `StreamingLLM()`), one at
       a time until it fits; a sequence that already dropped tokens is not compressed again.
-      Compressions done stay done even if the call still cannot fit. Compressing discards
-      tokens, so it is only done when asked.
+      If the call still cannot fit, the compressions are rolled back (the cache as before the
+      call: one copy of the pool is kept while trying). Compressing discards tokens, so it is
+      only done when asked.
 
   >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
   ...                  max_seqs=4, max_pages_per_seq=4, prefix_caching=True)
@@ -576,14 +577,15 @@ class CacheManager(ManagerCore):
     self._update_pressure()
     return ok
 
-  def _compress(self, seq: int, ratio, policy, scores=None) -> bool:
-    """`compress_cache`'s work on checked arguments, without the pressure update."""
+  def _compress(self, seq: int, ratio, policy, scores=None, *, donate: bool = True) -> bool:
+    """`compress_cache`'s work on checked arguments, without the pressure update (``donate``
+    False: the cache before it stays alive, for a rollback)."""
     before_len = int(self.cache.seq_lens[seq])
     before_used = self._used_pages()
     start = time.perf_counter()
+    step = steps.compress_step if donate else steps.compress_copy_step
     with self._atomic():
-      cache, ok = steps.compress_step(self.cache, jnp.asarray([seq], jnp.int32), ratio, scores,
-                                      policy=policy)
+      cache, ok = step(self.cache, jnp.asarray([seq], jnp.int32), ratio, scores, policy=policy)
       self.cache = cache
       if not bool(ok):
         raise Refused
@@ -612,19 +614,25 @@ class CacheManager(ManagerCore):
   def _compress_for_room(self, plan, seq_ids, num_new_tokens, num_slots, preempt):
     """With ``auto_compress``: while the rows do not fit (or would preempt), compresses the
     least recently used active sequences not in the call that never dropped tokens, then plans
-    again. Returns the last plan."""
+    again. Returns the last plan. If the rows still do not fit, every compression is rolled
+    back (the first one kept its input alive) and the first plan is returned."""
     if self._auto_compress is None or (plan.fits and not plan.released):
       return plan
     ratio, policy = self._auto_compress
     in_call = set(np.asarray(plan.seq_ids).tolist())
     evicted = np.asarray(self.cache.num_evicted)
+    before, before_stats, first_plan = self.cache, dict(self._compression), plan
+    compressed = False
     for s in self.registry.least_recent(in_call):
       if evicted[s] > 0 or int(self.cache.seq_lens[s]) == 0:
         continue
-      self._compress(s, jnp.float32(ratio), policy)
+      compressed |= self._compress(s, jnp.float32(ratio), policy, donate=compressed)
       plan = self._plan_rows(seq_ids, num_new_tokens, num_slots, preempt)
       if plan.fits and not plan.released:
         break
+    if compressed and not plan.fits:  # the call fails: it changes nothing
+      self.cache, self._compression = before, before_stats
+      return first_plan
     return plan
 
   # --------------------------------------------------------------------------- planning

@@ -5,7 +5,7 @@ are updated in place. Sequence lists are padded to ``max_seqs`` (-1), page lists
 two, so few programs compile.
 
 Internal API: `room`, `demotion_plan`, `device_matches`, `room_step`, `extend_step`,
-`restore_step`, `compress_step`, `padded_ids`, `NO_VICTIMS`.
+`restore_step`, `compress_step`, `compress_copy_step`, `padded_ids`, `NO_VICTIMS`.
 """
 
 from __future__ import annotations
@@ -82,3 +82,7 @@ compress_step = jax.jit(compress_lib.compress_core, static_argnames=("policy", "
                                                                      "problems_only"),
                         donate_argnames=("cache",))
 compress_step.__doc__ = "`compress` of the rows, in place (`compress.compress_core`)."
+compress_copy_step = jax.jit(compress_lib.compress_core, static_argnames=("policy", "axis",
+                                                                          "problems_only"))
+compress_copy_step.__doc__ = ("`compress` of the rows into a new cache, the input kept (to roll "
+                              "an automatic compression back).")
