@@ -57,11 +57,13 @@ class CachedBlock:
     k, v: ``[num_layers, num_kv_heads, page_size, head_dim]`` NumPy arrays, the cache's dtype.
     k_scales, v_scales: ``float32[num_layers, num_kv_heads, page_size]``, the per-token scales
       of 8-bit K/V (None for other caches).
+    static_scales: the `CacheSpec.static_scales` its 8-bit K/V were stored with (None for other
+      caches): it is promoted only into a cache that reads them alike.
 
   Example: `demote_blocks`.
 
   >>> [f.name for f in dataclasses.fields(CachedBlock)]
-  ['key', 'salt', 'tokens', 'k', 'v', 'k_scales', 'v_scales']
+  ['key', 'salt', 'tokens', 'k', 'v', 'k_scales', 'v_scales', 'static_scales']
   """
   key: int
   salt: int
@@ -70,6 +72,7 @@ class CachedBlock:
   v: np.ndarray
   k_scales: np.ndarray | None = None
   v_scales: np.ndarray | None = None
+  static_scales: tuple | None = None
 
   @property
   def depth(self) -> int:
@@ -90,6 +93,7 @@ def cached_blocks(spec, contents) -> list[CachedBlock]:
     blocks.append(CachedBlock(block_key(contents["hashes"][i]),
                               checks.salt_int(contents["salts"][i]),
                               np.array(contents["tokens"][i, :end]),
+                              static_scales=spec.static_scales,
                               **{HOST_FIELDS[name]: np.array(x[:, :, i])
                                  for name, x in contents["kv"].items()}))
   return blocks

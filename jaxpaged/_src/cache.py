@@ -56,8 +56,8 @@ def host_pools(copy) -> dict:
 def check_host_pools(spec: CacheSpec, copy, what: str, min_pages: int | None = None) -> dict:
   """`host_pools` of ``copy``, checked against ``spec``'s `pool_layouts`: the same pools and
   dtypes, shapes without the page axis (``min_pages`` None: one page, as a `CachedBlock`) or
-  with the same count of at least ``min_pages`` pages in every pool. Else a `JaxPagedError`
-  naming ``what``'s field."""
+  with the same count of ``min_pages`` to ``max_pages_per_seq`` pages in every pool, and the
+  same static scales (``copy.static_scales``). Else a `JaxPagedError` naming ``what``'s field."""
   found, layouts = host_pools(copy), pool_layouts(spec)
   if set(found) != set(layouts):
     raise JaxPagedError(f"{what} holds {sorted(HOST_FIELDS[n] for n in found)} but this cache "
@@ -70,9 +70,9 @@ def check_host_pools(spec: CacheSpec, copy, what: str, min_pages: int | None = N
     if min_pages is None:
       want, ok = shape[:2] + shape[3:], got == shape[:2] + shape[3:]
     else:
-      want = shape[:2] + (f">={min_pages} pages",) + shape[3:]
+      want = shape[:2] + (f"{min_pages}..{spec.max_pages_per_seq} pages",) + shape[3:]
       ok = len(got) == len(shape) and got[:2] + got[3:] == shape[:2] + shape[3:] and (
-          got[2] >= min_pages)
+          min_pages <= got[2] <= spec.max_pages_per_seq)
       counts.add(got[2] if ok else None)
     if not ok or getattr(x, "dtype", None) != dtype:
       raise JaxPagedError(f"{what}.{field} is {getattr(x, 'dtype', None)}{list(got)} but this "
@@ -81,7 +81,21 @@ def check_host_pools(spec: CacheSpec, copy, what: str, min_pages: int | None = N
   if len(counts) > 1:
     raise JaxPagedError(f"{what}'s fields hold different page counts "
                         f"{[found[n].shape[2] for n in layouts]}; pass them as they came.")
+  theirs = getattr(copy, "static_scales", None)
+  if not _same_static_scales(theirs, spec.static_scales):
+    raise JaxPagedError(f"{what} was stored with static_scales {theirs!r} but this cache reads "
+                        f"its values with {spec.static_scales!r}: they would read back scaled "
+                        "wrongly; bring it into a cache with the same spec.")
   return found
+
+
+def _same_static_scales(a, b) -> bool:
+  """Whether two `CacheSpec.static_scales` read stored values alike (equal as float32)."""
+  try:
+    return (a is None) == (b is None) and (a is None or np.array_equal(
+        np.asarray(a, np.float32), np.asarray(b, np.float32)))
+  except (TypeError, ValueError):
+    return False
 
 
 def pools(cache) -> dict[str, jax.Array]:
@@ -230,10 +244,18 @@ def num_used_pages(cache: sharding.AnyCache) -> jax.Array:
 
 def check_cache(cache, name: str = "cache") -> CacheSpec:
   """The cache's spec, after checking it is a live `PagedKVCache` (not one whose arrays a
-  donating call deleted)."""
+  donating call deleted) holding its spec's pools (`pool_layouts`: no scale pool missing, none
+  extra, each of its dtype)."""
   if not isinstance(cache, PagedKVCache):
     raise JaxPagedError(f"{name} must be a jaxpaged.PagedKVCache, got {type(cache).__name__}; "
                         "create one with jaxpaged.init_cache(spec).")
+  held = {pool: getattr(x, "dtype", None) for pool, x in pools(cache).items()}
+  needed = {pool: dtype for pool, (_, dtype) in pool_layouts(cache.spec).items()}
+  if held.keys() != needed.keys() or any(held[p] not in (None, d) for p, d in needed.items()):
+    show = lambda pools: ", ".join(f"{p} {d}" for p, d in pools.items())
+    raise JaxPagedError(f"{name} holds pools {show(held)} but its spec ({cache.spec.dtype} K/V) "
+                        f"needs {show(needed)}: 8-bit K/V are read with their scales; keep the "
+                        "pools init_cache and jaxpaged's functions return.")
   for leaf in jax.tree.leaves(cache):
     if isinstance(leaf, jax.Array) and not checks.is_traced(leaf) and leaf.is_deleted():
       raise JaxPagedError(

@@ -85,17 +85,27 @@ def _check_static_scales(value: Any, dtype: jnp.dtype, num_layers: int):
   if dtype not in QUANTIZED_DTYPES:
     raise JaxPagedError(f"CacheSpec.static_scales applies to 8-bit K/V only, but dtype is "
                         f"{dtype}; leave it None, or set dtype to int8 or a float8 type.")
+  # Numbers only (no bools or strings), and each scale a normal float32 whose largest stored
+  # value (scale * qmax) is finite: scales are float32 on device, where 1e-300 is 0 (every value
+  # would read 0) and 1e300 is inf (every value would read NaN).
   try:
-    pairs = np.asarray(value, np.float64)
+    items = np.asarray(value, dtype=object)
+    numbers = all(np.asarray(x).dtype.kind in "iuf" and np.ndim(x) == 0 for x in items.flat)
+    pairs = items.astype(np.float64) if numbers else np.asarray(np.nan)
   except (TypeError, ValueError):
     pairs = np.asarray(np.nan)
   if pairs.shape == (2,):
     pairs = np.broadcast_to(pairs, (num_layers, 2))
-  if pairs.shape != (num_layers, 2) or not (np.isfinite(pairs).all() and (pairs > 0).all()):
+  qmax, tiny = np.float32(QUANTIZED_DTYPES[dtype]), np.finfo(np.float32).tiny
+  with np.errstate(over="ignore", invalid="ignore"):
+    scales = pairs.astype(np.float32)
+    usable = np.all((scales >= tiny) & np.isfinite(scales * qmax))
+  if pairs.shape != (num_layers, 2) or not usable:
     raise JaxPagedError(f"CacheSpec.static_scales must be one (k_scale, v_scale) pair of "
-                        f"positive finite floats, or one pair per layer ({num_layers}), got "
-                        f"{value!r}; e.g. static_scales=(0.05, 0.02) (a stored value times its "
-                        "scale is the real value).")
+                        f"positive finite floats (normal in float32, with scale * {qmax:g} "
+                        f"finite there), or one pair per layer ({num_layers}), got {value!r}; e.g. "
+                        "static_scales=(0.05, 0.02) (a stored value times its scale is the real "
+                        "value).")
   return tuple((float(k), float(v)) for k, v in pairs)
 
 

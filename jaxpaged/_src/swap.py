@@ -76,6 +76,8 @@ class SwappedSequence:
     k_scales, v_scales: host ``float32[num_layers, num_kv_heads, pages, page_size]``, the
       per-token scales of 8-bit K/V (None for other caches).
     num_evicted: tokens `compress` had dropped from it (its positions continue after them).
+    static_scales: the `CacheSpec.static_scales` its 8-bit K/V were stored with (None for
+      other caches): it comes back only into a cache that reads them alike.
 
   Example: `swap_in`.
 
@@ -92,6 +94,7 @@ class SwappedSequence:
   k_scales: object | None = None
   v_scales: object | None = None
   num_evicted: int = 0
+  static_scales: tuple | None = None
 
   @property
   def nbytes(self) -> int:
@@ -173,7 +176,7 @@ def copy_out(cache: PagedKVCache, seq_ids) -> list[SwappedSequence]:
       tokens = host_copy(tokens) if has_tokens else None
       written = None if written is None else np.asarray(written)
     swapped.append(SwappedSequence(seq, length, tokens=tokens, salt=salt, written=written,
-                                   num_evicted=gone,
+                                   num_evicted=gone, static_scales=spec.static_scales,
                                    **{HOST_FIELDS[name]: x for name, x in kv.items()}))
   return swapped
 
