@@ -101,7 +101,9 @@ def write_kv(cache: sharding.AnyCache, layer: int | jax.Array, k: jax.Array, v: 
     k, v: ``[T, num_kv_heads, head_dim]`` in the cache's dtype; for an 8-bit cache any float
       dtype, quantized here (`jaxpaged._src.quant`: with per-token scales each (token, head)
       row gets its own scale).
-    slots: ``int32[T]`` from `extend`.
+    slots: ``int32[T]`` from `extend` (distinct: which of two rows given one slot lands there
+      is unspecified, and in an 8-bit cache its values and its scale may come from different
+      rows).
     impl: ``"auto"`` (Pallas on GPU, XLA elsewhere), ``"xla"`` or ``"pallas"``.
     interpret: run the Pallas kernel in interpret mode (on CPU, for tests).
 
