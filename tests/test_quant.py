@@ -304,10 +304,10 @@ def _f32_buffers(hlo_text: str) -> list[int]:
 
 def test_decode_step_never_dequantizes_a_pool_or_a_sequence_at_once():
   """The compiled decode step dequantizes one chunk of pages at a time: its largest float32
-  buffer is the batch's chunk (QUANTIZED_MAX_BLOCK_KV tokens a row), a quarter of the batch's
+  buffer is the batch's chunk (`default_block_kv` tokens a row: 512 here), half of the batch's
   sequences here. Its control, a step that dequantizes the layer's pool first (what
   jax-llm-examples does), is caught by the same check."""
-  from jaxpaged._src.attention_xla import QUANTIZED_MAX_BLOCK_KV  # pylint: disable=g-import-not-at-top
+  from jaxpaged._src.attention_xla import default_block_kv  # pylint: disable=g-import-not-at-top
   spec = jp.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, page_size=16, num_pages=256,
                       max_seqs=4, max_pages_per_seq=64, dtype=jnp.int8)
   cache = jax.eval_shape(jp.init_cache, spec)
@@ -324,8 +324,10 @@ def test_decode_step_never_dequantizes_a_pool_or_a_sequence_at_once():
     return jp.ops.paged_attention(q, k, k, cache.page_table[ids], cache.seq_lens[ids])
 
   largest = max(_f32_buffers(jax.jit(step).lower(q, cache, ids).compile().as_text()))
-  chunk = 4 * spec.num_kv_heads * QUANTIZED_MAX_BLOCK_KV * spec.head_dim
-  assert largest <= chunk <= sequences // 4 < layer_pool, (largest, chunk)
+  block = default_block_kv(spec.max_seq_len, 4, quantized=True)
+  chunk = 4 * spec.num_kv_heads * block * spec.head_dim
+  assert block < spec.max_seq_len and largest <= chunk <= sequences // 2 < layer_pool, (
+      largest, chunk)
   control = max(_f32_buffers(jax.jit(dequantize_first).lower(q, cache, ids).compile().as_text()))
   assert control >= layer_pool
 
