@@ -112,13 +112,7 @@ def test_host_copies_come_back_only_into_caches_with_the_same_static_scales():
   source = _spec(static_scales=(0.1, 0.1), prefix_caching=True)
   other = _spec(static_scales=(0.2, 0.2), prefix_caching=True)
   swapped, expected = _swapped_out(source)
-  with pytest.raises(jp.JaxPagedError, match="static_scales"):
-    jp.swap_in(jp.init_cache(other), swapped)
-  manager = jp.CacheManager(other)
-  before = _leaves(manager.cache)
-  with pytest.raises(jp.JaxPagedError, match="static_scales"):
-    manager.adopt(swapped)
-  assert all(np.array_equal(a, b) for a, b in zip(before, _leaves(manager.cache)))
+  _refused_by_swap_in_and_adopt(other, swapped, "static_scales")
   # The same float32 scales, spelled differently: bit-exact.
   alike = _spec(static_scales=(np.float32(0.1), np.float32(0.1)), prefix_caching=True)
   restored, ok = jp.swap_in(jp.init_cache(alike), swapped)
@@ -154,12 +148,18 @@ def test_host_copy_with_more_pages_than_a_sequence_can_hold_is_refused_clearly()
   pad = lambda x: np.concatenate([x, np.zeros(x.shape[:2] + (8,) + x.shape[3:], x.dtype)], 2)
   big = dataclasses.replace(swapped, **{f: pad(getattr(swapped, f))
                                         for f in ("k", "v", "k_scales", "v_scales")})
-  with pytest.raises(jp.JaxPagedError, match="swapped.k is"):
-    jp.swap_in(jp.init_cache(spec), big)
+  _refused_by_swap_in_and_adopt(spec, big, "swapped.k is")
+
+
+def _refused_by_swap_in_and_adopt(spec, swapped, match):
+  """`swap_in` into a cache of ``spec`` and `CacheManager.adopt` both refuse ``swapped`` with
+  ``match``; the manager's cache is unchanged."""
+  with pytest.raises(jp.JaxPagedError, match=match):
+    jp.swap_in(jp.init_cache(spec), swapped)
   manager = jp.CacheManager(spec)
   before = _leaves(manager.cache)
-  with pytest.raises(jp.JaxPagedError, match="swapped.k is"):
-    manager.adopt(big)
+  with pytest.raises(jp.JaxPagedError, match=match):
+    manager.adopt(swapped)
   assert all(np.array_equal(a, b) for a, b in zip(before, _leaves(manager.cache)))
 
 

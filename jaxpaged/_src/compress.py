@@ -56,8 +56,7 @@ from jaxpaged._src.spec import JaxPagedError
 COMPRESS_REASONS = {
     "bad_ratio": ("ratio", "must be a number in (0, 1] (the fraction of tokens kept), got "
                   "{ratio}; pass e.g. 0.5"),
-    "bad_id": ("seq_ids", "is out of range [-1, {max_seqs}) (use -1 for padding rows)"),
-    "duplicate": ("seq_ids", "appears twice; give each sequence one row per call"),
+    **{reason: allocator.EXTEND_REASONS[reason] for reason in ("bad_id", "duplicate")},
     "empty": ("seq_ids", "is a sequence that holds no tokens; compress only sequences in use"),
     "out_of_pages": ("cache", "has too few free pages for the compressed copies (the "
                      "sequence's pages are shared with a fork or cached, so they are not "
