@@ -8,7 +8,8 @@ under ``interpret=True`` on CPU. Mosaic GPU targets Hopper and later, and on JAX
 `jaxpaged._src.gpu`, so a move to Mosaic GPU is one place to change.
 
 The XLA path is a single scatter and is also the reference: there is no simpler statement of
-"put token t's K/V at slot t".
+"put token t's K/V at slot t". An 8-bit cache quantizes the new rows first (`quant.quantize`,
+shared by both paths); both then scatter values and, with per-token scales, the scales.
 """
 
 from __future__ import annotations
