@@ -12,26 +12,13 @@ pages as ``cache.k_pages[layer]`` in exactly this layout.
 is the real value, dequantized inside the loop, one chunk of pages at a time.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 from jaxpaged._src.attention import paged_attention_arrays
 from jaxpaged._src.attention import pool_array
 from jaxpaged._src.attention import ragged_paged_attention_arrays
-from jaxpaged._src.attention import ragged_paged_attention_reference as _reference
-from jaxpaged._src.spec import QUANTIZED_DTYPES, JaxPagedError
-
-
-@functools.wraps(_reference)
-def ragged_paged_attention_reference(q, k_pages, v_pages, *args, **kwargs):
-  # 8-bit pools without their scales would be read as their stored numbers: refused.
-  for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
-    if getattr(x, "dtype", None) in QUANTIZED_DTYPES:
-      raise JaxPagedError(f"{name} is {x.dtype}: the reference reads float pools only; pass "
-                          f"the real values, e.g. {name}.astype(jnp.float32) * scales[..., None].")
-  return _reference(q, k_pages, v_pages, *args, **kwargs)
+from jaxpaged._src.attention import ragged_paged_attention_reference
 
 
 def _one_layer(k_pages: jax.Array, v_pages: jax.Array, k_scales, v_scales) -> dict:

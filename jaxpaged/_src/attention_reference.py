@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jaxpaged._src import attention_softmax as softmax
 from jaxpaged._src.attention_checks import check_options
 from jaxpaged._src.cache import token_rows
+from jaxpaged._src.spec import QUANTIZED_DTYPES, JaxPagedError
 
 
 def _token_attention(q_t: jax.Array, row: jax.Array, position: jax.Array, *, k_pages: jax.Array,
@@ -53,7 +54,8 @@ def ragged_paged_attention_reference(
   """Plain-``jnp`` ragged paged attention, one query token at a time on contiguous K/V.
 
   Shapes as `jaxpaged.ops.ragged_paged_attention`; float32 math, the same handling of non-finite
-  values (a dense softmax over the keys each query sees). For tests and small inputs.
+  values (a dense softmax over the keys each query sees). For tests and small inputs. Float
+  pools only: 8-bit pools are refused (dequantize them first).
 
   >>> k_pages = jnp.ones((1, 2, 4, 8))  # [num_kv_heads, total_pages, page_size, head_dim]
   >>> v_pages = jnp.broadcast_to(jnp.arange(8.0).reshape(1, 2, 4, 1), (1, 2, 4, 8))
@@ -63,6 +65,10 @@ def ragged_paged_attention_reference(
   >>> out[:, 0, 0].tolist()  # equal scores: the mean of V over positions 0..4 and 0..5
   [2.0, 2.5]
   """
+  for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
+    if getattr(x, "dtype", None) in QUANTIZED_DTYPES:  # read as stored numbers: refused
+      raise JaxPagedError(f"{name} is {x.dtype}: the reference reads float pools only; pass "
+                          f"the real values, e.g. {name}.astype(jnp.float32) * scales[..., None].")
   num_tokens, _, head_dim = q.shape
   options = check_options(head_dim, sm_scale=sm_scale, soft_cap=soft_cap,
                           sliding_window=sliding_window)
