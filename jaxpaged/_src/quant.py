@@ -15,7 +15,7 @@ saturate, and int8 cannot hold NaN or inf (they are written as 0 and +-127).
 Both attentions call `dequantize` on each chunk of pages they read (the XLA loop's chunk, the
 Pallas kernel's page): no dequantized copy of the pool or of a sequence is ever made.
 
-Internal API: `quantize`, `dequantize`, `static_scale`, `attention_scales`.
+Internal API: `quantize`, `dequantize`, `static_scales`, `attention_scales`.
 """
 
 from __future__ import annotations
@@ -26,12 +26,9 @@ import jax.numpy as jnp
 from jaxpaged._src.spec import QUANTIZED_DTYPES, SCALE_DTYPE, CacheSpec
 
 
-def static_scale(spec: CacheSpec, layer, which: int) -> jax.Array | None:
-  """The static scale of K (``which`` 0) or V (1) at ``layer`` (an int or int32 scalar), a
-  float32 scalar; None unless the spec has static scales."""
-  if spec.static_scales is None:
-    return None
-  return jnp.asarray([pair[which] for pair in spec.static_scales], SCALE_DTYPE)[layer]
+def static_scales(spec: CacheSpec, which: int) -> jax.Array:
+  """``float32[num_layers]``: the static scales of K (``which`` 0) or V (1)."""
+  return jnp.asarray([pair[which] for pair in spec.static_scales], SCALE_DTYPE)
 
 
 def quantize(x: jax.Array, spec: CacheSpec, layer, which: int
@@ -54,7 +51,7 @@ def quantize(x: jax.Array, spec: CacheSpec, layer, which: int
     y = x / scale[..., None]
   else:
     scale = None
-    y = jnp.clip(x / static_scale(spec, layer, which), -qmax, qmax)
+    y = jnp.clip(x / static_scales(spec, which)[layer], -qmax, qmax)
   if spec.dtype == jnp.int8:
     y = jnp.clip(jnp.round(y), -qmax, qmax)
   return y.astype(spec.dtype), scale
@@ -74,6 +71,5 @@ def attention_scales(cache) -> tuple[jax.Array | None, jax.Array | None]:
   if spec.token_scales:
     return cache.k_scales, cache.v_scales
   if spec.quantized:
-    return tuple(jnp.asarray([pair[i] for pair in spec.static_scales], SCALE_DTYPE)
-                 for i in (0, 1))
+    return static_scales(spec, 0), static_scales(spec, 1)
   return None, None
