@@ -4,13 +4,13 @@ A demoted block (`CachedBlock`) keeps what a host hit needs to be verified and b
 bit-exactly: its K/V, the whole prefix of token ids it ends, and its 64-bit salt. The device
 programs are in `jaxpaged._src.transfer`; sequences swap out and in with `jaxpaged._src.swap`.
 
-Internal API: `cached_blocks`, `keep_pages`, `promote_args`, `promote_arrays`, `stack_blocks`.
+Internal API: `cached_blocks`, `sequence_blocks`, `keep_pages`, `promote_args`, `promote_arrays`, `stack_blocks`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,9 @@ from jaxpaged._src import sharding
 from jaxpaged._src import checks
 from jaxpaged._src import transfer
 from jaxpaged._src.cache import (HOST_FIELDS, PagedKVCache, check_cache, check_host_pools,
-                                 host_pools, num_cached_free_pages)
+                                 host_pools, num_cached_free_pages, pools)
+from jaxpaged._src.hashing import block_hashes_numpy
+from jaxpaged._src.prefix_state import fully_written
 from jaxpaged._src.spec import JaxPagedError, next_pow2
 from jaxpaged._src.swap import bucket, one_id
 
@@ -97,6 +99,43 @@ def cached_blocks(spec, contents) -> list[CachedBlock]:
                               **{HOST_FIELDS[name]: np.array(x[:, :, i])
                                  for name, x in contents["kv"].items()}))
   return blocks
+
+
+def sequence_blocks(cache: PagedKVCache, seq_ids: Sequence[int],
+                    wanted: Callable[[int, np.ndarray, int], bool]) -> list[CachedBlock]:
+  """Host copies of the leading registered, fully written blocks of active sequences (what a
+  disk tier keeps when they end): for each sequence, block by block from its first, while the
+  page is registered in the prefix cache and written in every layer, those for which
+  ``wanted(key, prefix_tokens, salt)`` is true. One gather reads them all."""
+  spec, prefix = cache.spec, cache.prefix
+  if prefix is None or not len(seq_ids):
+    return []
+  ps = spec.page_size
+  lens, table = jax.device_get((cache.seq_lens, cache.page_table))
+  chosen, meta = [], []
+  for s in seq_ids:
+    n = int(lens[s]) // ps
+    if not n:
+      continue
+    pages = np.asarray(table[s, :n])
+    tokens, cached, written, salt = jax.device_get((
+        prefix.page_tokens[pages], prefix.page_cached[pages], fully_written(prefix, pages),
+        prefix.seq_salt[s]))
+    tokens, salt = np.asarray(tokens).reshape(-1), checks.salt_int(salt)
+    run = int(np.argmin(np.append(cached & written, False)))
+    hashes = block_hashes_numpy(tokens[:run * ps], ps, salt, spec.block_hash)
+    for i in range(run):
+      key, end = block_key(hashes[i]), (i + 1) * ps
+      if wanted(key, tokens[:end], salt):
+        chosen.append(int(pages[i]))
+        meta.append((key, salt, tokens[:end]))
+  if not chosen:
+    return []
+  index = jnp.asarray(np.pad(chosen, (0, next_pow2(len(chosen)) - len(chosen))))
+  kv = jax.device_get({name: x[:, :, index] for name, x in pools(cache).items()})
+  return [CachedBlock(key, salt, np.array(tokens), static_scales=spec.static_scales,
+                      **{HOST_FIELDS[name]: np.array(x[:, :, i]) for name, x in kv.items()})
+          for i, (key, salt, tokens) in enumerate(meta)]
 
 
 def keep_pages(spec, keep) -> jax.Array:

@@ -1,8 +1,12 @@
-"""The manager's host tier: swapped-out sequences and demoted prefix blocks in host RAM.
+"""The manager's host tier: swapped-out sequences and demoted prefix blocks in host RAM, and
+below it, optionally, a `jaxpaged.DiskStore` of blocks.
 
 Internal API: `HostTier` (owned by `CacheManager`). Keys: ``("seq", seq_id)`` for a swapped
 sequence (pinned: evicting it loses the sequence, which is then recorded as dropped) and
 ``("block", block_key)`` for a cached block (recomputable, so the store may evict it freely).
+A block evicted from the last RAM tier (or too large for any) goes to the disk store; a lookup
+reads the disk for the blocks RAM does not hold, after the device's hits, up to the first block
+neither holds.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import numpy as np
 
 from jaxpaged._src import swap
 from jaxpaged._src.blocks import CachedBlock, block_key
+from jaxpaged._src.disk import DiskStore
 from jaxpaged._src.tier import Tier, TieredStore, TierError, TierPolicy
 
 
@@ -25,9 +30,10 @@ class HostTier:
     dropped: id -> why, for swapped sequences the store evicted (they must be recomputed).
   """
 
-  def __init__(self, tiers: Sequence[Tier], policy: TierPolicy):
+  def __init__(self, tiers: Sequence[Tier], policy: TierPolicy, disk: DiskStore | None = None):
     self.policy = policy
     self.store = TieredStore(tiers, policy, on_evict=self._on_evict)
+    self.disk = disk
     self.swapped: set[int] = set()
     self.dropped: dict[int, str] = {}
 
@@ -56,8 +62,8 @@ class HostTier:
 
   # --------------------------------------------------------------------------- blocks
 
-  def candidates(self, tokens: np.ndarray, hashes: np.ndarray, salt: int, page_size: int
-                 ) -> tuple[list[tuple[int, CachedBlock]], list[int]]:
+  def candidates(self, tokens: np.ndarray, hashes: np.ndarray, salt: int, page_size: int,
+                 start: int = 0) -> tuple[list[tuple[int, CachedBlock]], list[int]]:
     """The host copies of the prompt's full blocks (``hashes``, one each) that an admission may
     promote: ``(found, held)``: ``found`` the ``(block index, block)`` the host holds for
     exactly this prefix and salt and the policy promotes, ``held`` the indices of every block
@@ -65,12 +71,24 @@ class HostTier:
     (`jaxpaged._src.admission`); a declined block only ends the run it is in.
 
     The policy is asked as on a hit (after an access), but the accesses are undone here:
-    `record_hits` records those of the blocks the admission actually looked at."""
+    `record_hits` records those of the blocks the admission actually looked at.
+
+    Blocks from ``start`` (the device's hits end there) that RAM does not hold are read from the
+    disk store, if any, up to the first block neither holds; a disk hit is found (promoted) when
+    the disk's policy promotes it, and counts as a use there."""
     mark = self.store.snapshot()
     found, held = [], []
     for i, page_hash in enumerate(hashes):
       key = ("block", block_key(page_hash))
       if not self._holds(key, tokens, salt, (i + 1) * page_size):
+        if self.disk is None or i < start:
+          continue
+        block = self.disk.get(key[1], tokens, salt)
+        if block is None:
+          break
+        held.append(i)
+        if self.disk.index.should_promote(key[1]):
+          found.append((i, block))
         continue
       held.append(i)
       self.store.get(key)  # an access, for recency and frequency, as the policy expects
@@ -99,15 +117,16 @@ class HostTier:
             and np.array_equal(block.tokens, tokens[:end]))
 
   def store_blocks(self, blocks: Sequence[CachedBlock]) -> tuple[int, int]:
-    """Holds demoted blocks; ``(demoted, dropped)``: of the ``demoted`` blocks, those the tiers
-    have no room for (they are full of swapped sequences) are dropped, since they can be
-    recomputed."""
+    """Holds demoted blocks; ``(demoted, dropped)``: of the ``demoted`` blocks, those the RAM
+    tiers have no room for (they are full of swapped sequences) go to the disk store, else are
+    dropped, since they can be recomputed."""
     dropped = 0
     for block in blocks:
       try:
         self.store.put(("block", block.key), block, block.nbytes)
       except TierError:
-        dropped += 1
+        if self.disk is None or not self.disk.put(block):
+          dropped += 1
     return len(blocks), dropped
 
   def take_blocks(self, blocks: Sequence[CachedBlock]) -> None:
@@ -119,15 +138,20 @@ class HostTier:
   # --------------------------------------------------------------------------- state
 
   def snapshot(self):
-    """Everything, to `restore` after a failed operation."""
-    return self.store.snapshot(), set(self.swapped), dict(self.dropped)
+    """Everything, to `restore` after a failed operation (the disk's index, not its files: a
+    block written stays a valid block)."""
+    disk = None if self.disk is None else self.disk.snapshot()
+    return self.store.snapshot(), set(self.swapped), dict(self.dropped), disk
 
   def restore(self, snapshot) -> None:
-    store, self.swapped, self.dropped = snapshot
+    store, self.swapped, self.dropped, disk = snapshot
     self.store.restore(store)
+    if disk is not None:
+      self.disk.restore(disk)
 
   def _on_evict(self, key, value, pinned: bool) -> None:
-    del value
+    if key[0] == "block" and self.disk is not None:
+      self.disk.put(value)
     if pinned and key[0] == "seq":
       self.swapped.discard(key[1])
       self.dropped[key[1]] = f"evicted by {type(self.policy).__name__} to make room"

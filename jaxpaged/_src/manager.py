@@ -118,6 +118,10 @@ class CacheManager(ManagerCore):
     thresholds: pressure thresholds (medium, high, critical) on the fraction of pages in use.
     device: the `jax.Device` the cache lives on (committed there, so every step of this manager
       runs there); default: JAX's default device.
+    disk: a `jaxpaged.DiskStore` of this spec below the host tiers, or None (default): blocks
+      evicted from host RAM go there, `admit` reads it after the device's and RAM's hits, and
+      `release` writes the sequences' full blocks it lacks (write-through), so that a restarted
+      process finds them. ``stats()["disk"]`` and the ``disk_*`` counters report it.
     auto_compress: None (default: off), or a ratio, or ``(ratio, policy)``: when an `extend` or
       `reserve` does not fit, or would preempt, the least recently used active sequences not in
       the call are compressed first (`compress_cache`, default policy `StreamingLLM()`), one at
@@ -187,10 +191,12 @@ class CacheManager(ManagerCore):
     matched = int(_device_prefix_blocks(self.cache, request))
     usable = (len(tokens) - 1) // ps
     for i in range(matched, usable):  # the host's run that continues the device hits
-      block = self.store.peek(("block", blocks.block_key(request.hashes[0, i])))
+      key = blocks.block_key(request.hashes[0, i])
+      block = self.store.peek(("block", key))
       end = (i + 1) * ps
       if not (isinstance(block, blocks.CachedBlock) and block.salt == salt
-              and len(block.tokens) == end and np.array_equal(block.tokens, tokens[:end])):
+              and len(block.tokens) == end and np.array_equal(block.tokens, tokens[:end])) and (
+                  self.disk is None or not self.disk.holds(key, tokens[:end], salt)):
         break
       matched += 1
     return matched * ps
@@ -270,6 +276,9 @@ class CacheManager(ManagerCore):
     if not done:
       raise RuntimeError("jaxpaged bug: a planned admission was refused by the device")
     promoted = [b for i, b in blocks if plan.matched <= i < plan.matched + plan.promoted]
+    from_disk = sum(("block", b.key) not in self.store for b in promoted)
+    self.counters["disk_hit_blocks"] += from_disk
+    self.counters["disk_hit_tokens"] += from_disk * self.spec.page_size
     if held:
       usable = (len(tokens) - 1) // self.spec.page_size
       self.host.record_hits(request.hashes[0, :usable], held, int(plan.matched), len(promoted))
@@ -319,11 +328,13 @@ class CacheManager(ManagerCore):
     return None if self._refused else seq
 
   def _host_candidates(self, tokens, salt, request):
-    if not self.spec.prefix_caching or not len(self.host.store):
+    if not self.spec.prefix_caching or (not len(self.host.store) and self.disk is None):
       return [], []
     usable = (len(tokens) - 1) // self.spec.page_size
     hashes = request.hashes[0, :usable]
-    return self.host.candidates(tokens, hashes, salt, self.spec.page_size)
+    # The disk is read only after the device's hits (one lookup finds where they end).
+    start = 0 if self.disk is None else int(_device_prefix_blocks(self.cache, request))
+    return self.host.candidates(tokens, hashes, salt, self.spec.page_size, start)
 
   def _admission_room(self, request, host, num_slots: int, length: int):
     """``(victims, demoted)``: when the pool may run short (the most the admission can take
@@ -437,6 +448,7 @@ class CacheManager(ManagerCore):
     ids = self.registry.check_ids(seq_ids)
     held = [s for s in ids if s in self.registry.active]
     with self._atomic():
+      self._save_to_disk(held)
       for s in ids:
         self.host.forget(s)
         self.registry.remove(s)
@@ -444,6 +456,15 @@ class CacheManager(ManagerCore):
         self.cache = steps.room_step(self.cache, steps.padded_ids(held, self.spec.max_seqs),
                                      steps.NO_VICTIMS)
     self._update_pressure()
+
+  def _save_to_disk(self, seq_ids: list[int]) -> None:
+    """Writes the sequences' registered, written blocks the disk tier lacks (write-through on
+    release, so that another process finds them)."""
+    if self.disk is None or not seq_ids:
+      return
+    missing = lambda key, tokens, salt: not self.disk.holds(key, tokens, salt)
+    for block in blocks.sequence_blocks(self.cache, seq_ids, missing):
+      self.counters["disk_saved_blocks"] += self.disk.put(block)
 
   # --------------------------------------------------------------------------- swapping
 

@@ -23,6 +23,7 @@ from jaxpaged._src import checks
 from jaxpaged._src import manager_steps as steps
 from jaxpaged._src import blocks
 from jaxpaged._src.cache import PagedKVCache, cdiv, check_cache, init_cache
+from jaxpaged._src.disk import DiskStore, check_disk_store, layout_of
 from jaxpaged._src.host_tier import HostTier
 from jaxpaged._src.prefix import prefix_stats
 from jaxpaged._src.prefix_hooks import evictable
@@ -38,7 +39,8 @@ class ManagerCore:
   def __init__(self, spec: CacheSpec, *, host_bytes: int = 1 << 30,
                tiers: Sequence[Tier] | None = None, policy: TierPolicy | None = None,
                thresholds: tuple[float, float, float] = DEFAULT_THRESHOLDS,
-               device: jax.Device | None = None, auto_compress=None):
+               device: jax.Device | None = None, auto_compress=None,
+               disk: DiskStore | None = None):
     if not isinstance(spec, CacheSpec):
       raise JaxPagedError(f"spec must be a jaxpaged.CacheSpec, got {type(spec).__name__}.")
     self._auto_compress = _check_auto_compress(auto_compress)
@@ -58,19 +60,32 @@ class ManagerCore:
       with jax.default_device(device):
         self._cache = jax.device_put(init_cache(spec), device)
     self.policy = LRUPolicy() if policy is None else policy
-    self.host = HostTier(tiers, self.policy)
+    disk = check_disk_store(disk)
+    if disk is not None and not spec.prefix_caching:
+      raise JaxPagedError("disk= keeps prefix blocks: build the spec with "
+                          "CacheSpec(..., prefix_caching=True), or pass disk=None.")
+    if disk is not None and disk.layout != layout_of(spec, disk.layout.model):
+      raise JaxPagedError(f"disk holds blocks of layout {disk.layout} but this manager's spec "
+                          "stores another; open the DiskStore with this manager's spec.")
+    self.host = HostTier(tiers, self.policy, disk)
     self.registry = SequenceRegistry(spec.max_seqs)
     self._refused = False
     self.counters = dict(allocations=0, allocation_failures=0, swap_outs=0, swap_ins=0,
                          swap_in_failures=0, demoted_blocks=0, demote_dropped=0,
                          promoted_blocks=0, prompt_tokens=0, device_hit_tokens=0,
                          host_hit_tokens=0, lookup_blocks=0, device_hit_blocks=0,
-                         host_hit_blocks=0)
+                         host_hit_blocks=0, disk_hit_tokens=0, disk_hit_blocks=0,
+                         disk_saved_blocks=0)
 
   @property
   def store(self):
     """The host tier's `TieredStore`."""
     return self.host.store
+
+  @property
+  def disk(self) -> DiskStore | None:
+    """The disk tier (`jaxpaged.DiskStore`), or None."""
+    return self.host.disk
 
   @property
   def thresholds(self) -> tuple[float, float, float]:
@@ -153,6 +168,7 @@ class ManagerCore:
         device_hit_rate=self.counters["device_hit_blocks"] / lookups,
         host_hit_rate=self.counters["host_hit_blocks"] / lookups,
         device_evictions=int(prefix_stats(cache)["evictions"]),
+        disk=None if self.disk is None else self.disk.stats(),
         pressure=self.pressure.name, **self.counters)
 
   def on_pressure(self, callback: Callable[[MemoryPressure, MemoryPressure], None]) -> None:
