@@ -15,6 +15,7 @@ from benchmarks import bench_admission
 from benchmarks import bench_attention
 from benchmarks import bench_cache
 from benchmarks import bench_compress
+from benchmarks import bench_disk
 from benchmarks import bench_mesh
 from benchmarks import bench_model
 from benchmarks import bench_prefix
@@ -36,6 +37,7 @@ BENCHMARKS = {
     "routing": bench_routing.run,
     "quant": bench_quant.run,
     "compress": bench_compress.run,
+    "disk": bench_disk.run,
 }
 
 
