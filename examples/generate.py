@@ -84,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--mesh", type=mesh_shape, metavar="data=D,model=M",
                       help="run on a D x M device mesh (without accelerators: D*M CPU host "
                       "devices, set up by the script itself; see below)")
+  parser.add_argument("--disk-cache", metavar="DIR",
+                      help="keep prompts' K/V blocks in DIR across runs: a later run reads the "
+                      "blocks it finds there instead of computing them")
+  parser.add_argument("--disk-bytes", type=cli.integer(1), default=16 << 30,
+                      help="capacity of --disk-cache in bytes (default 16 GiB)")
   return parser
 
 
@@ -104,7 +109,8 @@ def generate(args: argparse.Namespace, params, config, prompts: list[list[int]],
       temperature=args.temperature, top_p=args.top_p, seed=args.seed, page_size=args.page_size,
       steps_per_call=args.steps_per_call, cache_dtype=jnp.dtype(args.kv_dtype),
       progress=lambda message: print(f"  {message}", flush=True),
-      mesh=jp.make_mesh(*args.mesh) if args.mesh else None)
+      mesh=jp.make_mesh(*args.mesh) if args.mesh else None, disk_cache=args.disk_cache,
+      disk_bytes=args.disk_bytes)
 
 
 def print_answers(args: argparse.Namespace, tokenizer, questions: list[str],
@@ -118,6 +124,10 @@ def print_answers(args: argparse.Namespace, tokenizer, questions: list[str],
         f"{result.decode_tokens_per_second:.1f} tokens/s (first call includes compilation), "
         f"pages used {result.peak_pages}/{result.num_pages} (page_size {args.page_size}), "
         f"peak sequences {result.peak_sequences}")
+  if args.disk_cache:
+    print(f"disk cache {args.disk_cache}: {result.disk_prompt_tokens} of {prompt_tokens} prompt "
+          f"tokens read from disk, {result.cached_prompt_tokens} served by the prefix cache in "
+          "all")
 
 
 def kv_line(args: argparse.Namespace, config) -> str:

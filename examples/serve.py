@@ -83,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32",
                       help="K/V cache storage (8-bit ones keep a scale per token and head)")
   parser.add_argument("--no-prefix-caching", action="store_true")
+  parser.add_argument("--disk-cache", metavar="DIR",
+                      help="keep K/V blocks in DIR across runs (a restarted server reads what "
+                      "it finds there instead of computing it)")
+  parser.add_argument("--disk-bytes", type=cli.integer(1), default=16 << 30,
+                      help="capacity of --disk-cache in bytes (default 16 GiB)")
   parser.add_argument("--step-clock", action="store_true",
                       help="count time in model steps: a reproducible schedule")
   parser.add_argument("--plot", type=pathlib.Path, default=pathlib.Path("serve.png"),
@@ -103,7 +108,8 @@ def serve(args: argparse.Namespace):
                           max_seqs=args.max_seqs, page_size=args.page_size,
                           token_budget=args.token_budget,
                           prefix_caching=not args.no_prefix_caching,
-                          cache_dtype=jnp.dtype(args.kv_dtype))
+                          cache_dtype=jnp.dtype(args.kv_dtype), disk_cache=args.disk_cache,
+                          disk_bytes=args.disk_bytes)
   spec = server.spec
   print(f"model loaded in {time.perf_counter() - start:.1f}s; jax {jax.__version__} on "
         f"{jax.default_backend()}; K/V cache: {spec.dtype.name}, {spec.token_bytes} bytes per "
@@ -133,6 +139,10 @@ def print_report(args: argparse.Namespace, tokenizer, requests: list[serving.Req
       print(f"\n>>> [{i}] {question.strip()}\n{tokenizer.decode(result.output).strip()}")
   print(f"\nsummary (times in {report.unit}):")
   print(report.summary())
+  if args.disk_cache:
+    stats = report.stats
+    print(f"disk cache {args.disk_cache}: {stats['disk_hit_tokens']} of {stats['prompt_tokens']} "
+          f"prompt tokens read from disk, {stats['disk_saved_blocks']} blocks written")
   if plot(report, args.plot):
     print(f"wrote {args.plot}")
   else:

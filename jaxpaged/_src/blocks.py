@@ -103,10 +103,12 @@ def cached_blocks(spec, contents) -> list[CachedBlock]:
 
 def sequence_blocks(cache: PagedKVCache, seq_ids: Sequence[int],
                     wanted: Callable[[int, np.ndarray, int], bool]) -> list[CachedBlock]:
-  """Host copies of the leading registered, fully written blocks of active sequences (what a
-  disk tier keeps when they end): for each sequence, block by block from its first, while the
-  page is registered in the prefix cache and written in every layer, those for which
-  ``wanted(key, prefix_tokens, salt)`` is true. One gather reads them all."""
+  """Host copies of the leading full, fully written blocks of active sequences (what a disk
+  tier keeps when they end): for each sequence whose token ids are all known (or, for one
+  extended without ids, its blocks registered in the prefix cache), block by block from its
+  first while the page is written in every layer, those for which
+  ``wanted(key, prefix_tokens, salt)`` is true. A page that duplicates a registered block
+  counts: it holds the same prefix's K/V. One gather reads them all."""
   spec, prefix = cache.spec, cache.prefix
   if prefix is None or not len(seq_ids):
     return []
@@ -118,11 +120,11 @@ def sequence_blocks(cache: PagedKVCache, seq_ids: Sequence[int],
     if not n:
       continue
     pages = np.asarray(table[s, :n])
-    tokens, cached, written, salt = jax.device_get((
+    tokens, cached, written, salt, hashable = jax.device_get((
         prefix.page_tokens[pages], prefix.page_cached[pages], fully_written(prefix, pages),
-        prefix.seq_salt[s]))
+        prefix.seq_salt[s], prefix.seq_hashable[s]))
     tokens, salt = np.asarray(tokens).reshape(-1), checks.salt_int(salt)
-    run = int(np.argmin(np.append(cached & written, False)))
+    run = int(np.argmin(np.append((cached | hashable) & written, False)))
     hashes = block_hashes_numpy(tokens[:run * ps], ps, salt, spec.block_hash)
     for i in range(run):
       key, end = block_key(hashes[i]), (i + 1) * ps

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -20,6 +21,7 @@ import numpy as np
 
 import jaxpaged as jp
 from jaxpaged._src import checks
+from jaxpaged._src.disk import layout_of
 from jaxpaged._src.spec import QUANTIZED_DTYPES, SUPPORTED_DTYPES
 from jaxpaged.models import llama
 from jaxpaged.models.llama import Cache, DenseKVCache, LlamaConfig, Params, forward
@@ -29,6 +31,7 @@ from jaxpaged.models.prefill import prefill  # re-exported: `generation.prefill`
 
 _INT64 = 1 << 63  # seeds are 64-bit signed ints: [-2**63, 2**63)
 _NO_EOS = -1  # eos_id=None: no produced token (all >= 0) equals it, so no row stops early
+DEFAULT_DISK_BYTES = 16 << 30  # a disk cache opened from a directory: its capacity
 _NO_TIME = 1e-9  # seconds: the speed of a decode that took no time has a finite value
 
 # ----------------------------------------------------------------------------- argument checks
@@ -115,6 +118,7 @@ class Generation:
   num_pages: int
   peak_sequences: int
   cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache
+  disk_prompt_tokens: int = 0  # of those, the ones read from the disk cache
 
   @property
   def decode_tokens_per_second(self) -> float:
@@ -148,7 +152,9 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
              steps_per_call: int = 8, cache_dtype: jax.typing.DTypeLike = jnp.float32,
              impl: str = "auto", dense_cache: bool = False, prefix_caching: bool = False,
              progress: Callable[[str], None] | None = None,
-             mesh: jax.sharding.Mesh | None = None) -> Generation:
+             mesh: jax.sharding.Mesh | None = None,
+             disk_cache: str | os.PathLike | jp.DiskStore | None = None,
+             disk_bytes: int = DEFAULT_DISK_BYTES) -> Generation:
   """Generates up to ``max_new_tokens`` tokens for every prompt, batched on one paged cache.
 
   Args:
@@ -175,6 +181,13 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
       run on it with `jaxpaged.models.parallel.generate` (prompts round-robin over the data
       shards, each layer split over the model axis; greedy output equals one device's). Not
       with ``dense_cache`` or ``prefix_caching``.
+    disk_cache: a directory (or an open `jaxpaged.DiskStore`) of prefix blocks that outlives the
+      process: the prompts' full blocks found there are read instead of computed (verified
+      token by token), and those computed are written there after prefill, for the next run.
+      Implies ``prefix_caching``; paged cache on one device only. ``disk_prompt_tokens`` in the
+      result counts the tokens read from it.
+    disk_bytes: the capacity of a ``disk_cache`` opened from a directory, in bytes (default
+      16 GiB); least recently used blocks go first.
 
   Raises:
     JaxPagedError: for a bad argument, before anything runs.
@@ -188,7 +201,10 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
   """
   plan = check_generate(params, config, prompts, max_new_tokens, eos_id, temperature, top_p,
                         seed, page_size, prefill_chunk, steps_per_call, cache_dtype, impl,
-                        dense_cache, prefix_caching, progress)
+                        dense_cache, prefix_caching or disk_cache is not None, progress)
+  if disk_cache is not None and mesh is not None:
+    raise jp.JaxPagedError("disk_cache runs on one device; pass mesh=None with a disk_cache, or "
+                           "disk_cache=None with a mesh.")
   if mesh is not None:
     if plan.dense_cache or plan.prefix_caching:
       raise jp.JaxPagedError("mesh runs on a jaxpaged.ShardedCache without prefix caching; pass "
@@ -202,12 +218,37 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
                              steps_per_call=plan.steps_per_call, cache_dtype=plan.cache_dtype,
                              impl=plan.impl, progress=progress)
   cache, num_pages = _new_cache(config, plan)
+  store, from_disk = None, [0]
+  if disk_cache is not None:
+    store = open_disk_cache(disk_cache, disk_bytes, cache.spec, params, config)
+    cache, from_disk = jp.load_prefixes(cache, store, plan.prompts)
   first = _prefill_and_sample(params, config, cache, plan)
+  if store is not None:  # before decoding donates the cache
+    jp.save_prefixes(first.cache, store, range(len(plan.prompts)))
   produced, peak_pages, decode_seconds = _decode(params, config, first, plan)
   rows = [p[:p.index(plan.eos_id)] if plan.eos_id in p else p for p in produced]
   return Generation(rows, first.logits, first.seconds, decode_seconds,
                     sum(max(len(p) - 1, 0) for p in produced),  # the first ones: from prefill
-                    peak_pages, num_pages, len(plan.prompts), int(first.cached.sum()))
+                    peak_pages, num_pages, len(plan.prompts), int(first.cached.sum()),
+                    sum(from_disk))
+
+
+def open_disk_cache(disk_cache: Any, disk_bytes: Any, spec: jp.CacheSpec, params: Params,
+                    config: LlamaConfig) -> jp.DiskStore:
+  """``disk_cache`` as a `jaxpaged.DiskStore` of ``spec``'s layout for this model: opened from a
+  directory (``disk_bytes`` of capacity; the model's identity is `llama.model_fingerprint`),
+  or checked if it is one. `jaxpaged.models.serving.Server` opens its own with it too."""
+  if isinstance(disk_cache, jp.DiskStore):
+    if disk_cache.layout != layout_of(spec, disk_cache.layout.model):
+      raise jp.JaxPagedError(f"disk_cache stores blocks of layout {disk_cache.layout}, not this "
+                             "cache's; open it with this model's cache spec, or pass a "
+                             "directory.")
+    return disk_cache
+  if not isinstance(disk_cache, (str, os.PathLike)):
+    raise jp.JaxPagedError(f"disk_cache must be a directory path or a jaxpaged.DiskStore, got "
+                           f"{disk_cache!r} ({type(disk_cache).__name__}).")
+  return jp.DiskStore(disk_cache, disk_bytes, spec=spec,
+                      model=llama.model_fingerprint(params, config))
 
 
 def check_generate(params: Params, config: LlamaConfig, prompts: Any, max_new_tokens: Any,

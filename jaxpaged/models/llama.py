@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import functools
+import hashlib
 from typing import Any
 
 import jax
@@ -119,6 +120,30 @@ def check_config(config: Any) -> LlamaConfig:
     raise jp.JaxPagedError(f"config.num_kv_heads ({config.num_kv_heads}) must divide "
                            f"config.num_heads ({config.num_heads}).")
   return config
+
+
+_FINGERPRINT_SAMPLES = 4096  # values sampled per weight array by `model_fingerprint`
+
+
+def model_fingerprint(params: Params, config: LlamaConfig) -> str:
+  """A short identity of a model for the disk tier (`jaxpaged.DiskLayout.model`): 16 hex digits
+  of SHA-256 over the config and, for each weight array, its path, shape, dtype and 4,096
+  values sampled evenly through it. Other weights (another checkpoint, a fine-tune, another
+  dtype) give another identity, so their K/V are never served for this model's.
+
+  >>> config = LlamaConfig(vocab_size=64, hidden=32, num_layers=1, num_heads=2, num_kv_heads=1,
+  ...                      ffn=64)
+  >>> a, b = random_params(config, seed=0), random_params(config, seed=1)
+  >>> model_fingerprint(a, config) == model_fingerprint(a, config) != model_fingerprint(b, config)
+  True
+  """
+  digest = hashlib.sha256(repr(check_config(config)).encode())
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    flat = jnp.ravel(leaf)
+    sample = np.asarray(flat[::max(1, flat.size // _FINGERPRINT_SAMPLES)])
+    digest.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode())
+    digest.update(sample.tobytes())
+  return digest.hexdigest()[:16]
 
 
 def param_shapes(config: LlamaConfig) -> dict[str, Any]:
