@@ -201,10 +201,13 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
   """
   plan = check_generate(params, config, prompts, max_new_tokens, eos_id, temperature, top_p,
                         seed, page_size, prefill_chunk, steps_per_call, cache_dtype, impl,
-                        dense_cache, prefix_caching or disk_cache is not None, progress)
-  if disk_cache is not None and mesh is not None:
-    raise jp.JaxPagedError("disk_cache runs on one device; pass mesh=None with a disk_cache, or "
-                           "disk_cache=None with a mesh.")
+                        dense_cache, prefix_caching, progress)
+  if disk_cache is not None:
+    if plan.dense_cache or mesh is not None:
+      raise jp.JaxPagedError("disk_cache keeps prefix blocks of the paged cache on one device; "
+                             "pass dense_cache=False and mesh=None with a disk_cache, or "
+                             "disk_cache=None.")
+    plan = plan._replace(prefix_caching=True)
   if mesh is not None:
     if plan.dense_cache or plan.prefix_caching:
       raise jp.JaxPagedError("mesh runs on a jaxpaged.ShardedCache without prefix caching; pass "
@@ -217,10 +220,11 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
                              page_size=plan.page_size, prefill_chunk=plan.prefill_chunk,
                              steps_per_call=plan.steps_per_call, cache_dtype=plan.cache_dtype,
                              impl=plan.impl, progress=progress)
-  cache, num_pages = _new_cache(config, plan)
   store, from_disk = None, [0]
-  if disk_cache is not None:
-    store = open_disk_cache(disk_cache, disk_bytes, cache.spec, params, config)
+  if disk_cache is not None:  # (checked before anything runs)
+    store = open_disk_cache(disk_cache, disk_bytes, _cache_spec(config, plan), params, config)
+  cache, num_pages = _new_cache(config, plan)
+  if store is not None:
     cache, from_disk = jp.load_prefixes(cache, store, plan.prompts)
   first = _prefill_and_sample(params, config, cache, plan)
   if store is not None:  # before decoding donates the cache
@@ -324,14 +328,19 @@ def check_cache_dtype(cache_dtype: Any, *, dense_cache: bool = False) -> jnp.dty
   return dtype
 
 
-def _new_cache(config: LlamaConfig, plan: _Plan) -> tuple[Cache, int]:
-  """A cache just large enough for every prompt and its new tokens; returns it and its pages."""
+def _cache_spec(config: LlamaConfig, plan: _Plan) -> jp.CacheSpec:
+  """The spec of a cache just large enough for every prompt and its new tokens."""
   lengths = [len(p) + plan.max_new_tokens for p in plan.prompts]
-  spec = dataclasses.replace(
+  return dataclasses.replace(
       config.cache_spec(num_pages=sum(-(-n // plan.page_size) for n in lengths),
                         max_seqs=len(plan.prompts), max_seq_len=max(lengths),
                         page_size=plan.page_size, dtype=plan.cache_dtype),
       prefix_caching=plan.prefix_caching)
+
+
+def _new_cache(config: LlamaConfig, plan: _Plan) -> tuple[Cache, int]:
+  """A cache of `_cache_spec`; returns it and its pages."""
+  spec = _cache_spec(config, plan)
   if plan.dense_cache:
     cache = DenseKVCache.create(config, len(plan.prompts), spec.max_seq_len, plan.cache_dtype)
   else:
