@@ -162,7 +162,7 @@ def encode_block(block: CachedBlock, layout: DiskLayout, spec: CacheSpec) -> lis
   header += b" " * (_aligned(len(header)) - len(header))
   chunks = [header]
   for (_, x), s in zip(arrays, specs):
-    chunks.append(memoryview(x).cast("B"))
+    chunks.append(memoryview(x.reshape(-1).view(np.uint8)))  # bfloat16/float8: no buffer
     pad = _aligned(s["offset"] + x.nbytes) - s["offset"] - x.nbytes
     chunks.append(b"\0" * pad)
   crc = 0
@@ -219,8 +219,9 @@ def decode_block(data: bytes | bytearray | memoryview, layout: DiskLayout,
 
 
 def block_file_bytes(spec: CacheSpec, num_tokens: int, layout: DiskLayout) -> int:
-  """The size of a block file ending a prefix of ``num_tokens`` tokens."""
-  block = CachedBlock(0, 0, np.zeros(num_tokens, np.int32), **{
+  """The size of the largest block file ending a prefix of ``num_tokens`` tokens (the
+  longest key and salt: their digits are in the header)."""
+  block = CachedBlock(2**64 - 1, 2**64 - 1, np.zeros(num_tokens, np.int32), **{
       field: np.zeros(s, d) for (field, s, d) in _arrays_of(spec)})
   return sum(len(c) for c in encode_block(block, layout, spec))
 
@@ -414,9 +415,9 @@ class DiskStore:
       return True
     chunks = encode_block(block, self.layout, self.spec)
     size = sum(len(c) for c in chunks)
-    mark = self.index.snapshot()
+    mark = self.snapshot()
     if not self._index(block.key, size, self.clock()):
-      self.index.restore(mark)
+      self.restore(mark)
       self._doomed = []
       self.counters["write_errors"] += 1
       self.last_error = "no room: the store's capacity is pinned"
@@ -424,9 +425,8 @@ class DiskStore:
     try:
       written = self._write_atomic(self.path_of(block.key), chunks)
     except OSError as e:
-      self.index.restore(mark)
+      self.restore(mark)
       self._doomed = []
-      self._last_use.pop(block.key, None)
       self.counters["write_errors"] += 1
       self.last_error = f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror or e}"
       warnings.warn(f"jaxpaged DiskStore: a block was not written to {self.root} "
@@ -464,15 +464,22 @@ class DiskStore:
     return (header.get("layout") == dataclasses.asdict(self.layout)
             and header.get("salt") == salt and np.array_equal(stored, tokens))
 
-  def get(self, key: int, tokens: np.ndarray, salt: int) -> CachedBlock | None:
+  def get(self, key: int, tokens: np.ndarray, salt: int, *, end: int | None = None
+          ) -> CachedBlock | None:
     """The block keyed ``key`` if it ends ``tokens`` under ``salt`` (the block's tokens equal
-    ``tokens[:len(block.tokens)]``, all of them), else None. A hit counts as a use."""
-    block = self._read(key, tokens, salt, count=True)
+    ``tokens[:len(block.tokens)]``, all of them), else None. A hit counts as a use.
+
+    ``end``: the block must end exactly there (``(index + 1) * page_size`` for block ``index``
+    of ``tokens``). Pass it whenever the hit is used as a given block of the prompt: keys can
+    collide across depths (a prompt whose blocks repeat, ``block_hash="constant"``), and
+    without it a block of another depth that is a prefix of ``tokens`` is a hit."""
+    block = self._read(key, tokens, salt, count=True, end=end)
     if block is not None:
       self._touch(key)
     return block
 
-  def _read(self, key: int, tokens, salt: int, *, count: bool) -> CachedBlock | None:
+  def _read(self, key: int, tokens, salt: int, *, count: bool, end: int | None = None
+            ) -> CachedBlock | None:
     path = self.path_of(key)
     try:
       with open(path, "rb") as f:
@@ -503,9 +510,9 @@ class DiskStore:
       if count:
         self.counters["misses"] += 1
       return None
-    end = len(block.tokens)
+    wanted, end = end, len(block.tokens)
     tokens = np.asarray(tokens)
-    if (block.salt != salt or len(tokens) < end
+    if (block.salt != salt or len(tokens) < end or (wanted is not None and end != wanted)
         or not np.array_equal(block.tokens, tokens[:end])):
       if count:
         self.counters["collisions"] += 1
@@ -543,7 +550,7 @@ class DiskStore:
     stop = len(hashes) if stop is None else min(stop, len(hashes))
     found = []
     for i in range(start, stop):
-      block = self.get(block_key(hashes[i]), tokens, salt)
+      block = self.get(block_key(hashes[i]), tokens, salt, end=(i + 1) * ps)
       if block is None:
         break
       found.append(block)
