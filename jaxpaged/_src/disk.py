@@ -76,7 +76,7 @@ from typing import Any, Callable, Hashable
 import numpy as np
 
 from jaxpaged._src import checks
-from jaxpaged._src.blocks import CachedBlock, block_key
+from jaxpaged._src.blocks import CachedBlock, block_key, sequence_blocks
 from jaxpaged._src.cache import HOST_FIELDS, check_host_pools, pool_layouts
 from jaxpaged._src.hashing import block_hashes_numpy
 from jaxpaged._src.spec import CacheSpec, JaxPagedError
@@ -93,7 +93,16 @@ OnDiskEvent = Callable[[str, Any, Any], None]
 
 
 class DiskError(TierError):
-  """A disk store that cannot be used as asked (the message says how to fix it)."""
+  """A disk store that cannot be used as asked (the message says how to fix it).
+
+  >>> import tempfile
+  >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=4, page_size=2, num_pages=4,
+  ...                  max_seqs=1, max_pages_per_seq=2, prefix_caching=True)
+  >>> DiskStore(tempfile.mkdtemp(), 100, spec=spec)  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  jaxpaged._src.disk.DiskError: DiskStore: capacity=100 bytes is below one block file ...
+  """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +116,12 @@ class DiskLayout:
     block_hash: the `CacheSpec.block_hash` that keyed the blocks.
     model: the model's identity (any string; `jaxpaged.models.llama.model_fingerprint` for the
       bundled model): K/V of another model's weights are another model's.
+
+  >>> spec = CacheSpec(num_layers=2, num_kv_heads=1, head_dim=8, page_size=4, num_pages=4,
+  ...                  max_seqs=1, max_pages_per_seq=2, dtype=np.int8)
+  >>> layout = layout_of(spec, model="my-model")
+  >>> layout.dtype, len(layout.digest), layout_of(spec, "other").digest == layout.digest
+  ('int8', 16, False)
   """
   num_layers: int
   num_kv_heads: int
@@ -247,6 +262,21 @@ class DiskStore:
   Raises:
     DiskError: ``path`` cannot be created or written, ``capacity`` is below one block, or
       another argument is malformed.
+
+  >>> import tempfile
+  >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=4, page_size=2, num_pages=4,
+  ...                  max_seqs=1, max_pages_per_seq=2, prefix_caching=True)
+  >>> path = tempfile.mkdtemp()
+  >>> tokens = np.array([7, 8], np.int32)
+  >>> block = CachedBlock(block_key(block_hashes_numpy(tokens, 2)[0]), 0, tokens,
+  ...                     np.ones((1, 1, 2, 4), np.float32), np.zeros((1, 1, 2, 4), np.float32))
+  >>> DiskStore(path, 1 << 20, spec=spec).put(block)
+  True
+  >>> restarted = DiskStore(path, 1 << 20, spec=spec)  # a new process: the index is rebuilt
+  >>> len(restarted), restarted.get(block.key, [7, 8, 9], salt=0).tokens.tolist()
+  (1, [7, 8])
+  >>> restarted.get(block.key, [7, 8, 9], salt=1) is None  # another tenant: a miss
+  True
   """
 
   def __init__(self, path: str | os.PathLike, capacity: int, *, spec: CacheSpec,
@@ -392,7 +422,7 @@ class DiskStore:
     return len(self.index)
 
   def keys(self) -> list[int]:
-    """The keys indexed, least recently used first."""
+    """The keys indexed, in the order of their latest put (the policy keeps recency)."""
     return [k for k in self.index.keys() if k in self._last_use]
 
   def put(self, block: CachedBlock, *, pinned: bool = False) -> bool:
@@ -639,3 +669,70 @@ def check_ttl(ttl_seconds: Any) -> float | None:
     raise JaxPagedError(f"ttl_seconds must be a finite number of seconds > 0, or None for no "
                         f"expiry, got {ttl_seconds!r}.")
   return value
+
+
+def load_prefixes(cache, store: DiskStore, prompts, *, salt: int = 0):
+  """Brings each prompt's blocks held by ``store`` onto the device as cached prefix blocks, so
+  that `jaxpaged.match_prefix` (and `jaxpaged.models.prefill`) hits them. Sequence slot ``row``
+  is used for prompt ``row`` and left empty again; blocks already on the device are not read.
+
+  Args:
+    cache: a `PagedKVCache` with prefix caching and ``len(prompts)`` free slots from 0; it is
+      not changed (a new one is returned).
+    store: the `DiskStore`, of this cache's layout.
+    prompts: token-id lists; only full blocks before each prompt's last token are looked up.
+    salt: the requests' salt.
+
+  Returns:
+    ``(cache, loaded)``: ``loaded[row]`` prompt tokens brought from disk. A block the pool has no
+    room for is not loaded (it is computed instead).
+
+  Example: `save_prefixes`.
+  >>> load_prefixes  # doctest: +ELLIPSIS
+  <function load_prefixes at ...>
+  """
+  from jaxpaged._src import paging, prefix  # pylint: disable=g-import-not-at-top (cycle)
+  from jaxpaged._src.blocks import promote_blocks  # pylint: disable=g-import-not-at-top
+  ps, loaded = cache.spec.page_size, []
+  for row, prompt in enumerate(prompts):
+    tokens = np.asarray(prompt, np.int32)
+    usable = (len(tokens) - 1) // ps
+    if not usable:
+      loaded.append(0)
+      continue
+    seq = np.array([row], np.int32)
+    started, match = prefix.match_prefix(cache, seq, tokens[None, :usable * ps],
+                                         np.array([usable * ps], np.int32), salts=salt,
+                                         max_prompt_tokens=np.zeros(1, np.int32))
+    found = store.run(tokens, salt, int(match.num_cached[0]) // ps, usable) if bool(
+        match.ok) else []
+    ok = False
+    if found:
+      started, ok = promote_blocks(started, row, found)
+    loaded.append(len(found) * ps if bool(ok) else 0)
+    if found and bool(ok):
+      cache = paging.release(started, seq)
+  return cache, loaded
+
+
+def save_prefixes(cache, store: DiskStore, seq_ids) -> int:
+  """Writes the full, fully written blocks of sequences ``seq_ids`` that ``store`` does not
+  hold yet (`blocks.sequence_blocks`). Returns how many were written.
+
+  >>> import tempfile
+  >>> import jax.numpy as jnp
+  >>> from jaxpaged import init_cache, match_prefix, write_kv
+  >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=4, page_size=2, num_pages=8,
+  ...                  max_seqs=2, max_pages_per_seq=4, prefix_caching=True)
+  >>> store = DiskStore(tempfile.mkdtemp(), 1 << 20, spec=spec)
+  >>> prompt = jnp.array([[1, 2, 3, 4, 5]])
+  >>> cache, found = match_prefix(init_cache(spec), jnp.array([0]), prompt, jnp.array([5]))
+  >>> k = jnp.arange(20.0).reshape(5, 1, 4)
+  >>> save_prefixes(write_kv(cache, 0, k, -k, found.slots), store, [0])  # two full blocks
+  2
+  >>> fresh, loaded = load_prefixes(init_cache(spec), store, [[1, 2, 3, 4, 5]])  # a restart
+  >>> loaded  # tokens read from disk, now cached on the device for match_prefix to hit
+  [4]
+  """
+  missing = lambda key, tokens, salt: not store.holds(key, tokens, salt)
+  return sum(store.put(block) for block in sequence_blocks(cache, list(seq_ids), missing))
