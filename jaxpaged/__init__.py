@@ -9,6 +9,11 @@ from jaxpaged._src.compress import KeyNorm
 from jaxpaged._src.compress import StreamingLLM
 from jaxpaged._src.compress import check_compress
 from jaxpaged._src.compress import compress
+from jaxpaged._src.disk import DiskError
+from jaxpaged._src.disk import DiskLayout
+from jaxpaged._src.disk import DiskStore
+from jaxpaged._src.disk import load_prefixes
+from jaxpaged._src.disk import save_prefixes
 from jaxpaged._src.paging import check_extend
 from jaxpaged._src.paging import check_fork
 from jaxpaged._src.paging import extend
@@ -35,7 +40,14 @@ from jaxpaged._src.routing import PrefixAwareRouter
 from jaxpaged._src.routing import RoundRobinRouter
 from jaxpaged._src.routing import Router
 from jaxpaged._src.routing import ShardLoad
+from jaxpaged._src.routing import PrefixIndex
+from jaxpaged._src.events import AllBlocksCleared
+from jaxpaged._src.events import BlockRemoved
+from jaxpaged._src.events import BlockStored
+from jaxpaged._src.events import KVEventLog
+from jaxpaged._src.events import replay_events
 from jaxpaged._src.pressure import MemoryPressure
+from jaxpaged._src.retention import PinnedPrefix
 from jaxpaged._src.spec import CacheSpec
 from jaxpaged._src.hlo import Collective
 from jaxpaged._src.hlo import collectives
@@ -66,12 +78,18 @@ __version__ = "0.1.0"
 
 __all__ = (
     "AccessStats",
+    "AllBlocksCleared",
+    "BlockRemoved",
+    "BlockStored",
     "Admission",
     "CacheManager",
     "CacheSpec",
     "CachedBlock",
     "Collective",
     "CompressionStats",
+    "DiskError",
+    "DiskLayout",
+    "DiskStore",
     "H2O",
     "JaxPagedError",
     "KeyNorm",
@@ -81,11 +99,14 @@ __all__ = (
     "MemoryPressure",
     "MultiDeviceCacheManager",
     "PagedKVCache",
+    "PinnedPrefix",
     "PrefixAwareRouter",
     "PrefixMatch",
     "RoundRobinRouter",
     "Router",
     "ShardLoad",
+    "PrefixIndex",
+    "KVEventLog",
     "ShardedCache",
     "StreamingLLM",
     "SwappedSequence",
@@ -107,6 +128,7 @@ __all__ = (
     "init_cache",
     "init_sharded_cache",
     "kv_replicas",
+    "load_prefixes",
     "make_mesh",
     "map_shards",
     "match_prefix",
@@ -121,6 +143,8 @@ __all__ = (
     "release",
     "shard_view",
     "reset_prefix_cache",
+    "replay_events",
+    "save_prefixes",
     "swap_in",
     "swap_out",
     "token_positions",

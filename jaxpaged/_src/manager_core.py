@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpaged._src import checks
+from jaxpaged._src import events as kv_events
 from jaxpaged._src import manager_steps as steps
+from jaxpaged._src import retention
 from jaxpaged._src import blocks
 from jaxpaged._src.cache import PagedKVCache, cdiv, check_cache, init_cache
 from jaxpaged._src.disk import DiskStore, check_disk_store, layout_of
@@ -40,7 +42,9 @@ class ManagerCore:
                tiers: Sequence[Tier] | None = None, policy: TierPolicy | None = None,
                thresholds: tuple[float, float, float] = DEFAULT_THRESHOLDS,
                device: jax.Device | None = None, auto_compress=None,
-               disk: DiskStore | None = None):
+               disk: DiskStore | None = None, prefix_ttl_seconds: float | None = None,
+               clock: Callable[[], float] | None = None, max_pinned_pages: int | None = None,
+               max_pinned_host_bytes: int | None = None):
     if not isinstance(spec, CacheSpec):
       raise JaxPagedError(f"spec must be a jaxpaged.CacheSpec, got {type(spec).__name__}.")
     self._auto_compress = _check_auto_compress(auto_compress)
@@ -68,7 +72,11 @@ class ManagerCore:
       raise JaxPagedError(f"disk holds blocks of layout {disk.layout} but this manager's spec "
                           "stores another; open the DiskStore with this manager's spec.")
     self.host = HostTier(tiers, self.policy, disk)
+    self.retention = retention.Retention(  # TTL, pins, priorities (`jaxpaged._src.retention`)
+        spec, self.host, ttl_seconds=prefix_ttl_seconds, clock=clock,
+        max_pinned_pages=max_pinned_pages, max_pinned_host_bytes=max_pinned_host_bytes)
     self.registry = SequenceRegistry(spec.max_seqs)
+    self._kv_events = kv_events.KVEvents(self)  # reads nothing until someone subscribes
     self._refused = False
     self.counters = dict(allocations=0, allocation_failures=0, swap_outs=0, swap_ins=0,
                          swap_in_failures=0, demoted_blocks=0, demote_dropped=0,
@@ -139,6 +147,7 @@ class ManagerCore:
     victims, contents = steps.demotion_plan(self.cache, released, jnp.int32(shortfall),
                                        blocks.keep_pages(self.spec, keep),
                                        max_count=next_pow2(shortfall))
+    self.retention.demoted(contents)
     return victims, self.host.store_blocks(blocks.cached_blocks(self.spec, contents))
 
   def _count_demoted(self, demoted) -> None:
@@ -169,6 +178,7 @@ class ManagerCore:
         host_hit_rate=self.counters["host_hit_blocks"] / lookups,
         device_evictions=int(prefix_stats(cache)["evictions"]),
         disk=None if self.disk is None else self.disk.stats(),
+        retention=self.retention.stats(),
         pressure=self.pressure.name, **self.counters)
 
   def on_pressure(self, callback: Callable[[MemoryPressure, MemoryPressure], None]) -> None:
@@ -191,9 +201,43 @@ class ManagerCore:
     return self._monitor.level
 
   def _update_pressure(self) -> None:
-    """Every operation ends here (pages the caller's own steps took since are counted now)."""
-    used = self.spec.num_pages - int(self.cache.num_free) - int(evictable(self.cache.prefix))
-    self._monitor.update(used / self.spec.num_pages)
+    """Every operation ends here (pages the caller's own steps took since are counted now), and
+    reports its KV events (those of the caller's own steps since too)."""
+    try:
+      self._kv_events.publish()
+    finally:
+      self.retention.observe(self.cache)  # the device clock's times, for a prefix TTL
+      used = self.spec.num_pages - int(self.cache.num_free) - int(evictable(self.cache.prefix))
+      self._monitor.update(used / self.spec.num_pages)
+
+  # --------------------------------------------------------------------------- KV events
+
+  def subscribe(self, callback: Callable[[kv_events.KVEvent], None], *, initial: bool = True
+                ) -> Callable[[], None]:
+    """Registers ``callback(event)`` for this manager's KV events (`jaxpaged.BlockStored`,
+    `jaxpaged.BlockRemoved`, `jaxpaged.AllBlocksCleared`, for the ``"device"``, ``"ram"`` and
+    ``"disk"`` tiers; `jaxpaged._src.events`), delivered in order after each operation
+    completed. ``initial``: it first hears every block cached now, so that
+    `jaxpaged.replay_events` of what it hears is exactly what each tier holds. Returns a
+    function that unsubscribes it. Costs nothing until someone subscribes; then a small device
+    read per operation.
+
+    >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+    ...                  max_seqs=2, max_pages_per_seq=4, prefix_caching=True)
+    >>> manager, heard = CacheManager(spec), []
+    >>> unsubscribe = manager.subscribe(heard.append)
+    >>> _ = manager.admit([1, 2, 3, 4, 5])
+    >>> [(type(e).__name__, e.tier, e.token_ids) for e in heard]
+    [('BlockStored', 'device', (1, 2, 3, 4))]
+    >>> unsubscribe()
+    """
+    return self._kv_events.subscribe(callback, initial=initial)
+
+  def publish_events(self) -> None:
+    """Reports now what the caller's own jitted steps changed in the cache since the last
+    operation (blocks registered by `jaxpaged.extend` with token ids), instead of at the next
+    operation. Nothing to do without subscribers."""
+    self._kv_events.publish()
 
   # --------------------------------------------------------------------------- helpers
 

@@ -109,6 +109,8 @@ class MultiDeviceCacheManager:
     self._where: dict[int, tuple[int, int]] = {}  # global id -> (shard, local id)
     self._next_id = 0
     self._preference: int | None = None
+    self._index: routing.PrefixIndex | None = None  # fed by the shards' KV events, from the
+    # first routed admission on
 
   # --------------------------------------------------------------------------- placement
 
@@ -184,9 +186,10 @@ class MultiDeviceCacheManager:
   def admit(self, tokens: Sequence[int] | np.ndarray, *, salt: int = 0,
             **kwargs: Any) -> tuple[int, Admission] | None:
     """Admits a request on the preferred device, else on the router's shard (the shards'
-    `ShardLoad`: pages in use, cached prefix tokens): `CacheManager.admit` there (same keyword
-    arguments). Returns ``(global id, Admission)`` (its ``seq_id`` is the shard's local id), or
-    None when the chosen shard has no room (nothing changed).
+    `ShardLoad`: pages in use, cached prefix tokens from a `jaxpaged.PrefixIndex` that follows
+    the shards' KV events): `CacheManager.admit` there (same keyword arguments). Returns
+    ``(global id, Admission)`` (its ``seq_id`` is the shard's local id), or None when the
+    chosen shard has no room (nothing changed).
 
     >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
     ...                  max_seqs=4, max_pages_per_seq=4, prefix_caching=True)
@@ -207,8 +210,11 @@ class MultiDeviceCacheManager:
           (i for i in range(len(self.managers)) if i != self._preference),
           key=lambda i: (self._load(i), i))
     else:
+      if self._index is None:
+        self._index = routing.PrefixIndex.follow(self.managers)
+      self._index.refresh()  # (blocks the caller's own steps registered since)
       loads = [routing.ShardLoad(self._load(i), c)
-               for i, c in enumerate(self.cached_prefix_tokens(tokens, salt=salt))]
+               for i, c in enumerate(self._index.cached_tokens(tokens, salt=salt))]
       order = [routing.checked_choice(self.router, tokens, loads)]
     for shard in order:
       admission = self.managers[shard].admit(tokens, salt=salt, **kwargs)

@@ -14,8 +14,14 @@ shard holds and how many of the request's leading prompt tokens it has cached
 Any object with a ``choose(request, shards) -> int`` method is a router (`Router` is the base
 class to subclass); the caller checks the index it returns.
 
-Public API: `ShardLoad`, `Router`, `RoundRobinRouter`, `LeastLoadedRouter`, `PrefixAwareRouter`.
-Internal API: `check_router`, `checked_choice`.
+The cached prefix of each shard comes from a `PrefixIndex`: per shard, the blocks each tier
+holds, as the shard's KV events (`jaxpaged._src.events`) report them. A prompt is hashed once on
+the host and its chain of block hashes is walked in every shard's sets; no shard is queried.
+`jaxpaged.MultiDeviceCacheManager` and `jaxpaged.models.Server` route with one; a fleet router
+feeds one from remote shards' event streams (`PrefixIndex.apply`).
+
+Public API: `ShardLoad`, `Router`, `RoundRobinRouter`, `LeastLoadedRouter`, `PrefixAwareRouter`,
+`PrefixIndex`. Internal API: `check_router`, `checked_choice`.
 """
 
 from __future__ import annotations
@@ -23,8 +29,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
+
+from jaxpaged._src import checks
+from jaxpaged._src import events as kv_events
+from jaxpaged._src.hashing import block_hashes_numpy
 from jaxpaged._src.spec import JaxPagedError
 
 
@@ -126,6 +137,123 @@ class PrefixAwareRouter(Router):
         or shards[best].load - shards[lightest].load > self.balance_threshold):
       return lightest
     return best
+
+
+class PrefixIndex:
+  """Per shard, the cached prefix blocks of each tier, fed by the shards' KV events; answers how
+  many of a prompt's leading tokens each shard holds cached, without querying any shard.
+
+  A shard's cached prefix is counted as `CacheManager.cached_prefix_tokens` counts it: the
+  leading run of the prompt's full blocks (before its last token) on the device, then the run
+  after it held in RAM or on disk. Blocks are matched by their chained 64-bit hash, which
+  covers the whole prefix and the salt. Unlike `CacheManager.cached_prefix_tokens`, a device
+  block counts from its registration, before its K/V are written (as vLLM reports blocks), and a
+  disk block counts for the shards whose `DiskStore` indexed it (a directory several shards
+  share is read by each, but its blocks count where they were written or read).
+
+  Args:
+    num_shards: how many shards, >= 1.
+    page_size: tokens per block, their `CacheSpec.page_size`.
+    block_hash: their `CacheSpec.block_hash`.
+
+  Use `follow` for managers in this process; `apply` (or `subscriber`) to feed events from
+  elsewhere.
+
+  >>> index = PrefixIndex(2, page_size=2)
+  >>> hashes = jaxpaged.block_hashes([1, 2, 3, 4], page_size=2)
+  >>> for h in hashes:
+  ...   index.apply(1, BlockStored("device", block_key(h), None, (), 0))
+  >>> index.cached_tokens([1, 2, 3, 4, 5]), index.cached_tokens([1, 2, 9, 9, 5])
+  ([0, 4], [0, 2])
+  """
+
+  def __init__(self, num_shards: int, *, page_size: int, block_hash: str = "mix64"):
+    self.num_shards = checks.integer("num_shards", num_shards, minimum=1,
+                                     fix="pass how many shards the index follows")
+    self.page_size = checks.integer("page_size", page_size, minimum=1,
+                                    fix="pass the shards' CacheSpec.page_size")
+    self.block_hash = block_hash
+    block_hashes_numpy([], self.page_size, 0, block_hash)  # (checks block_hash)
+    self._blocks = [{tier: set() for tier in kv_events.TIERS} for _ in range(self.num_shards)]
+    self._managers: list[Any] = []
+    self._unsubscribe: list[Callable[[], None]] = []
+
+  @classmethod
+  def follow(cls, managers: Sequence[Any]) -> "PrefixIndex":
+    """An index subscribed to the KV events of each `CacheManager` in ``managers`` (shard ``i``
+    is ``managers[i]``; equal page sizes and hash functions). `close` unsubscribes.
+
+    >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+    ...                  max_seqs=2, max_pages_per_seq=4, prefix_caching=True)
+    >>> managers = [CacheManager(spec), CacheManager(spec)]
+    >>> index = PrefixIndex.follow(managers)
+    >>> _ = managers[1].admit([1, 2, 3, 4, 5, 6])
+    >>> index.cached_tokens([1, 2, 3, 4, 7])
+    [0, 4]
+    >>> index.close()
+    """
+    managers = list(managers) if isinstance(managers, (list, tuple)) else None
+    if not managers or not all(callable(getattr(m, "subscribe", None)) for m in managers):
+      raise JaxPagedError(f"managers must be a non-empty list of jaxpaged.CacheManager, got "
+                          f"{managers!r}.")
+    specs = {(m.spec.page_size, m.spec.block_hash) for m in managers}
+    if len(specs) != 1:
+      raise JaxPagedError(f"managers must share one page size and block hash, got {specs}; an "
+                          "index matches one prompt hash against every shard.")
+    index = cls(len(managers), page_size=managers[0].spec.page_size,
+                block_hash=managers[0].spec.block_hash)
+    index._managers = managers
+    index._unsubscribe = [m.subscribe(index.subscriber(i)) for i, m in enumerate(managers)]
+    return index
+
+  def subscriber(self, shard: int) -> Callable[[kv_events.KVEvent], None]:
+    """A callback feeding shard ``shard``'s events into the index (for
+    `CacheManager.subscribe`, or a remote stream)."""
+    shard = checks.integer("shard", shard, minimum=0, below=self.num_shards)
+    return lambda event: self.apply(shard, event)
+
+  def apply(self, shard: int, event: kv_events.KVEvent) -> None:
+    """Applies one of shard ``shard``'s events (in its stream's order)."""
+    kv_events.apply_event(self._blocks[shard], event)
+
+  def blocks(self, shard: int) -> dict[str, set[int]]:
+    """Shard ``shard``'s cached block hashes per tier (``"device"``, ``"ram"``, ``"disk"``), as
+    its events told."""
+    return {tier: set(keys) for tier, keys in self._blocks[shard].items()}
+
+  def refresh(self) -> None:
+    """For followed managers: reports what their callers' own jitted steps changed since their
+    last operation (`CacheManager.publish_events`), so that the index is current."""
+    for manager in self._managers:
+      manager.publish_events()
+
+  def cached_tokens(self, tokens: Sequence[int] | np.ndarray, *, salt: int = 0) -> list[int]:
+    """Per shard, the prompt's leading tokens it holds cached (see the class docstring): whole
+    blocks, before the prompt's last token. The prompt is hashed once, on the host."""
+    tokens = checks.host_token_ids("tokens", tokens)
+    salt = checks.salt("salt", salt)
+    ps = self.page_size
+    usable = max(len(tokens) - 1, 0) // ps
+    if not usable:
+      return [0] * self.num_shards
+    lanes = block_hashes_numpy(tokens[:usable * ps], ps, salt, self.block_hash).astype(np.uint64)
+    keys = (lanes[:, 0] | (lanes[:, 1] << np.uint64(32))).tolist()
+    out = []
+    for held in self._blocks:
+      device, ram, disk = held["device"], held["ram"], held["disk"]
+      i = 0
+      while i < usable and keys[i] in device:
+        i += 1
+      while i < usable and (keys[i] in ram or keys[i] in disk):
+        i += 1
+      out.append(i * ps)
+    return out
+
+  def close(self) -> None:
+    """Unsubscribes from the followed managers (the index keeps what it knows)."""
+    for unsubscribe in self._unsubscribe:
+      unsubscribe()
+    self._unsubscribe = []
 
 
 # ----------------------------------------------------------------------------- internal

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Callable, Sequence
 
@@ -144,6 +145,12 @@ class Server:
       default device).
     router: which shard takes an arriving request (`jaxpaged.Router`; load: the requests a shard
       holds); default `jaxpaged.PrefixAwareRouter`.
+    disk_cache: a directory of prefix blocks that outlives the process (`jaxpaged.DiskStore`,
+      one per data shard on the same directory, model identity `llama.model_fingerprint`):
+      each shard's `jaxpaged.CacheManager` reads prompts' blocks from it and writes the blocks of
+      requests it finishes, so a restarted server computes only what it never computed before;
+      ``stats["disk_hit_tokens"]`` counts what came from it. Needs ``prefix_caching``.
+    disk_bytes: its capacity in bytes (default 16 GiB).
 
   Every count (``num_pages``, ``max_seqs``, ``page_size``, ``max_seq_len``, ``token_budget``)
   is an int >= 1; bad arguments raise `jaxpaged.JaxPagedError`. The server alone decides which
@@ -175,7 +182,9 @@ class Server:
                token_budget: int = 128, prefix_caching: bool = True, host_bytes: int = 1 << 30,
                cache_dtype: jax.typing.DTypeLike = jnp.float32,
                mesh: jax.sharding.Mesh | None = None, data_shards: int | None = None,
-               router: routing.Router | None = None):
+               router: routing.Router | None = None,
+               disk_cache: str | os.PathLike | None = None,
+               disk_bytes: int = generation.DEFAULT_DISK_BYTES):
     config = llama.check_config(config)
     llama.check_params(params, config)
     eos_id = checks.integer("eos_id", eos_id, minimum=0, below=config.vocab_size,
@@ -204,8 +213,20 @@ class Server:
     self.router = routing.check_router(routing.PrefixAwareRouter() if router is None else router)
     self.replicas = ([params] if self.devices == [None]
                      else [jax.device_put(params, d) for d in self.devices])
+    self.disks = [None] * len(self.devices)
+    if disk_cache is not None:
+      if not prefix_caching:
+        raise jp.JaxPagedError("disk_cache keeps prefix blocks: pass prefix_caching=True (the "
+                               "default) with a disk_cache, or disk_cache=None.")
+      if isinstance(disk_cache, jp.DiskStore):
+        raise jp.JaxPagedError("Server: disk_cache must be a directory path (each data shard "
+                               "opens its own jaxpaged.DiskStore on it), got a DiskStore.")
+      self.disks = [generation.open_disk_cache(disk_cache, disk_bytes, self.spec, params, config)
+                    for _ in self.devices]
+    self._use_disk = True  # (warmup serves without it, so that it leaves nothing there)
     self.manager: jp.CacheManager | None = None  # (shard 0's)
     self.managers: list[jp.CacheManager] = []
+    self._index: routing.PrefixIndex | None = None  # (with data shards: `_route`)
 
   def warmup(self, requests: Sequence[Request] = ()) -> None:
     """Compiles every step shape (all rows padding: the model step, the manager's checks of its
@@ -223,7 +244,11 @@ class Server:
                                     jnp.full(rows, -1, jnp.int32), jnp.zeros(rows, jnp.int32),
                                     config=self.config, decode=decode)
     if requests:
-      self.run(requests, realtime=False)
+      self._use_disk = False
+      try:
+        self.run(requests, realtime=False)
+      finally:
+        self._use_disk = True
 
   def run(self, requests: Sequence[Request], *, realtime: bool = True,
           progress: Callable[[str], None] | None = None) -> Report:
@@ -244,9 +269,14 @@ class Server:
     """
     self._validate(requests)
     realtime = self._check_options(realtime, progress)
-    self.managers = [jp.CacheManager(self.spec, host_bytes=self.host_bytes, device=d)
-                     for d in self.devices]
+    self.managers = [jp.CacheManager(self.spec, host_bytes=self.host_bytes, device=d,
+                                     disk=disk if self._use_disk else None)
+                     for d, disk in zip(self.devices, self.disks)]
     self.manager = self.managers[0]
+    # Routing reads the shards' cached prefixes from their KV events.
+    if self._index is not None:
+      self._index.close()
+    self._index = routing.PrefixIndex.follow(self.managers) if len(self.managers) > 1 else None
     clock = _Clock(realtime)
     pending = [(r.arrival, i) for i, r in enumerate(requests) if r.follows is None]
     done: dict[int, Result] = {}
@@ -299,11 +329,13 @@ class Server:
 
   def _route(self, tokens: list[int], salt: int, shards: list[_Queues]) -> int:
     """The router's shard for a prompt, given each shard's load (requests held) and cached
-    prefix (`jaxpaged.CacheManager.cached_prefix_tokens`: device and host RAM)."""
+    prefix (device, then host RAM or disk), from the `jaxpaged.PrefixIndex` fed by the shards' KV
+    events (brought up to date first: the last model steps registered blocks)."""
     if len(shards) == 1:
       return 0
-    loads = [routing.ShardLoad(q.load, q.manager.cached_prefix_tokens(tokens, salt=salt))
-             for q in shards]
+    self._index.refresh()
+    loads = [routing.ShardLoad(q.load, c)
+             for q, c in zip(shards, self._index.cached_tokens(tokens, salt=salt))]
     return routing.checked_choice(self.router, tokens, loads)
 
   def _admit(self, requests: Sequence[Request], queues: _Queues) -> None:
