@@ -36,6 +36,12 @@ class HostTier:
     self.disk = disk
     self.swapped: set[int] = set()
     self.dropped: dict[int, str] = {}
+    # Retention (`jaxpaged._src.retention` maintains them): block keys pinned in RAM and on
+    # disk, and with a prefix TTL a clock and each RAM block's last use by it.
+    self.ram_pins: set[int] = set()
+    self.disk_pins: set[int] = set()
+    self.clock = None
+    self.block_use: dict[int, float] = {}
 
   # --------------------------------------------------------------------------- sequences
 
@@ -83,11 +89,11 @@ class HostTier:
       if not self._holds(key, tokens, salt, (i + 1) * page_size):
         if self.disk is None or i < start:
           continue
-        block = self.disk.get(key[1], tokens, salt)
+        block = self.disk.get(key[1], tokens, salt, end=(i + 1) * page_size)
         if block is None:
           break
         held.append(i)
-        if self.disk.index.should_promote(key[1]):
+        if key[1] not in self.disk.index or self.disk.index.should_promote(key[1]):
           found.append((i, block))
         continue
       held.append(i)
@@ -107,6 +113,7 @@ class HostTier:
       if i not in held or key not in self.store:
         break
       self.store.get(key)
+      self.used(key[1])
       if i >= start + promoted:
         break
 
@@ -123,17 +130,25 @@ class HostTier:
     dropped = 0
     for block in blocks:
       try:
-        self.store.put(("block", block.key), block, block.nbytes)
+        self.store.put(("block", block.key), block, block.nbytes,
+                       pinned=block.key in self.ram_pins)
+        self.used(block.key)
       except TierError:
-        if self.disk is None or not self.disk.put(block):
+        if self.disk is None or not self.disk.put(block, pinned=block.key in self.disk_pins):
           dropped += 1
     return len(blocks), dropped
 
   def take_blocks(self, blocks: Sequence[CachedBlock]) -> None:
-    """Forgets blocks that went back to the device (if making room did not evict them)."""
+    """Forgets blocks that went back to the device (if making room did not evict them), but
+    keeps those pinned in RAM."""
     for block in blocks:
-      if ("block", block.key) in self.store:
+      if ("block", block.key) in self.store and block.key not in self.ram_pins:
         self.store.pop(("block", block.key))
+
+  def used(self, key: int) -> None:
+    """Records a use of the RAM block ``key`` now (with a prefix TTL)."""
+    if self.clock is not None:
+      self.block_use[key] = self.clock()
 
   # --------------------------------------------------------------------------- state
 
@@ -151,7 +166,7 @@ class HostTier:
 
   def _on_evict(self, key, value, pinned: bool) -> None:
     if key[0] == "block" and self.disk is not None:
-      self.disk.put(value)
+      self.disk.put(value, pinned=value.key in self.disk_pins)
     if pinned and key[0] == "seq":
       self.swapped.discard(key[1])
       self.dropped[key[1]] = f"evicted by {type(self.policy).__name__} to make room"

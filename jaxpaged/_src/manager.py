@@ -40,6 +40,7 @@ import numpy as np
 from jaxpaged._src import admission as steps_admit
 from jaxpaged._src import checks
 from jaxpaged._src import compress as compress_lib
+from jaxpaged._src import disk
 from jaxpaged._src import manager_steps as steps
 from jaxpaged._src import planning
 from jaxpaged._src import blocks
@@ -48,6 +49,7 @@ from jaxpaged._src.cache import cdiv, check_host_pools
 from jaxpaged._src.manager_core import ManagerCore, Refused
 from jaxpaged._src.prefix import match_plan
 from jaxpaged._src.prefix_hooks import evictable
+from jaxpaged._src.retention import RetentionMixin, check_priority
 from jaxpaged._src.spec import JaxPagedError, next_pow2
 
 @jax.jit
@@ -107,7 +109,7 @@ class CompressionStats:
   avg_compression_time_ms: float
 
 
-class CacheManager(ManagerCore):
+class CacheManager(RetentionMixin, ManagerCore):
   """Paged KV cache plus host RAM tier, for serving loops.
 
   Args:
@@ -129,6 +131,17 @@ class CacheManager(ManagerCore):
       If the call still cannot fit, the compressions are rolled back (the cache as before the
       call: one copy of the pool is kept while trying). Compressing discards tokens, so it is
       only done when asked.
+    prefix_ttl_seconds: None (default: no expiry), or seconds: a cached block unused for longer
+      is dropped from every tier (`expire`, run by `admit`, `extend` and `reserve` at most
+      every ttl / 4 s) and evicted before any other until then. A ``disk`` without a TTL of
+      its own takes this one. See `jaxpaged._src.retention`.
+    clock: the TTL's clock, a callable returning seconds (default `time.monotonic`).
+    max_pinned_pages: at most this many device pages held by `pin` (default num_pages // 2).
+    max_pinned_host_bytes: at most this many bytes of host RAM pinned by `pin` (default half
+      of the RAM tiers); on disk, at most half its capacity.
+
+  Retention: `pin` / `unpin` keep a prompt's cached blocks on every tier; ``admit(...,
+  priority=)`` ranks blocks (lower evicted first); a prefix TTL expires unused ones.
 
   >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
   ...                  max_seqs=4, max_pages_per_seq=4, prefix_caching=True)
@@ -203,8 +216,8 @@ class CacheManager(ManagerCore):
 
   def admit(self, tokens: Sequence[int] | np.ndarray, *, salt: int = 0,
             max_prompt_tokens: int | None = None, room_tokens: int | None = None,
-            num_slots: int | None = None, max_new_tokens: int | None = checks.UNSET
-            ) -> Admission | None:
+            num_slots: int | None = None, max_new_tokens: int | None = checks.UNSET,
+            priority: int = 0) -> Admission | None:
     """Starts a request: attaches its cached prefix (device hits, then host hits the policy
     promotes), then makes room for up to ``max_prompt_tokens`` of the remaining prompt tokens.
 
@@ -222,6 +235,8 @@ class CacheManager(ManagerCore):
         loop does not admit what it would preempt at once. Default: the tokens appended now.
       num_slots: static length of ``slots``: at most this many tokens are appended now (default:
         a power of two >= the prompt tokens that may be appended).
+      priority: retention class, an int (default 0): the request's blocks are kept longer than
+        those of lower priorities (evicted after them, on device, in RAM and on disk).
 
     Returns:
       The `Admission`, or None (nothing changed) when no slot or too few pages are free: wait for
@@ -243,6 +258,8 @@ class CacheManager(ManagerCore):
                            max_new_tokens)
     request, tokens, salt, num_slots = steps_admit.make_request(
         self.spec, tokens, salt, limit, room_tokens, num_slots)
+    priority = check_priority(priority)
+    self._retain()
     seq = self._free_slot()
     if seq is None:
       self.counters["allocation_failures"] += 1
@@ -256,6 +273,8 @@ class CacheManager(ManagerCore):
     self._update_pressure()
     if self._refused:
       return None
+    self.retention.admitted(seq, priority, request.hashes[0, :(len(tokens) - 1) //
+                                                          self.spec.page_size])
     ps = self.spec.page_size
     return Admission(seq, (int(plan.matched) + int(plan.promoted)) * ps, int(plan.num_new), slots,
                      int(plan.promoted) * ps)
@@ -348,6 +367,7 @@ class CacheManager(ManagerCore):
         self.cache, request, host, num_slots=num_slots, max_victims=next_pow2(bound - free))
     if not bool(plan.ok):
       raise Refused
+    self.retention.demoted(contents)
     return victims, self.host.store_blocks(blocks.cached_blocks(self.spec, contents))
 
   def _count_admission(self, length: int, matched: int, promoted: int) -> None:
@@ -382,6 +402,7 @@ class CacheManager(ManagerCore):
         or swapped out), repeats one, or would grow it past ``max_seq_len``; nothing changed.
       TierError: preempting needs host room the host tier cannot give; nothing changed.
     """
+    self._retain()
     plan = self._plan_rows(seq_ids, num_new_tokens, num_slots, preempt)
     plan = self._compress_for_room(plan, seq_ids, num_new_tokens, num_slots, preempt)
     if not plan.fits or (not plan.released and not plan.shortfall):  # nothing to move
@@ -421,6 +442,7 @@ class CacheManager(ManagerCore):
       ``(slots, ok, preempted)``: ``preempted`` lists the sequences swapped out to make room.
       When ``ok`` is False (the pool cannot hold the call), nothing changed.
     """
+    self._retain()
     plan = self._plan_rows(seq_ids, num_new_tokens, num_slots, preempt)
     plan = self._compress_for_room(plan, seq_ids, num_new_tokens, num_slots, preempt)
     if tokens is not None:
@@ -447,6 +469,7 @@ class CacheManager(ManagerCore):
     Ids this manager does not hold are ignored."""
     ids = self.registry.check_ids(seq_ids)
     held = [s for s in ids if s in self.registry.active]
+    self.cache = self.retention.stamp(self.cache, held)  # their blocks' priority
     with self._atomic():
       self._save_to_disk(held)
       for s in ids:
@@ -455,16 +478,14 @@ class CacheManager(ManagerCore):
       if held:
         self.cache = steps.room_step(self.cache, steps.padded_ids(held, self.spec.max_seqs),
                                      steps.NO_VICTIMS)
+    self.retention.released(ids)
     self._update_pressure()
 
   def _save_to_disk(self, seq_ids: list[int]) -> None:
     """Writes the sequences' registered, written blocks the disk tier lacks (write-through on
     release, so that another process finds them)."""
-    if self.disk is None or not seq_ids:
-      return
-    missing = lambda key, tokens, salt: not self.disk.holds(key, tokens, salt)
-    for block in blocks.sequence_blocks(self.cache, seq_ids, missing):
-      self.counters["disk_saved_blocks"] += self.disk.put(block)
+    if self.disk is not None and seq_ids:
+      self.counters["disk_saved_blocks"] += disk.save_prefixes(self.cache, self.disk, seq_ids)
 
   # --------------------------------------------------------------------------- swapping
 
@@ -482,6 +503,7 @@ class CacheManager(ManagerCore):
                           "sequences that were admitted and not released or swapped out.")
     if len(set(ids)) != len(ids):
       raise JaxPagedError(f"seq_ids {ids} repeat a sequence; name each one once.")
+    self.cache = self.retention.stamp(self.cache, ids)  # their blocks' priority
     with self._atomic():
       self.host.put_sequences(swap.copy_out(self.cache, ids))
       self.cache = steps.room_step(self.cache, steps.padded_ids(ids, self.spec.max_seqs),
@@ -666,6 +688,7 @@ class CacheManager(ManagerCore):
     """Host half of a rows plan: the preempted sequences go to host RAM (pinned), the blocks
     to demote are chosen and stored. Returns ``(victims, demoted)`` (`_plan_demotion`)."""
     if plan.released:
+      self.cache = self.retention.stamp(self.cache, plan.released)  # their blocks' priority
       self.host.put_sequences(swap.copy_out(self.cache, plan.released))
     return self._plan_demotion(plan.shortfall, released=plan.released_ids, absolute=True)
 

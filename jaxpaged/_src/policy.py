@@ -1,5 +1,6 @@
 """Tier policies: what a policy sees of an entry (`AccessStats`), the contract (`TierPolicy`), and
-the two policies jaxpaged ships (`LRUPolicy`, `LFUPolicy`).
+the two policies jaxpaged ships (`LRUPolicy`, `LFUPolicy`), and `PriorityPolicy`, retention
+classes over any of them.
 
 A policy makes two decisions: whether a hit should bring an entry to a faster tier
 (`jaxpaged.TieredStore.should_promote` asks; `jaxpaged.CacheManager` then moves a host hit back
@@ -10,7 +11,7 @@ moves it). It only decides. Plain host-side Python, no JAX.
 from __future__ import annotations
 
 import dataclasses
-from typing import Hashable, Protocol
+from typing import Any, Callable, Hashable, Protocol
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,3 +130,37 @@ class LFUPolicy(LRUPolicy):
     del tier
     return _least([((s.frequency, s.last_access), key)
                     for key, s in stats.items() if not s.pinned])
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorityPolicy:
+  """Retention classes over another policy: evicts only among the unpinned entries of the lowest
+  rank, and lets ``policy`` choose among them (and decide promotion). ``rank(key, stats)`` is any
+  comparable value, lower evicted first (`jaxpaged.CacheManager` ranks blocks by prefix TTL
+  expiry, then by retention priority: `jaxpaged._src.retention`). When every unpinned entry has
+  the same rank, ``policy`` sees exactly the ``stats`` it would see alone.
+
+  >>> ranks = {"system": 1, "chat": 0}
+  >>> policy = PriorityPolicy(LRUPolicy(), lambda key, stats: ranks.get(key, 0))
+  >>> store = TieredStore([Tier("ram", capacity=20)], policy=policy)
+  >>> store.put("system", 1, size=10)
+  >>> store.put("chat", 2, size=10)
+  >>> store.put("scan", 3, size=10)  # "system" is the least recent, but ranks higher
+  >>> sorted(store.keys())
+  ['scan', 'system']
+  """
+  policy: TierPolicy
+  rank: Callable[[Hashable, AccessStats], Any]
+
+  def should_promote(self, key: Hashable, stats: AccessStats) -> bool:
+    """``policy``'s decision."""
+    return self.policy.should_promote(key, stats)
+
+  def eviction_candidate(self, tier: int, stats: dict[Hashable, AccessStats]) -> Hashable | None:
+    """``policy``'s choice among the pinned entries and the unpinned ones of the lowest rank."""
+    ranks = {key: self.rank(key, s) for key, s in stats.items() if not s.pinned}
+    if ranks:
+      low = min(ranks.values())
+      if any(r != low for r in ranks.values()):
+        stats = {key: s for key, s in stats.items() if s.pinned or ranks[key] == low}
+    return self.policy.eviction_candidate(tier, stats)

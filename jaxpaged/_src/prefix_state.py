@@ -50,7 +50,8 @@ _RESOLVE = -3  # register_blocks: a row's parent not looked up yet
     data_fields=["page_hash", "page_tokens", "page_salt", "page_parent", "page_parent_gen",
                  "page_gen", "page_cached", "page_last_use", "page_depth", "page_written",
                  "seq_salt", "seq_hashable", "table_lo", "table_hi", "table_pages",
-                 "num_evictable", "num_cached", "clock", "stats"],
+                 "num_evictable", "num_cached", "clock", "stats", "page_priority",
+                 "page_priority_gen", "expire_before"],
     meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class PrefixState:
@@ -70,6 +71,12 @@ class PrefixState:
       with its id, so its blocks can be hashed and registered.
     table_lo, table_hi, table_pages: ``int32[C]`` the hash table (`jaxpaged._src.table`).
     num_evictable, num_cached, clock: ``int32[]``. stats: ``int32[len(STATS)]``.
+    page_priority, page_priority_gen: ``int32[P]`` the retention priority of the block a page
+      holds (`jaxpaged.CacheManager.admit`'s ``priority``, the highest of the requests that
+      released it), valid while ``page_priority_gen`` equals ``page_gen`` (0 otherwise: see
+      `effective_priority`); lower priorities are evicted first.
+    expire_before: ``int32[]`` pages last used at a clock below it are expired (their prefix
+      TTL passed): evicted before any other (`jaxpaged._src.retention` sets it; 0: none).
   """
 
   page_hash: jax.Array
@@ -91,6 +98,9 @@ class PrefixState:
   num_cached: jax.Array
   clock: jax.Array
   stats: jax.Array
+  page_priority: jax.Array
+  page_priority_gen: jax.Array
+  expire_before: jax.Array
 
 
 def init_prefix_state(spec) -> PrefixState:
@@ -108,7 +118,8 @@ def init_prefix_state(spec) -> PrefixState:
       table_lo=zeros(capacity), table_hi=zeros(capacity),
       table_pages=jnp.full((capacity,), table.EMPTY, jnp.int32),
       num_evictable=jnp.int32(0), num_cached=jnp.int32(0), clock=jnp.int32(0),
-      stats=zeros(len(STATS)))
+      stats=zeros(len(STATS)), page_priority=zeros(pages), page_priority_gen=zeros(pages),
+      expire_before=jnp.int32(0))
 
 
 def bump(stats, name, amount):
@@ -147,9 +158,21 @@ def holds_block(view: BlockView, hashes, salts, tokens, parent, parent_gen):
           & (view.parent == parent) & ((parent < 0) | (view.parent_gen == parent_gen)))
 
 
+# Bounds of a retention priority (`effective_priority`): the ranks past them order expired and
+# unevictable pages in `choose_victims`.
+MIN_PRIORITY, MAX_PRIORITY = -(1 << 30), 1 << 30
+
+
+def effective_priority(prefix: PrefixState) -> jax.Array:
+  """``int32[P]`` each page's retention priority: ``page_priority`` if it was set since the page
+  was last handed out, else 0."""
+  return jnp.where(prefix.page_priority_gen == prefix.page_gen, prefix.page_priority, 0)
+
+
 def choose_victims(prefix: PrefixState, ref_counts, count, max_count: int, protect=None):
-  """The ``count`` (<= ``max_count``, static) unreferenced cached pages to evict next: least
-  recently used first, deeper blocks first among equals, never pages in the optional
+  """The ``count`` (<= ``max_count``, static) unreferenced cached pages to evict next: expired
+  ones (last used before ``expire_before``) first, then lower retention priority first, then
+  least recently used first, deeper blocks first among equals; never pages in the optional
   ``bool[P]`` ``protect`` mask (``count`` must leave them out). Costs a sort over all pages.
 
   Returns ``int32[max_count]``, -1 past ``count``.
@@ -157,7 +180,12 @@ def choose_victims(prefix: PrefixState, ref_counts, count, max_count: int, prote
   evictable = prefix.page_cached & (ref_counts == 0)
   if protect is not None:
     evictable &= ~protect
-  order = jnp.lexsort((-prefix.page_depth, prefix.page_last_use, ~evictable))
+  # One key for "evictable, expired, priority": with no priority and no TTL it is 0 or the
+  # top rank, the order of ~evictable alone.
+  expired = prefix.page_last_use < prefix.expire_before
+  rank = jnp.where(~evictable, MAX_PRIORITY + 1,
+                   jnp.where(expired, MIN_PRIORITY - 1, effective_priority(prefix)))
+  order = jnp.lexsort((-prefix.page_depth, prefix.page_last_use, rank))
   order = jnp.pad(order, (0, max(0, max_count - order.shape[0])), constant_values=-1)
   return jnp.where(jnp.arange(max_count) < count, order[:max_count], -1).astype(jnp.int32)
 

@@ -119,7 +119,7 @@ def demote_plan(cache, count, keep, *, max_count: int):
 
   Returns ``(victims int32[max_count], contents)``: victims -1 past the count; ``contents`` a
   dict of ``hashes``, ``salts``, ``depths``, ``tokens`` (the whole prefix), ``complete`` (that
-  prefix could be read back), ``kv`` (the pools' pages, by `cache.pools` name) per victim.
+  prefix could be read back), ``priorities`` (retention priority), ``kv`` (the pools' pages, by `cache.pools` name) per victim.
   """
   spec, prefix = cache.spec, cache.prefix
   protect = jnp.zeros((spec.num_pages,), bool).at[
@@ -133,6 +133,7 @@ def demote_plan(cache, count, keep, *, max_count: int):
   complete &= (victims >= 0) & prefix_state.fully_written(prefix, safe)
   return victims, dict(hashes=prefix.page_hash[safe], salts=prefix.page_salt[safe],
                        depths=prefix.page_depth[safe], tokens=tokens, complete=complete,
+                       priorities=prefix_state.effective_priority(prefix)[safe],
                        kv={name: pool[:, :, safe] for name, pool in pools(cache).items()})
 
 
