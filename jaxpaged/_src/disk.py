@@ -305,6 +305,7 @@ class DiskStore:
     self.fsync = checks.flag("fsync", fsync)
     self.clock, self.on_event = clock, on_event
     self.root = pathlib.Path(path)
+    self._made: set[pathlib.Path] = set()  # subdirectories known to exist
     self.dir = self.root / f"v{FORMAT_VERSION}" / self.layout.digest
     self.tmp = self.root / f"v{FORMAT_VERSION}" / "tmp"
     try:
@@ -340,13 +341,13 @@ class DiskStore:
         f.flush()
         if self.fsync:
           os.fsync(f.fileno())
-      final.parent.mkdir(exist_ok=True)
+      if final.parent not in self._made:
+        final.parent.mkdir(exist_ok=True)
+        self._made.add(final.parent)
       os.replace(tmp, final)
     except BaseException:
-      try:
-        tmp.unlink()
-      except OSError:
-        pass
+      self._made.discard(final.parent)  # (it may have been removed)
+      _unlink(tmp)
       raise
     return written
 
@@ -379,10 +380,11 @@ class DiskStore:
       self._index(key, size, mtime)
     self._remove_doomed()
 
-  def _index(self, key: int, size: int, when: float) -> bool:
-    """Counts a file in the index (the policy may evict others); False if it does not fit."""
+  def _index(self, key: int, size: int, when: float, *, pinned: bool = False) -> bool:
+    """Counts a file in the index (the policy may evict others); False if it does not fit.
+    All or nothing, as `TieredStore.put`, without copying the index."""
     try:
-      self.index.put(key, size, size)
+      self.index.put(key, size, size, pinned=pinned)
     except TierError:
       return False
     self._last_use[key] = when
@@ -444,55 +446,65 @@ class DiskStore:
       self._touch(block.key, pinned=pinned)
       return True
     chunks = encode_block(block, self.layout, self.spec)
-    size = sum(len(c) for c in chunks)
-    mark = self.snapshot()
-    if not self._index(block.key, size, self.clock()):
-      self.restore(mark)
-      self._doomed = []
-      self.counters["write_errors"] += 1
-      self.last_error = "no room: the store's capacity is pinned"
-      return False
-    try:
-      written = self._write_atomic(self.path_of(block.key), chunks)
+    path, known = self.path_of(block.key), block.key in self.index
+    try:  # written first: a failed write leaves the index (and every other file) as it was
+      written = self._write_atomic(path, chunks)
     except OSError as e:
-      self.restore(mark)
-      self._doomed = []
       self.counters["write_errors"] += 1
       self.last_error = f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror or e}"
       warnings.warn(f"jaxpaged DiskStore: a block was not written to {self.root} "
                     f"({self.last_error}); it will be recomputed when needed.", RuntimeWarning,
                     stacklevel=2)
       return False
-    if pinned:
-      self._touch(block.key, pinned=True)
+    try:  # then counted: the policy may evict others (their files go once this succeeded)
+      fitted = self._index(block.key, written, self.clock(), pinned=pinned)
+    except BaseException:
+      self._doomed = []
+      if not known:
+        _unlink(path)
+      raise
+    if not fitted:
+      if not known:
+        _unlink(path)
+      self.counters["write_errors"] += 1
+      self.last_error = "no room: the store's capacity is pinned"
+      return False
     self.counters["writes"] += 1
     self.counters["bytes_written"] += written
     self._remove_doomed()
     self._emit("stored", block.key, block)
     return True
 
-  def holds(self, key: int, tokens: np.ndarray, salt: int) -> bool:
-    """Whether a block file keyed ``key`` holds exactly the prefix ``tokens`` (all its token
-    ids, the block's last) under ``salt``: a cheap check of its
-    header and token ids only (no checksum, no use recorded), for deciding what to write and
-    for routing. `get` verifies everything before serving."""
+  def prefix_of(self, key: int) -> tuple[np.ndarray, int] | None:
+    """``(prefix token ids, salt)`` of the block file keyed ``key`` if it is one of this layout,
+    else None: a cheap read of its header and token ids only (no checksum, no use recorded), for
+    deciding what to write, for routing and for events. `get` verifies everything before
+    serving."""
     try:
       with open(self.path_of(key), "rb") as f:
         prefix = f.read(_PREFIX.size)
         if len(prefix) < _PREFIX.size:
-          return False
+          return None
         magic, version, header_len, _, _ = _PREFIX.unpack(prefix)
         if magic != MAGIC or version != FORMAT_VERSION:
-          return False
+          return None
         header = json.loads(f.read(header_len))
         first = header["arrays"][0]
+        if (header["layout"] != dataclasses.asdict(self.layout) or first["name"] != "tokens"
+            or first["dtype"] != "int32"):
+          return None
         f.seek(_PREFIX.size + header_len + first["offset"])
-        stored = np.frombuffer(f.read(4 * header["num_tokens"]), np.int32)
+        tokens = np.frombuffer(f.read(4 * header["num_tokens"]), np.int32)
+        salt = int(header["salt"])
     except (OSError, ValueError, KeyError, TypeError, IndexError):
-      return False
-    tokens = np.asarray(tokens)
-    return (header.get("layout") == dataclasses.asdict(self.layout)
-            and header.get("salt") == salt and np.array_equal(stored, tokens))
+      return None
+    return (tokens, salt) if len(tokens) == header["num_tokens"] else None
+
+  def holds(self, key: int, tokens: np.ndarray, salt: int) -> bool:
+    """Whether the block file keyed ``key`` holds exactly the prefix ``tokens`` (all its token
+    ids, the block's last) under ``salt`` (`prefix_of`: no checksum)."""
+    found = self.prefix_of(key)
+    return found is not None and found[1] == salt and np.array_equal(found[0], tokens)
 
   def get(self, key: int, tokens: np.ndarray, salt: int, *, end: int | None = None
           ) -> CachedBlock | None:
@@ -639,6 +651,13 @@ class DiskStore:
     return dict(self.counters, entries=len(self.index), used=self.index.used(0),
                 capacity=self.index.tiers[0].capacity, path=str(self.dir),
                 last_error=self.last_error)
+
+
+def _unlink(path: pathlib.Path) -> None:
+  try:
+    os.unlink(path)
+  except OSError:
+    pass
 
 
 def _alive(pid: int) -> bool:

@@ -73,8 +73,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
-import struct
 from typing import Any, Callable, Iterable, Union
 
 import jax
@@ -83,7 +81,6 @@ import numpy as np
 
 from jaxpaged._src import checks
 from jaxpaged._src.blocks import CachedBlock, block_key
-from jaxpaged._src.disk import FORMAT_VERSION, MAGIC, decode_block
 from jaxpaged._src.hashing import block_hashes_numpy
 from jaxpaged._src.spec import JaxPagedError, next_pow2
 
@@ -441,7 +438,7 @@ class KVEvents:
     known = self._known(key)
     if known is not None:
       return known[0], dataclasses.replace(known[1], tier="disk")
-    read = _read_disk_prefix(disk, key)
+    read = disk.prefix_of(key)  # (no event carried it: on disk before, or another process's)
     if read is None:
       return 0, BlockStored("disk", key, None, (), 0)
     return self._host_info("disk", key, *read)
@@ -478,30 +475,3 @@ class _DeviceNow(dict):
                           checks.salt_int(meta["salt"][i]))
       out[key] = (int(meta["depth"][i]), event)
     return out
-
-
-# The prefix of a block file as `jaxpaged._src.disk` documents format 1 (magic, version, header
-# bytes, payload bytes, CRC-32); another version is read (and checked) whole.
-_FILE_PREFIX = struct.Struct("<8sIIQI4x")
-
-
-def _read_disk_prefix(disk, key: int) -> tuple[np.ndarray, int] | None:
-  """``(prefix token ids, salt)`` of the block file keyed ``key``, or None if it cannot be read.
-  Only its header and token ids are read (what an event reports; no checksum). Only for blocks
-  no event carried yet: those on disk when the first subscriber came, or another process's."""
-  try:
-    with open(disk.path_of(key), "rb") as f:
-      magic, version, header_len, _, _ = _FILE_PREFIX.unpack(f.read(_FILE_PREFIX.size))
-      if magic == MAGIC and version == FORMAT_VERSION == 1:
-        header = json.loads(f.read(header_len))
-        first = header["arrays"][0]
-        if first["name"] == "tokens" and first["dtype"] == "int32":
-          f.seek(_FILE_PREFIX.size + header_len + first["offset"])
-          tokens = np.frombuffer(f.read(4 * header["num_tokens"]), np.int32)
-          if len(tokens) == header["num_tokens"]:
-            return tokens, int(header["salt"])
-      f.seek(0)
-      block = decode_block(f.read(), disk.layout, disk.spec)
-  except Exception:  # pylint: disable=broad-exception-caught  # unreadable: reported bare
-    return None
-  return block.tokens, block.salt
