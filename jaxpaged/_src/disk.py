@@ -335,14 +335,20 @@ class DiskStore:
     tmp = self.tmp / f"{os.getpid()}.{uuid.uuid4().hex}.tmp"
     written = 0
     try:
-      with open(tmp, "wb") as f:
+      try:
+        f = open(tmp, "wb")
+      except FileNotFoundError:  # the directory was removed (emptied by hand): made again
+        self._made.clear()
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        f = open(tmp, "wb")
+      with f:
         for c in chunks:
           written += f.write(c)
         f.flush()
         if self.fsync:
           os.fsync(f.fileno())
       if final.parent not in self._made:
-        final.parent.mkdir(exist_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
         self._made.add(final.parent)
       os.replace(tmp, final)
     except BaseException:
@@ -445,6 +451,10 @@ class DiskStore:
     if block.key in self.index and self.holds(block.key, block.tokens, block.salt):
       self._touch(block.key, pinned=pinned)
       return True
+    if (block.key in self.index and self.index.access_stats(block.key).pinned
+        and self.prefix_of(block.key)):
+      self.counters["collisions"] += 1  # another prefix's pinned block holds this key: it stays
+      return False
     chunks = encode_block(block, self.layout, self.spec)
     path, known = self.path_of(block.key), block.key in self.index
     try:  # written first: a failed write leaves the index (and every other file) as it was
