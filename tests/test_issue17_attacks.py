@@ -209,3 +209,27 @@ def test_a_raising_subscriber_does_not_lose_the_admissions_priority(tmp_path):
     manager.admit(A, priority=5)
   assert manager.active == [0]  # completed, as documented
   assert manager.retention.seq_priority == {0: 5}
+
+
+def test_blocks_found_on_restart_expire_on_the_managers_clock(tmp_path):
+  # The index rebuilt on open took the files' modification times (time.time()'s seconds since
+  # 1970) as last uses on the store's clock: with the manager's clock (time.monotonic by
+  # default, or an injected one, as the docs ask the disk to share) they were ~1.8e9 s in the
+  # future, so no block that survived a restart ever expired.
+  now = [0.0]
+  clock = lambda: now[0]
+  spec = _spec()
+
+  def manager():
+    return jp.CacheManager(spec, host_bytes=0, prefix_ttl_seconds=10, clock=clock,
+                           disk=DiskStore(tmp_path, MB, spec=spec, clock=clock))
+
+  first = manager()
+  first.release([_admit_write(first, A).seq_id])
+  assert len(first.disk) == 2
+  now[0] = 5.0
+  again = manager()  # a restart: the index is rebuilt from the files
+  assert len(again.disk) == 2 and again.expire()["disk_blocks"] == 0
+  now[0] = 1000.0
+  assert again.expire()["disk_blocks"] == 2 and len(again.disk) == 0
+  assert _restart_hits(tmp_path, spec, A) == 0

@@ -382,8 +382,9 @@ class DiskStore:
         except (ValueError, OSError):
           continue
         found.append((stat.st_mtime, key, stat.st_size))
+    shift = self.clock() - time.time()  # file times are time.time()'s: last uses on self.clock
     for mtime, key, size in sorted(found):
-      self._index(key, size, mtime)
+      self._index(key, size, mtime + shift)
     self._remove_doomed()
 
   def _index(self, key: int, size: int, when: float, *, pinned: bool = False) -> bool:
