@@ -233,3 +233,64 @@ def test_blocks_found_on_restart_expire_on_the_managers_clock(tmp_path):
   now[0] = 1000.0
   assert again.expire()["disk_blocks"] == 2 and len(again.disk) == 0
   assert _restart_hits(tmp_path, spec, A) == 0
+
+
+@pytest.mark.parametrize("block_hash,seed", [("constant", 20)])  # (mix64 passes too: slower)
+def test_two_managers_with_faults_pins_ttl_and_priorities_stay_exact_and_consistent(
+    tmp_path, monkeypatch, block_hash, seed):
+  """A seeded random run: two managers on two stores of one small directory (RAM tiers, a
+  prefix TTL on one injected clock, 64-bit salts, priorities, pins, and write-throughs that hit
+  a failing disk). Every hit is bit-exact, pages add up, no store passes its capacity, and the
+  events replay to each manager's tiers."""
+  rng = np.random.default_rng(seed)
+  now = [0.0]
+  clock = lambda: now[0]
+  spec = _spec(block_hash=block_hash)
+  block = DiskStore(tmp_path / "x", MB, spec=spec).block_bytes
+  stores = [DiskStore(tmp_path, 5 * block, spec=spec, clock=clock, fsync=False)
+            for _ in range(2)]
+  managers = [jp.CacheManager(spec, host_bytes=2 * block, disk=s, prefix_ttl_seconds=50,
+                              clock=clock) for s in stores]
+  logs = [jp.KVEventLog() for _ in managers]
+  for m, log in zip(managers, logs):
+    m.subscribe(log)
+  systems = [[int(x) for x in rng.integers(1, 9, 8)] for _ in range(4)]
+  active, pins = [[], []], [[], []]
+
+  def fail(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  for _ in range(50):
+    i = int(rng.integers(0, 2))
+    m = managers[i]
+    now[0] += float(rng.choice([0, 1, 5, 20]))
+    op = rng.choice(["admit"] * 4 + ["release"] * 3 + ["pin", "unpin", "fault"])
+    salt = [0, 2**64 - 1][int(rng.integers(0, 2))]
+    prompt = systems[int(rng.integers(0, 4))][:int(rng.choice([4, 8]))]
+    prompt = prompt + [int(x) for x in rng.integers(1, 50, 9 - len(prompt))]
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)  # (the failing writes)
+      if op == "admit" and len(active[i]) < 2:
+        active[i].append(_admit_write(m, prompt, salt,
+                                      priority=int(rng.choice([0, 0, 3]))).seq_id)
+      elif op == "release" and active[i]:
+        m.release([active[i].pop(int(rng.integers(0, len(active[i]))))])
+      elif op == "fault" and active[i]:
+        with monkeypatch.context() as patch:
+          patch.setattr(os, str(rng.choice(["replace", "unlink", "fsync"])), fail)
+          m.release([active[i].pop()])
+      elif op == "pin":
+        try:
+          m.pin(prompt[:8], salt=salt)
+          pins[i].append((prompt[:8], salt))
+        except jp.JaxPagedError:  # (over a bound)
+          pass
+      elif op == "unpin" and pins[i]:
+        tokens, s = pins[i].pop()
+        m.unpin(tokens, salt=s)
+    _pages_add_up(m)
+    for s in stores:
+      assert 0 <= s.stats()["used"] <= s.stats()["capacity"]
+  for m, log in zip(managers, logs):
+    m.expire()
+    assert jp.replay_events(log.events, strict=True) == _actual(m)
