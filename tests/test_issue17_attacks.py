@@ -294,3 +294,19 @@ def test_two_managers_with_faults_pins_ttl_and_priorities_stay_exact_and_consist
   for m, log in zip(managers, logs):
     m.expire()
     assert jp.replay_events(log.events, strict=True) == _actual(m)
+
+
+def test_pin_reports_only_the_leading_tokens_held_when_keys_repeat_across_depths(tmp_path):
+  # Under an unchained hash a prompt whose blocks repeat has one key for both: the disk file
+  # holds the deeper block only (written last). pin used to map the held key back to the
+  # first block of that key and report 4 leading tokens pinned, while block 0 is nowhere.
+  spec = _spec(block_hash="unchained")
+  prompt = [1, 2, 3, 4, 1, 2, 3, 4, 9]
+  first = jp.CacheManager(spec, host_bytes=0, disk=DiskStore(tmp_path, MB, spec=spec))
+  first.release([_admit_write(first, prompt).seq_id])
+  assert len(first.disk) == 1  # one key: the deeper block's file
+  manager = jp.CacheManager(spec, host_bytes=0, disk=DiskStore(tmp_path, MB, spec=spec))
+  assert manager.cached_prefix_tokens(prompt) == 0
+  pinned = manager.pin(prompt[:8])
+  assert (pinned.disk_blocks, pinned.tokens) == (1, 0)
+  assert _admit_write(manager, prompt).num_cached == 0  # (no false hit either)

@@ -488,15 +488,17 @@ class RetentionMixin:
     hashes = block_hashes_numpy(tokens, ps, salt, spec.block_hash)
     keys = [block_key(h) for h in hashes]
     pages = self._device_pages(tokens, hashes, salt, n)
-    ram = [(k, self.store.peek(("block", k)).nbytes) for i, k in enumerate(keys)
-           if _ram_holds(self.store, k, tokens, salt, (i + 1) * ps)]
+    # (by block index: keys repeat across depths under an unchained or constant hash)
+    at_ram = [i for i, k in enumerate(keys) if _ram_holds(self.store, k, tokens, salt,
+                                                          (i + 1) * ps)]
+    ram = [(keys[i], self.store.peek(("block", keys[i])).nbytes) for i in at_ram]
     disk = self.disk
-    on_disk = [] if disk is None else [
-        (k, int(disk.index.peek(k))) for i, k in enumerate(keys)
+    at_disk = [] if disk is None else [
+        i for i, k in enumerate(keys)
         if k in disk.index and disk.holds(k, tokens[:(i + 1) * ps], salt)]
+    on_disk = [(keys[i], int(disk.index.peek(keys[i]))) for i in at_disk]
     r.check_bounds(pages, ram, on_disk)
-    held = set(range(len(pages)))
-    held |= {keys.index(k) for k, _ in ram} | {keys.index(k) for k, _ in on_disk}
+    held = set(range(len(pages))) | set(at_ram) | set(at_disk)
     run = next((i for i in range(n) if i not in held), n)
     result = PinnedPrefix(n, run * ps, len(pages), len(ram), len(on_disk))
     saved = r.snapshot()
