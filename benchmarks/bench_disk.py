@@ -364,20 +364,29 @@ def _concurrency_rows(root: str, size: int, trials: int) -> list[Row]:
   return rows
 
 
+def _print_speeds(labels: list[str], columns: list[tuple[int, dict, dict]], name_width: int,
+                  cell_width: int, *, per_block: bool) -> None:
+  """The write and read tables: one row per contender, one column per block size (``(size,
+  write seconds, read seconds)`` by contender), GB/s and the ratio to the baseline (copyfile,
+  plain read); ``per_block`` adds the milliseconds per block."""
+  print(f"{'':<{name_width}}" + "".join(f"{s:>{cell_width}}" for s in labels))
+  for kind, idx, base in (("write", 1, "copyfile"), ("read", 2, "open().read()")):
+    for name in columns[0][idx]:
+      cells = []
+      for column in columns:
+        size, t = column[0], column[idx]
+        mark = "=" if name == base else f"{t[base] / t[name]:.2f}x"
+        cell = f"{size / t[name] / 1e9:7.2f} ({mark:>6})"
+        cells.append(cell + (f" {t[name] * 1e3:6.2f}ms" if per_block else ""))
+      print(f"{kind + ' ' + name:<{name_width}}" + "".join(f"{c:>{cell_width}}" for c in cells))
+
+
 def _print_conclusion(fs: str, per_size: list[tuple[str, int, dict, dict]],
                       concurrency: list[Row]) -> None:
   labels = [f"{label} {size / 1024:.0f}K" for label, size, _, _ in per_size]
   print(f"\ndisk storage, {fs} filesystem under {tempfile.gettempdir()}; reads page-cache warm. "
         "GB/s (ratio to the baseline, marked =)")
-  print(f"{'':<28}" + "".join(f"{s:>22}" for s in labels))
-  for kind, idx, base in (("write", 2, "copyfile"), ("read", 3, "open().read()")):
-    for name in per_size[0][idx]:
-      cells = []
-      for entry in per_size:
-        size, t = entry[1], entry[idx]
-        mark = "=" if name == base else f"{t[base] / t[name]:.2f}x"
-        cells.append(f"{size / t[name] / 1e9:8.2f} ({mark:>6})")
-      print(f"{kind + ' ' + name:<28}" + "".join(f"{c:>22}" for c in cells))
+  _print_speeds(labels, [(e[1], e[2], e[3]) for e in per_size], 28, 22, per_block=False)
   if lmdb is None:
     print(SKIP_LMDB)
   else:
@@ -598,15 +607,7 @@ def bench_diskstore(quick: bool) -> list[Row]:
         "page-cache warm. GB/s of file bytes (ratio: speed vs the baseline, marked =)")
   labels = [f"{label} {size / 1024:.0f}K file ({kv / 1024:.0f}K K/V)"
             for label, size, kv, *_ in results]
-  print(f"{'':<30}" + "".join(f"{s:>30}" for s in labels))
-  for kind, idx, base in (("write", 3, "copyfile"), ("read", 4, "open().read()")):
-    for name in results[0][idx]:
-      cells = []
-      for entry in results:
-        size, t = entry[1], entry[idx]
-        mark = "=" if name == base else f"{t[base] / t[name]:.2f}x"
-        cells.append(f"{size / t[name] / 1e9:7.2f} ({mark:>6}) {t[name] * 1e3:6.2f}ms")
-      print(f"{kind + ' ' + name:<30}" + "".join(f"{c:>30}" for c in cells))
+  _print_speeds(labels, [(e[1], e[3], e[4]) for e in results], 30, 30, per_block=True)
   for a, base in STORE_WRITE_RATIOS[1:2] + STORE_WRITE_RATIOS[3:5] + STORE_READ_RATIOS[1:]:
     idx = 4 if a in results[0][4] else 3
     cells = [f"{e[idx][base] / e[idx][a]:.2f}x" for e in results]

@@ -98,6 +98,28 @@ def key_values(tokens):
   return np.asarray(values, np.float32)
 
 
+def write_prefix_kv(manager, tokens, start, slots, count):
+  """What a model's prefill stores in ``manager.cache`` for ``tokens[start:start+count]`` at
+  ``slots``: prefix-dependent values (`key_values`; K plus the layer, V negated), for caches of
+  one KV head and head_dim 2."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jaxpaged as jp  # pylint: disable=g-import-not-at-top
+  values = np.zeros(slots.shape[0], np.float32)
+  values[:count] = key_values(tokens)[start:start + count]
+  kv = jnp.broadcast_to(jnp.asarray(values)[:, None, None], (slots.shape[0], 1, 2))
+  for layer in range(manager.spec.num_layers):
+    manager.cache = jp.write_kv(manager.cache, layer, kv + layer, -kv, slots)
+
+
+def prefill_manager(manager, tokens, **kw):
+  """``manager.admit(tokens, **kw)`` and the K/V of what it appended (`write_prefix_kv`)."""
+  admission = manager.admit(tokens, **kw)
+  if admission is None:
+    raise AssertionError(f"the manager refused a prompt of {len(tokens)} tokens")
+  write_prefix_kv(manager, tokens, admission.num_cached, admission.slots, admission.num_new)
+  return admission
+
+
 def assert_usage_error(capsys, script: str, argv, message: str):
   """Runs ``examples/<script>``'s ``main(argv)`` and checks that argparse refused it: exit status
   2, a usage line and ``error: <message>``, no traceback."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxpaged as jp
-from tests.helpers import key_values
+from tests.helpers import key_values, prefill_manager, write_prefix_kv
 from tests.workloads import toy_workload
 
 PS = 4
@@ -21,20 +21,7 @@ def _spec(**kw):
                                 prefix_caching=True), **kw})
 
 
-def _write(manager, tokens, start, slots, count):
-  """What a model's prefill stores for tokens[start:start+count]: prefix-dependent values."""
-  values = np.zeros(slots.shape[0], np.float32)
-  values[:count] = key_values(tokens)[start:start + count]
-  kv = jnp.broadcast_to(jnp.asarray(values)[:, None, None], (slots.shape[0], 1, 2))
-  for layer in range(manager.spec.num_layers):
-    manager.cache = jp.write_kv(manager.cache, layer, kv + layer, -kv, slots)
-
-
-def _prefill(manager, tokens, **kw):
-  admission = manager.admit(tokens, **kw)
-  assert admission is not None
-  _write(manager, tokens, admission.num_cached, admission.slots, admission.num_new)
-  return admission
+_write, _prefill = write_prefix_kv, prefill_manager
 
 
 def _assert_holds(manager, seq, tokens):

@@ -14,7 +14,7 @@ import jaxpaged as jp
 from jaxpaged import JaxPagedError
 from jaxpaged._src import prefix_state
 from jaxpaged._src.disk import DiskStore, block_file_bytes
-from tests.helpers import key_values
+from tests.helpers import key_values, prefill_manager, write_prefix_kv
 
 PS = 4
 
@@ -39,19 +39,7 @@ def _block_bytes(depth, spec=None):
   return 2 * spec.num_layers * spec.num_kv_heads * PS * spec.head_dim * 4 + 4 * PS * (depth + 1)
 
 
-def _write(manager, tokens, start, slots, count):
-  values = np.zeros(slots.shape[0], np.float32)
-  values[:count] = key_values(tokens)[start:start + count]
-  kv = jnp.broadcast_to(jnp.asarray(values)[:, None, None], (slots.shape[0], 1, 2))
-  for layer in range(manager.spec.num_layers):
-    manager.cache = jp.write_kv(manager.cache, layer, kv + layer, -kv, slots)
-
-
-def _prefill(manager, tokens, **kw):
-  admission = manager.admit(tokens, **kw)
-  assert admission is not None
-  _write(manager, tokens, admission.num_cached, admission.slots, admission.num_new)
-  return admission
+_write, _prefill = write_prefix_kv, prefill_manager
 
 
 def _cache(manager, tokens, **kw):

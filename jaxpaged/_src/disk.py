@@ -436,6 +436,7 @@ class DiskStore:
 
   def put(self, block: CachedBlock, *, pinned: bool = False) -> bool:
     """Stores ``block`` (a write is atomic; an equal block already there is only touched).
+    ``pinned``: pin it (`pin`); a put never unpins a pinned block.
 
     Returns:
       True when the block is on disk; False when the disk refused it (full, permission denied,
@@ -449,15 +450,16 @@ class DiskStore:
       raise DiskError(f"DiskStore.put: block must be a CachedBlock, got {type(block).__name__}.")
     check_host_pools(self.spec, block, "block")
     self.expire()
-    if block.key in self.index and self.holds(block.key, block.tokens, block.salt):
-      self._touch(block.key, pinned=pinned)
+    known = block.key in self.index
+    if known and self.holds(block.key, block.tokens, block.salt):
+      self._touch(block.key, pinned=True if pinned else None)  # (never unpins)
       return True
-    if (block.key in self.index and self.index.access_stats(block.key).pinned
-        and self.prefix_of(block.key)):
+    if known and self.index.access_stats(block.key).pinned and self.prefix_of(block.key):
       self.counters["collisions"] += 1  # another prefix's pinned block holds this key: it stays
       return False
+    pinned = pinned or (known and self.index.access_stats(block.key).pinned)
     chunks = encode_block(block, self.layout, self.spec)
-    path, known = self.path_of(block.key), block.key in self.index
+    path = self.path_of(block.key)
     try:  # written first: a failed write leaves the index (and every other file) as it was
       written = self._write_atomic(path, chunks)
     except OSError as e:
