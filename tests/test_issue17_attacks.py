@@ -193,10 +193,6 @@ def test_pin_release_ttl_keeps_the_prefix_on_every_tier_until_unpinned(tmp_path)
   assert manager.expire()["disk_blocks"] == 2 and len(store) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="CacheManager.admit records the request's priority "
-                   "(retention.admitted) only after _update_pressure, which re-raises a "
-                   "subscriber's exception: the admission completed, its priority is lost "
-                   "(fix in manager.py: record it before _update_pressure)")
 def test_a_raising_subscriber_does_not_lose_the_admissions_priority(tmp_path):
   spec = _spec()
   manager = jp.CacheManager(spec, host_bytes=0, disk=DiskStore(tmp_path, MB, spec=spec))

@@ -34,6 +34,7 @@ class HostTier:
     self.policy = policy
     self.store = TieredStore(tiers, policy, on_evict=self._on_evict)
     self.disk = disk
+    self.read_from_disk: set[int] = set()  # (`candidates`)
     self.swapped: set[int] = set()
     self.dropped: dict[int, str] = {}
     # Retention (`jaxpaged._src.retention` maintains them): block keys pinned in RAM and on
@@ -84,6 +85,7 @@ class HostTier:
     the disk's policy promotes it, and counts as a use there."""
     mark = self.store.snapshot()
     found, held = [], []
+    self.read_from_disk: set[int] = set()  # the keys of ``found`` that came from disk
     for i, page_hash in enumerate(hashes):
       key = ("block", block_key(page_hash))
       if not self._holds(key, tokens, salt, (i + 1) * page_size):
@@ -95,6 +97,7 @@ class HostTier:
         held.append(i)
         if key[1] not in self.disk.index or self.disk.index.should_promote(key[1]):
           found.append((i, block))
+          self.read_from_disk.add(key[1])
         continue
       held.append(i)
       self.store.get(key)  # an access, for recency and frequency, as the policy expects

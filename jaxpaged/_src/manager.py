@@ -270,11 +270,12 @@ class CacheManager(RetentionMixin, ManagerCore):
                                      num_slots)
     if self._refused:
       self.counters["allocation_failures"] += 1
+    else:  # (before the callbacks, which may raise once the admission is complete)
+      self.retention.admitted(seq, priority, request.hashes[0, :(len(tokens) - 1) //
+                                                            self.spec.page_size])
     self._update_pressure()
     if self._refused:
       return None
-    self.retention.admitted(seq, priority, request.hashes[0, :(len(tokens) - 1) //
-                                                          self.spec.page_size])
     ps = self.spec.page_size
     return Admission(seq, (int(plan.matched) + int(plan.promoted)) * ps, int(plan.num_new), slots,
                      int(plan.promoted) * ps)
@@ -295,7 +296,7 @@ class CacheManager(RetentionMixin, ManagerCore):
     if not done:
       raise RuntimeError("jaxpaged bug: a planned admission was refused by the device")
     promoted = [b for i, b in blocks if plan.matched <= i < plan.matched + plan.promoted]
-    from_disk = sum(("block", b.key) not in self.store for b in promoted)
+    from_disk = sum(b.key in self.host.read_from_disk for b in promoted)
     self.counters["disk_hit_blocks"] += from_disk
     self.counters["disk_hit_tokens"] += from_disk * self.spec.page_size
     if held:
