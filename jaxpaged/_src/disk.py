@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -132,8 +133,13 @@ class DiskLayout:
   block_hash: str
   model: str
 
+  @functools.cached_property
+  def fields(self) -> dict[str, Any]:
+    """The layout as a dict, as block headers hold it (computed once: every read compares it)."""
+    return dataclasses.asdict(self)
+
   def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+    return json.dumps(self.fields, sort_keys=True, separators=(",", ":"))
 
   @property
   def digest(self) -> str:
@@ -172,7 +178,7 @@ def encode_block(block: CachedBlock, layout: DiskLayout, spec: CacheSpec) -> lis
     specs.append(dict(name=name, dtype=x.dtype.name, shape=list(x.shape), offset=offset))
     offset = _aligned(offset + x.nbytes)
   header = json.dumps(dict(key=block.key, salt=block.salt, num_tokens=len(block.tokens),
-                           layout=dataclasses.asdict(layout), arrays=specs),
+                           layout=layout.fields, arrays=specs),
                       sort_keys=True).encode()
   header += b" " * (_aligned(len(header)) - len(header))
   chunks = [header]
@@ -211,7 +217,7 @@ def decode_block(data: bytes | bytearray | memoryview, layout: DiskLayout,
     raise _Corrupt("checksum mismatch")
   try:
     header = json.loads(bytes(body[:header_len]))
-    if header["layout"] != dataclasses.asdict(layout):
+    if header["layout"] != layout.fields:
       raise _Corrupt("another layout")
     expected = [("tokens", None, np.dtype(np.int32))] + _arrays_of(spec)
     arrays, payload = {}, body[header_len:]
@@ -503,7 +509,7 @@ class DiskStore:
           return None
         header = json.loads(f.read(header_len))
         first = header["arrays"][0]
-        if (header["layout"] != dataclasses.asdict(self.layout) or first["name"] != "tokens"
+        if (header["layout"] != self.layout.fields or first["name"] != "tokens"
             or first["dtype"] != "int32"):
           return None
         f.seek(_PREFIX.size + header_len + first["offset"])
