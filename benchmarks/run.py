@@ -23,6 +23,7 @@ from benchmarks import bench_quant
 from benchmarks import bench_routing
 from benchmarks import bench_serve
 from benchmarks import bench_tier
+from benchmarks import bench_waste
 from benchmarks import harness
 
 BENCHMARKS = {
@@ -38,6 +39,7 @@ BENCHMARKS = {
     "quant": bench_quant.run,
     "compress": bench_compress.run,
     "disk": bench_disk.run,
+    "waste": bench_waste.run,
 }
 
 
