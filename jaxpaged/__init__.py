@@ -9,6 +9,8 @@ from jaxpaged._src.compress import KeyNorm
 from jaxpaged._src.compress import StreamingLLM
 from jaxpaged._src.compress import check_compress
 from jaxpaged._src.compress import compress
+from jaxpaged._src.defrag import defragment
+from jaxpaged._src.defrag import resize
 from jaxpaged._src.disk import DiskError
 from jaxpaged._src.disk import DiskLayout
 from jaxpaged._src.disk import DiskStore
@@ -121,6 +123,7 @@ __all__ = (
     "check_match_prefix",
     "collectives",
     "compress",
+    "defragment",
     "demote_blocks",
     "extend",
     "fork",
@@ -141,6 +144,7 @@ __all__ = (
     "promote_blocks",
     "ragged_paged_attention",
     "release",
+    "resize",
     "shard_view",
     "reset_prefix_cache",
     "replay_events",

@@ -3,6 +3,7 @@
 import contextlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -133,3 +134,43 @@ def assert_usage_error(capsys, script: str, argv, message: str):
   assert exit_.value.code == 2
   err = capsys.readouterr().err
   assert err.startswith("usage: ") and f"error: {message}\n" in err and "Traceback" not in err
+
+
+def check_defragmented(old, new):
+  """``new = jaxpaged.defragment(old)`` (or a resize of it) against what defragmenting means:
+  the live pages are exactly ``[0, num_live)`` and the free stack the rest, each page table entry
+  was renamed by one bijection (so shared pages stay shared), reference counts and cached
+  blocks followed their pages, and every sequence reads bit-identical K/V and attention."""
+  import jaxpaged as jp
+  num_live = old.spec.num_pages - int(old.num_free)
+  assert new.spec.num_pages - int(new.num_free) == num_live
+  free = np.asarray(new.free_pages)[:int(new.num_free)].tolist()
+  assert sorted(free) == list(range(num_live, new.spec.num_pages))
+  before, after = np.asarray(old.page_table), np.asarray(new.page_table)
+  np.testing.assert_array_equal(before >= 0, after >= 0)
+  pairs = set(zip(before[before >= 0].tolist(), after[after >= 0].tolist()))
+  assert len({a for a, _ in pairs}) == len(pairs) == len({b for _, b in pairs})  # a bijection
+  assert all(b < num_live for _, b in pairs)
+  new_of_old = dict(pairs)
+  old_refs, new_refs = np.asarray(old.ref_counts), np.asarray(new.ref_counts)
+  for a, b in pairs:
+    assert old_refs[a] == new_refs[b]
+  if old.prefix is not None:
+    keys = lambda c: sorted(jp.block_key(h) for h in np.asarray(c.prefix.page_hash)[
+        np.asarray(c.prefix.page_cached)])
+    assert keys(old) == keys(new)  # the same cached blocks
+    for a, b in pairs:
+      assert bool(old.prefix.page_cached[a]) == bool(new.prefix.page_cached[b])
+  lens = np.asarray(old.seq_lens)
+  np.testing.assert_array_equal(lens, np.asarray(new.seq_lens))
+  live = np.flatnonzero(lens > 0)
+  for layer in range(old.spec.num_layers):
+    for s in live:
+      for x, y in zip(jp.gather_kv(old, layer, int(s)), jp.gather_kv(new, layer, int(s))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  if len(live):
+    spec = old.spec
+    q = jax.random.normal(jax.random.key(0), (len(live), spec.num_kv_heads, spec.head_dim))
+    ids = jnp.asarray(live, jnp.int32)
+    np.testing.assert_array_equal(np.asarray(jp.paged_attention(q, old, 0, ids)),
+                                  np.asarray(jp.paged_attention(q, new, 0, ids)))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import jaxpaged as jp
-from tests.helpers import key_values
+from tests.helpers import check_defragmented, key_values
 
 SPEC = jp.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=2, page_size=3, num_pages=9,
                     max_seqs=5, max_pages_per_seq=4)
@@ -234,6 +234,13 @@ class PagedCacheMachine(RuleBasedStateMachine):
 
   @precondition(lambda self: len(self._used_pages()) >= SPEC.num_pages - 1)
   @rule()
+  def defragment(self):
+    old, before = self.cache, self._snapshot()
+    self.cache = jp.defragment(old)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, old), before)
+    check_defragmented(old, self.cache)
+
+  @rule()
   def release_everything_leaks_nothing(self):
     self.cache = jp.release(self.cache, jnp.arange(SPEC.max_seqs, dtype=jnp.int32))
     self.pages = {s: [] for s in self.pages}
@@ -287,6 +294,7 @@ TestPagedCache = PagedCacheMachine.TestCase
 PREFIX_SPEC = dict(num_layers=2, num_kv_heads=1, head_dim=2, page_size=4, num_pages=14,
                    max_seqs=4, max_pages_per_seq=7, prefix_caching=True)
 PROMPT_WIDTH, EXTEND_ROWS, EXTEND_SLOTS = 24, 2, 6
+RESIZE_BY = 6  # the resize rule moves between num_pages and num_pages + this
 HOST_BLOCKS = 6  # the host tier of demoted blocks holds this many
 SALTS = [0, 0, 1, 1 << 32]  # 1 << 32 would share pages with 0 if salts were truncated
 # Shared prefixes, and blocks that repeat within and across prompts after different prefixes.
@@ -454,6 +462,32 @@ class PrefixCacheMachine(RuleBasedStateMachine):
   def release(self, seq):
     self.cache = jp.release(self.cache, jnp.array([seq]))
     self.tokens[seq], self.salts[seq] = [], 0
+
+  @rule()
+  def defragment(self):
+    old, before = self.cache, self._snapshot()
+    self.cache = jp.defragment(old)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, old), before)
+    check_defragmented(old, self.cache)
+
+  @rule(bigger=st.booleans())
+  def resize(self, bigger):
+    """Between two sizes (two compiled specs): growing always fits; shrinking fits only when
+    the live pages do, else it is refused and changes nothing."""
+    size = PREFIX_SPEC["num_pages"] + (RESIZE_BY if bigger else 0)
+    old, before = self.cache, self._snapshot()
+    live = self.spec.num_pages - int(old.num_free)
+    if live > size:
+      with pytest.raises(jp.JaxPagedError, match="cannot hold the"):
+        jp.resize(old, size)
+      jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, old), before)
+      return
+    self.cache = jp.resize(old, size)
+    event(f"resize to {size}")
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, old), before)
+    self.spec = self.cache.spec
+    assert self.spec.num_pages == size and self.spec.max_cached_blocks == size
+    check_defragmented(old, self.cache)
 
   @rule()
   def reset(self):

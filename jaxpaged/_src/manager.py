@@ -40,6 +40,7 @@ import numpy as np
 from jaxpaged._src import admission as steps_admit
 from jaxpaged._src import checks
 from jaxpaged._src import compress as compress_lib
+from jaxpaged._src import defrag
 from jaxpaged._src import disk
 from jaxpaged._src import manager_steps as steps
 from jaxpaged._src import planning
@@ -570,6 +571,54 @@ class CacheManager(RetentionMixin, ManagerCore):
     self._update_pressure()
     return dict(pages_freed=freed, bytes_freed=freed * self.spec.page_bytes,
                 blocks_demoted=self.counters["demoted_blocks"] - before)
+
+  def defragment(self) -> dict:
+    """Moves the live pages (in use, or holding cached blocks) to the lowest page ids
+    (`jaxpaged.defragment`, in this manager's own donating step): outputs are unchanged, and
+    the free pages are the pool's tail, which `resize` can give back.
+
+    Returns ``{"pages_moved", "live_pages"}``.
+
+    >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+    ...                  max_seqs=4, max_pages_per_seq=4)
+    >>> manager = CacheManager(spec)
+    >>> first, second = manager.admit([1] * 8), manager.admit([2] * 4)
+    >>> manager.release([first.seq_id])
+    >>> manager.defragment()
+    {'pages_moved': 1, 'live_pages': 1}
+    """
+    moved = int(defrag.moves(self.cache)[2])
+    self._cache, new_of_old = steps.defragment_step(self.cache)
+    self.retention.rename_pages(np.asarray(new_of_old))
+    self._update_pressure()
+    return dict(pages_moved=moved, live_pages=self.spec.num_pages - int(self.cache.num_free))
+
+  def resize(self, num_pages: int) -> None:
+    """Grows the device pool to ``num_pages`` pages, or shrinks it to that when its live pages
+    fit (`jaxpaged.resize`: defragments first), so a server gives memory back or takes more
+    without a restart. The manager's spec becomes `jaxpaged.resize`'s; a default
+    ``max_pinned_pages`` (half the pool) follows. Jitted steps compile once for the new spec.
+
+    Raises:
+      JaxPagedError: the live pages do not fit in ``num_pages`` (nothing changed; `gc` first
+        moves unused cached blocks to host RAM).
+
+    >>> spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, num_pages=8,
+    ...                  max_seqs=4, max_pages_per_seq=4)
+    >>> manager = CacheManager(spec)
+    >>> request = manager.admit([1] * 6)
+    >>> manager.resize(4); manager.stats()["total_pages"], manager.stats()["free_pages"]
+    (4, 2)
+    """
+    old = self.spec.num_pages
+    new, new_of_old = defrag.resize_core(self.cache, num_pages)
+    self.retention.rename_pages(new_of_old)
+    r = self.retention
+    if r.max_pinned_pages == old // 2:
+      r.max_pinned_pages = new.spec.num_pages // 2
+    self.spec = r.spec = new.spec
+    self._cache = new
+    self._update_pressure()
 
   # --------------------------------------------------------------------------- compression
 

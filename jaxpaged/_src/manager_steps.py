@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpaged._src import defrag
 from jaxpaged._src import compress as compress_lib
 from jaxpaged._src import transfer
 from jaxpaged._src.allocator import extend_core, extend_plan, release_core
@@ -57,6 +58,8 @@ def _make_room(cache, released, victims):
 
 
 room_step = jax.jit(_make_room, donate_argnames=("cache",))
+# `jaxpaged.defragment` in place: ``(cache, new_of_old)``.
+defragment_step = jax.jit(defrag.defragment_core, donate_argnums=0)
 room_step.__doc__ = "Releases ``released``, then evicts ``victims`` (demoted already)."
 
 

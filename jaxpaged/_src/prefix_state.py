@@ -40,6 +40,12 @@ from jaxpaged._src import table
 STATS = ("lookup_blocks", "hit_blocks", "lookup_tokens", "hit_tokens", "evictions",
          "registered", "not_registered", "duplicate_blocks")
 STAT = {name: i for i, name in enumerate(STATS)}
+# The PrefixState fields indexed by page (leading axis num_pages): what follows a page that
+# `jaxpaged.defragment` moves; of them, the ones whose values are page ids.
+PAGE_FIELDS = ("page_hash", "page_tokens", "page_salt", "page_parent", "page_parent_gen",
+               "page_gen", "page_cached", "page_last_use", "page_depth", "page_written",
+               "page_priority", "page_priority_gen")
+PAGE_ID_FIELDS = ("page_parent",)
 # page_parent of a first block, and of a block whose prefix is not registered (never matched).
 NO_PARENT, UNLINKED = -1, -2
 _RESOLVE = -3  # register_blocks: a row's parent not looked up yet

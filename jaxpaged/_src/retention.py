@@ -396,6 +396,13 @@ class Retention:
     self._sync_host()
     return pin
 
+  def rename_pages(self, new_of_old) -> None:
+    """The device pins follow pages `jaxpaged.defragment` moved (``new_of_old[page]``)."""
+    self.pins = {k: [dataclasses.replace(p, pages=tuple(int(new_of_old[q]) for q in p.pages))
+                     for p in v] for k, v in self.pins.items()}
+    self.device_pins = collections.Counter(
+        {int(new_of_old[q]): n for q, n in self.device_pins.items()})
+
   def check_bounds(self, pages, ram, disk) -> None:
     """Raises if pinning these would pass a bound (nothing changed)."""
     new_pages = len(set(pages) - set(self.device_pins))
