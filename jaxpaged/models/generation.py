@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import os
 import time
+import weakref
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -81,21 +82,26 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float,
                    donate_argnames=("cache",))
 def _decode_steps(params, cache, seq_ids, tokens, done, budget, eos_id, key, *, config, steps,
                   temperature, top_p, impl):
-  """``steps`` decode steps. A row is done once it produced ``eos_id`` or spent its ``budget``
-  of new tokens; done rows are padding. Returns each step's new tokens (-1 for done rows)."""
-  def step(carry, _):
-    cache, tokens, done, budget, key = carry
+  """Up to ``steps`` decode steps: it stops early once every row is done (a row is done once it
+  produced ``eos_id`` or spent its ``budget`` of new tokens; done rows are padding), so no step
+  runs on padding alone. Returns each step's new tokens (-1 for done rows and steps not run)."""
+  def step(carry):
+    i, cache, tokens, done, budget, key, new, ok = carry
     key, subkey = jax.random.split(key)
-    cache, logits, ok = forward(params, cache, tokens, jnp.where(done, -1, seq_ids),
-                                jnp.ones_like(seq_ids), config=config, decode=True, impl=impl)
-    new = jnp.where(done, -1, sample(logits, subkey, temperature=temperature, top_p=top_p))
+    cache, logits, step_ok = forward(params, cache, tokens, jnp.where(done, -1, seq_ids),
+                                     jnp.ones_like(seq_ids), config=config, decode=True,
+                                     impl=impl)
+    sampled = jnp.where(done, -1, sample(logits, subkey, temperature=temperature, top_p=top_p))
     budget = budget - jnp.where(done, 0, 1)
-    done = done | (new == eos_id) | (budget <= 0)
-    return (cache, jnp.where(new >= 0, new, tokens), done, budget, key), (new, ok)
+    done = done | (sampled == eos_id) | (budget <= 0)
+    return (i + 1, cache, jnp.where(sampled >= 0, sampled, tokens), done, budget, key,
+            new.at[i].set(sampled), ok & step_ok)
 
-  (cache, tokens, done, budget, key), (new, oks) = jax.lax.scan(
-      step, (cache, tokens, done, budget, key), None, length=steps)
-  return cache, tokens, done, budget, key, new, jnp.all(oks)
+  new = jnp.full((steps, seq_ids.shape[0]), -1, jnp.int32)
+  _, cache, tokens, done, budget, key, new, ok = jax.lax.while_loop(
+      lambda carry: (carry[0] < steps) & ~jnp.all(carry[3]), step,
+      (jnp.int32(0), cache, tokens, done, budget, key, new, jnp.bool_(True)))
+  return cache, tokens, done, budget, key, new, ok
 
 
 @dataclasses.dataclass
@@ -223,6 +229,7 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
   store, from_disk = None, [0]
   if disk_cache is not None:  # (checked before anything runs)
     store = open_disk_cache(disk_cache, disk_bytes, _cache_spec(config, plan), params, config)
+  params = fused_params(params)
   cache, num_pages = _new_cache(config, plan)
   if store is not None:
     cache, from_disk = jp.load_prefixes(cache, store, plan.prompts)
@@ -235,6 +242,38 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
                     sum(max(len(p) - 1, 0) for p in produced),  # the first ones: from prefill
                     peak_pages, num_pages, len(plan.prompts), int(first.cached.sum()),
                     sum(from_disk))
+
+
+_FUSED_MEMO: list = []  # [(weak references to the params' layer weights, their fused copy)]
+
+
+def fused_params(params: Params) -> Params:
+  """`jaxpaged.models.llama.fuse_layers` of ``params``, made once: the copy of the most recent
+  params is kept (as long as they live) and returned again for the same weight arrays, so
+  repeated `generate` calls on one model fuse its weights once.
+
+  >>> config = LlamaConfig(vocab_size=64, hidden=32, num_layers=1, num_heads=2, num_kv_heads=1,
+  ...                      ffn=64)
+  >>> params = llama.random_params(config)
+  >>> a, b = fused_params(params)["layers"], fused_params(params)["layers"]
+  >>> a["wqkv"] is b["wqkv"], a["wo"] is params["layers"]["wo"]  # fused once; the rest shared
+  (True, True)
+  """
+  layers = params["layers"]
+  if "wqkv" in layers:
+    return params
+  leaves = [layers[name] for name in sorted(layers)]
+  if _FUSED_MEMO:
+    refs, fused_layers = _FUSED_MEMO[0]
+    if len(refs) == len(leaves) and all(r() is a for r, a in zip(refs, leaves)):
+      return {**params, "layers": fused_layers}
+  fused = llama.fuse_layers(params)
+  try:
+    refs = [weakref.ref(a) for a in leaves]
+  except TypeError:  # (NumPy arrays and the like: fuse each time)
+    return fused
+  _FUSED_MEMO[:] = [(refs, fused["layers"])]
+  return fused
 
 
 def open_disk_cache(disk_cache: Any, disk_bytes: Any, spec: jp.CacheSpec, params: Params,

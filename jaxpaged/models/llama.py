@@ -186,6 +186,70 @@ def random_params(config: LlamaConfig, seed: int = 0) -> Params:
   return params
 
 
+_FUSED = "wqkv"  # a key only `fuse_layers`' layout has
+
+
+def fused_layer_shapes(config: LlamaConfig) -> dict[str, Any]:
+  """``params["layers"]``'s shapes after `fuse_layers`: ``wqkv`` is wq, wk and wv side by side
+  (``[layers, hidden, hidden + 2 * kv heads * head size]``), ``w_gate_up`` w_gate and w_up
+  (``[layers, hidden, 2 * ffn]``).
+
+  >>> config = LlamaConfig(vocab_size=64, hidden=32, num_layers=2, num_heads=4, num_kv_heads=2,
+  ...                      ffn=48)
+  >>> shapes = fused_layer_shapes(config)
+  >>> shapes["wqkv"], shapes["w_gate_up"]
+  ((2, 32, 64), (2, 32, 96))
+  """
+  layers = dict(param_shapes(config)["layers"])
+  num_layers, hidden = config.num_layers, config.hidden
+  for name in ("wq", "wk", "wv", "w_gate", "w_up"):
+    del layers[name]
+  layers["wqkv"] = (num_layers, hidden, hidden + 2 * config.num_kv_heads * config.head_dim)
+  layers["w_gate_up"] = (num_layers, hidden, 2 * config.ffn)
+  return layers
+
+
+@jax.jit
+def _concatenate(*weights):
+  return jnp.concatenate(weights, axis=-1)
+
+
+def _fuse(layers):
+  fused = {name: w for name, w in layers.items()
+           if name not in ("wq", "wk", "wv", "w_gate", "w_up")}
+  fused["wqkv"] = _concatenate(layers["wq"], layers["wk"], layers["wv"])
+  fused["w_gate_up"] = _concatenate(layers["w_gate"], layers["w_up"])
+  return fused
+
+
+def fuse_layers(params: Params) -> Params:
+  """``params`` with each layer's Q, K and V projections concatenated into one matrix
+  (``wqkv``) and the MLP's gate and up projections into another (``w_gate_up``): `forward`
+  then runs 4 matrix products a layer instead of 7, the same products column for column.
+  Measured on XLA:CPU (2 cores, SmolLM2-135M's shapes, 30 layers): 0.6x the time of the
+  separate products at batch 1 and 8, 0.78x at batch 32 (fewer, wider dots). A copy of
+  those weights (about 2/3 of a layer's); `jaxpaged.models.generation.generate` makes it once
+  per params and reuses it.
+
+  >>> config = LlamaConfig(vocab_size=64, hidden=32, num_layers=1, num_heads=2, num_kv_heads=1,
+  ...                      ffn=64)
+  >>> params = random_params(config)
+  >>> fused = fuse_layers(params)
+  >>> sorted(fused["layers"]), fused["layers"]["wqkv"].shape
+  (['attn_norm', 'ffn_norm', 'w_down', 'w_gate_up', 'wo', 'wqkv'], (1, 32, 64))
+  >>> cache = init_cache(config.cache_spec(num_pages=4, max_seqs=1, max_seq_len=8, page_size=4))
+  >>> a = forward(params, cache, jnp.array([1, 2]), jnp.array([0]), jnp.array([2]),
+  ...             config=config, decode=False)[1]
+  >>> b = forward(fused, cache, jnp.array([1, 2]), jnp.array([0]), jnp.array([2]),
+  ...             config=config, decode=False)[1]
+  >>> bool(jnp.allclose(a, b, rtol=1e-5, atol=1e-4))
+  True
+  """
+  if _FUSED in params["layers"]:
+    return params
+  return {**params, "layers": _fuse(dict(params["layers"]))}
+
+
 def check_params(params: Any, config: LlamaConfig) -> None:
   """Whether ``params`` has every weight, with the shapes ``config`` implies.
 
@@ -198,6 +262,10 @@ def check_params(params: Any, config: LlamaConfig) -> None:
   jaxpaged._src.spec.JaxPagedError: params['embed'] is missing; ...
   """
   fix = "pass the params and config that belong together (jaxpaged.models.gguf.load returns both)"
+  expected = param_shapes(config)
+  if isinstance(params, collections.abc.Mapping) and isinstance(
+      params.get("layers"), collections.abc.Mapping) and _FUSED in params["layers"]:
+    expected["layers"] = fused_layer_shapes(config)  # `fuse_layers`' layout
 
   def walk(tree, expected, path):
     if not isinstance(tree, collections.abc.Mapping):
@@ -216,7 +284,7 @@ def check_params(params: Any, config: LlamaConfig) -> None:
             f"{config.vocab_size}, hidden {config.hidden}, {config.num_layers} layers, "
             f"{config.num_heads}/{config.num_kv_heads} heads, ffn {config.ffn}) needs {shape}; "
             f"{fix}.")
-  walk(params, param_shapes(config), "params")
+  walk(params, expected, "params")
 
 
 def check_tokens(name: str, tokens: Any, vocab_size: int, *, allow_empty: bool = False,
@@ -416,9 +484,7 @@ def _layer(carry, weights, *, config, positions, slots, seq_ids, q_lens, decode,
   num_tokens, head_dim = x.shape[0], config.head_dim
   reduce = (lambda y: y) if tp_axis is None else (lambda y: jax.lax.psum(y, tp_axis))
   h = rms_norm(x, weights["attn_norm"], config.norm_eps)
-  q = (h @ weights["wq"]).reshape(num_tokens, -1, head_dim)
-  k = (h @ weights["wk"]).reshape(num_tokens, -1, head_dim)
-  v = (h @ weights["wv"]).reshape(num_tokens, -1, head_dim)
+  q, k, v = (a.reshape(num_tokens, -1, head_dim) for a in _qkv(h, weights, config))
   q, k = rope(q, positions, config.rope_theta), rope(k, positions, config.rope_theta)
   if isinstance(cache, jp.PagedKVCache):
     store = k.dtype if cache.spec.quantized else cache.spec.dtype  # 8-bit: write_kv quantizes
@@ -429,10 +495,36 @@ def _layer(carry, weights, *, config, positions, slots, seq_ids, q_lens, decode,
       attn = jp.ragged_paged_attention(q, cache, index, seq_ids, q_lens, impl=impl)
   else:
     cache, attn = _dense_write_and_attend(cache, index, q, k, v, seq_ids, q_lens, positions)
-  x = x + reduce(attn.reshape(num_tokens, -1).astype(dtype) @ weights["wo"])
+  x = x + reduce(_output(attn.reshape(num_tokens, -1).astype(dtype), weights))
   h = rms_norm(x, weights["ffn_norm"], config.norm_eps)
-  x = x + reduce((jax.nn.silu(h @ weights["w_gate"]) * (h @ weights["w_up"])) @ weights["w_down"])
+  x = x + reduce(_mlp(h, weights, config))
   return (x, cache, index + 1), None
+
+
+def _qkv(h, weights, config: LlamaConfig):
+  """A layer's Q, K and V projections of ``h [T, hidden]`` (``[T, width]`` each)."""
+  if _FUSED in weights:  # `fuse_layers`: one product for Q, K and V
+    qkv = h @ weights["wqkv"]
+    kv_width = (qkv.shape[1] - config.hidden) // 2
+    return (qkv[:, :config.hidden], qkv[:, config.hidden:config.hidden + kv_width],
+            qkv[:, config.hidden + kv_width:])
+  return h @ weights["wq"], h @ weights["wk"], h @ weights["wv"]
+
+
+def _output(attn, weights):
+  """A layer's attention output projection of ``attn [T, heads * head size]``."""
+  return attn @ weights["wo"]
+
+
+def _mlp(h, weights, config: LlamaConfig):
+  """A layer's SwiGLU MLP of ``h [T, hidden]`` (one device's partial sum under tensor
+  parallelism)."""
+  if _FUSED in weights:  # one product for gate and up
+    gate_up = h @ weights["w_gate_up"]
+    gate, up = gate_up[:, :config.ffn], gate_up[:, config.ffn:]
+  else:
+    gate, up = h @ weights["w_gate"], h @ weights["w_up"]
+  return (jax.nn.silu(gate) * up) @ weights["w_down"]
 
 
 def _logits(params, x, q_lens, config: LlamaConfig) -> jax.Array:
