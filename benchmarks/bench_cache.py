@@ -8,11 +8,16 @@
 (d) what purity costs an eager caller: a decode step's extend + write_kv called eagerly (each
     call returns a new cache, so it copies the pools) against the same step jitted with the
     cache donated, on a SmolLM2-135M-sized pool.
+(e) defragment and resize (issue 18) on a SmolLM2-135M-sized pool with every other sequence
+    released: the donated defragment (only the pages above the line move) against a copy of the
+    whole pool, and resize (grow, and shrink back) against the same copy.
 """
 
 from __future__ import annotations
 
 import functools
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -254,7 +259,56 @@ def bench_eager_cost(quick):
   ]
 
 
+def bench_defragment(quick):
+  """(e): defragment (donated: pages move in place) and resize, against a whole-pool copy."""
+  layers, batch, tokens = 30, 24, 320
+  num_pages = batch * tokens // PAGE_SIZE + 32
+  spec = jp.CacheSpec(num_layers=layers, num_kv_heads=3, head_dim=64, page_size=PAGE_SIZE,
+                      num_pages=num_pages, max_seqs=batch, max_pages_per_seq=tokens // PAGE_SIZE)
+  full, _ = _prefilled(spec, batch, tokens)
+  fragmented = block(jp.release(full, jnp.arange(0, batch, 2, dtype=jnp.int32)))
+  from jaxpaged._src import defrag  # pylint: disable=g-import-not-at-top
+  moves = int(defrag.moves(fragmented)[2])
+  donated = jax.jit(lambda c: jp.defragment(c), donate_argnums=0)
+  copy_pools = jax.jit(lambda c: (c.k_pages + 0, c.v_pages + 0))
+  repeats = 5 if quick else 15
+  times = {"defragment (donated)": [], "copy of the whole pool": [], "resize: grow 1.5x": [],
+           "resize: shrink to the live pages": []}
+  live = num_pages - int(fragmented.num_free)
+  packed = block(jp.defragment(fragmented))
+  fns = {"defragment (donated)": lambda c: donated(c),
+         "copy of the whole pool": lambda c: copy_pools(c),
+         "resize: grow 1.5x": lambda c: jp.resize(c, num_pages * 3 // 2),
+         "resize: shrink to the live pages": lambda c: jp.resize(c, live)}
+  inputs = {"defragment (donated)": lambda: jax.tree.map(jnp.copy, fragmented),
+            "copy of the whole pool": lambda: fragmented, "resize: grow 1.5x": lambda: packed,
+            "resize: shrink to the live pages": lambda: packed}
+  for _ in range(2):  # compile
+    for name, fn in fns.items():
+      block(fn(block(inputs[name]())))
+  for _ in range(repeats):  # interleaved; a fresh fragmented copy per donated defragment
+    for name, fn in fns.items():
+      arg = block(inputs[name]())
+      start = time.perf_counter()
+      block(fn(arg))
+      times[name].append(time.perf_counter() - start)
+  ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+  pool_mb = 2 * np.prod(spec.pages_shape) * 4 / 2**20
+  page_mb = pool_mb / num_pages
+  what = f"pool {pool_mb:.0f} MiB, {num_pages} pages, {live} live, {moves} moved"
+  base = ms["copy of the whole pool"]
+  rows = [Row("defragment", f"{name}: {what}", t, "ms") for name, t in ms.items()]
+  return rows + [
+      Row("defragment", "defragment / whole-pool copy", ms["defragment (donated)"] / base, "x"),
+      Row("defragment", "defragment: GB/s of pages moved (read + write)",
+          2 * moves * page_mb / 1024 / (ms["defragment (donated)"] / 1e3), "GB/s"),
+      Row("defragment", "resize grow / whole-pool copy", ms["resize: grow 1.5x"] / base, "x"),
+      Row("defragment", "resize shrink / whole-pool copy",
+          ms["resize: shrink to the live pages"] / base, "x"),
+  ]
+
+
 def run(quick: bool = False) -> list[Row]:
   return (bench_pool_scaling(quick) + bench_pool_scaling(quick, prefix_caching=True)
           + bench_write_vs_dense(quick) + bench_allocator_throughput(quick)
-          + bench_eager_cost(quick))
+          + bench_eager_cost(quick) + bench_defragment(quick))

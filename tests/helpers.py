@@ -136,21 +136,28 @@ def assert_usage_error(capsys, script: str, argv, message: str):
   assert err.startswith("usage: ") and f"error: {message}\n" in err and "Traceback" not in err
 
 
-def check_defragmented(old, new):
-  """``new = jaxpaged.defragment(old)`` (or a resize of it) against what defragmenting means:
-  the live pages are exactly ``[0, num_live)`` and the free stack the rest, each page table entry
-  was renamed by one bijection (so shared pages stay shared), reference counts and cached
+def check_defragmented(old, new, *, packed=True):
+  """``new = jaxpaged.defragment(old)`` (or a `jaxpaged.resize` of it) against what that means:
+  the live pages are exactly ``[0, num_live)`` and the free stack the rest (``packed``; else,
+  a grown pool: no page moved and the free stack holds every other page), each page table
+  entry was renamed by one bijection (so shared pages stay shared), reference counts and cached
   blocks followed their pages, and every sequence reads bit-identical K/V and attention."""
   import jaxpaged as jp
   num_live = old.spec.num_pages - int(old.num_free)
   assert new.spec.num_pages - int(new.num_free) == num_live
   free = np.asarray(new.free_pages)[:int(new.num_free)].tolist()
-  assert sorted(free) == list(range(num_live, new.spec.num_pages))
+  if packed:
+    assert sorted(free) == list(range(num_live, new.spec.num_pages))
+  else:
+    np.testing.assert_array_equal(np.asarray(old.page_table), np.asarray(new.page_table))
+    old_free = np.asarray(old.free_pages)[:int(old.num_free)].tolist()
+    assert sorted(free) == sorted(old_free + list(range(old.spec.num_pages,
+                                                        new.spec.num_pages)))
   before, after = np.asarray(old.page_table), np.asarray(new.page_table)
   np.testing.assert_array_equal(before >= 0, after >= 0)
   pairs = set(zip(before[before >= 0].tolist(), after[after >= 0].tolist()))
   assert len({a for a, _ in pairs}) == len(pairs) == len({b for _, b in pairs})  # a bijection
-  assert all(b < num_live for _, b in pairs)
+  assert all(b < num_live for _, b in pairs) or not packed
   new_of_old = dict(pairs)
   old_refs, new_refs = np.asarray(old.ref_counts), np.asarray(new.ref_counts)
   for a, b in pairs:

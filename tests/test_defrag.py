@@ -81,7 +81,7 @@ def test_resize_grows_and_shrinks_keeping_blocks_and_outputs():
   _assert_same(old, before)
   assert big.spec.num_pages == 40 and big.spec.max_cached_blocks == 40
   assert big.spec.table_capacity == 128  # the default follows, and the table is rebuilt
-  check_defragmented(old, big)
+  check_defragmented(old, big, packed=False)  # growing moves no page
   assert int(jp.num_free_pages(big)) == int(jp.num_free_pages(old)) + 30
   live = 10 - int(old.num_free)
   small = jp.resize(big, live)

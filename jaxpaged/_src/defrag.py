@@ -12,8 +12,8 @@ table's entries. A page shared by several sequences is one page before and after
 pages stay shared, and every sequence reads the very same K/V: attention over the cache gives
 bit-identical outputs.
 
-`resize` changes the pool's size: it defragments, then grows the pool with free pages, or shrinks
-it when the live pages fit (else it refuses, changing nothing). The spec's derived sizes follow
+`resize` changes the pool's size: it grows the pool with free pages at its end (no page moves),
+or defragments and shrinks it when the live pages fit (else it refuses, changing nothing). The spec's derived sizes follow
 (``max_cached_blocks`` left at its default follows ``num_pages``; a default ``table_capacity``
 follows too, and the hash table is rebuilt). It changes array shapes, so it runs between steps,
 not inside a jitted loop: a server calls it to give memory back or to take more without a
@@ -33,7 +33,7 @@ from jaxpaged._src import checks
 from jaxpaged._src import sharding
 from jaxpaged._src import table
 from jaxpaged._src.cache import PagedKVCache, check_cache, init_cache, pools, with_pools
-from jaxpaged._src.prefix_state import PAGE_FIELDS, PAGE_ID_FIELDS
+from jaxpaged._src.prefix_state import PAGE_FIELDS, PAGE_ID_FIELDS, UNLINKED
 from jaxpaged._src.spec import JaxPagedError, next_pow2
 
 # Pages copied per loop trip of a defragmentation: the extra memory it needs (a few MiB at
@@ -162,8 +162,9 @@ def _fields(spec) -> dict:
 
 
 def resize(cache: PagedKVCache, num_pages: int) -> PagedKVCache:
-  """The same cache in a pool of ``num_pages`` pages: `defragment`, then the pool grows by free
-  pages or its free tail is cut off. The new spec is `resized_spec`.
+  """The same cache in a pool of ``num_pages`` pages: a growing pool gets free pages at its end
+  (no page moves); a shrinking one is defragmented, then its free tail is cut off. The new spec
+  is `resized_spec`.
 
   It changes array shapes, so call it between steps (not inside jit); it reads how many pages
   are live. Pure: the input is not changed. A growing pool is copied into a new one (XLA cannot
@@ -195,6 +196,10 @@ def resize_core(cache: PagedKVCache, num_pages: int) -> tuple[PagedKVCache, np.n
                         "laid out over its mesh: build a new one with init_sharded_cache and "
                         "the larger spec, or defragment it (jaxpaged.defragment works per shard).")
   spec = check_cache(cache)
+  if any(checks.is_traced(x) for x in jax.tree.leaves(cache)):
+    raise JaxPagedError("resize changes the pool's shape and reads how many pages are live, so "
+                        "it cannot run inside jax.jit (or another transformation): call it "
+                        "between jitted steps (jaxpaged.defragment is traceable).")
   num_pages = checks.count("num_pages", num_pages)
   if num_pages == 0:
     raise JaxPagedError("resize: num_pages must be at least 1, got 0; release the cache instead.")
@@ -205,7 +210,10 @@ def resize_core(cache: PagedKVCache, num_pages: int) -> tuple[PagedKVCache, np.n
         f"sequences or holding cached prefix blocks); release sequences or evict cached blocks "
         f"first (e.g. CacheManager.gc()), or resize to at least {num_live}.")
   new_spec = resized_spec(spec, num_pages)
-  packed, new_of_old = _defragment_jit(cache)
+  if num_pages >= spec.num_pages:  # growing: no page moves, the new ones are free
+    packed, new_of_old = cache, np.arange(spec.num_pages, dtype=np.int32)
+  else:
+    packed, new_of_old = _defragment_jit(cache)
   new, ok = _resize_jit(packed, new_spec)
   if not bool(ok):
     raise JaxPagedError(
@@ -216,8 +224,9 @@ def resize_core(cache: PagedKVCache, num_pages: int) -> tuple[PagedKVCache, np.n
 
 @functools.partial(jax.jit, static_argnums=1)
 def _resize_jit(cache, spec):
-  """A defragmented ``cache`` moved into a pool of ``spec.num_pages`` pages (at least its live
-  pages): ``(cache, ok)``, ``ok`` False if the rebuilt hash table could not take every cached
+  """``cache`` moved into a pool of ``spec.num_pages`` pages: a larger one (the new pages free,
+  handed out after the old free ones), or a smaller one when ``cache`` is defragmented and its
+  live pages fit: ``(cache, ok)``, ``ok`` False if the rebuilt hash table could not take every cached
   block."""
   old, new = cache.spec.num_pages, spec.num_pages
   keep = min(old, new)
@@ -227,18 +236,31 @@ def _resize_jit(cache, spec):
     index = (slice(None),) * axis + (slice(0, keep),)
     return fresh_x.at[index].set(x[index])
 
-  moved = {name: pages_into(getattr(fresh, name), pool, 2) for name, pool in pools(cache).items()}
+  def pool_of(pool):  # one pass over the new pool (a zero-fill then a copy would be two)
+    if new >= old:
+      return jnp.pad(pool, [(0, new - old) if axis == 2 else (0, 0) for axis in range(pool.ndim)])
+    return pool[:, :, :new]
+
+  moved = {name: pool_of(pool) for name, pool in pools(cache).items()}
   num_live = old - cache.num_free
   ids = jnp.arange(new, dtype=jnp.int32)
   out = dataclasses.replace(
       fresh, page_table=cache.page_table, seq_lens=cache.seq_lens,
       num_evicted=cache.num_evicted, ref_counts=pages_into(fresh.ref_counts, cache.ref_counts, 0),
-      free_pages=new - 1 - ids, num_free=new - num_live)
+      # Growing: the new pages go under the old free stack; shrinking: the packed free tail.
+      free_pages=(jnp.concatenate([jnp.arange(new - 1, old - 1, -1, dtype=jnp.int32),
+                                   cache.free_pages]) if new >= old else new - 1 - ids),
+      num_free=new - num_live)
   ok = jnp.bool_(True)
   if cache.prefix is not None:
     prefix, fresh_prefix = cache.prefix, fresh.prefix
     fields = {name: pages_into(getattr(fresh_prefix, name), getattr(prefix, name), 0)
               for name in PAGE_FIELDS}
+    # A link to a page cut off (free, so its block is gone) is unlinked: a grown pool's new
+    # pages restart at generation 0, and a link left pointing there could match a new block
+    # at the generation it recorded (serving K/V computed after another prefix).
+    for name in PAGE_ID_FIELDS:
+      fields[name] = jnp.where(fields[name] >= new, UNLINKED, fields[name])
     prefix = dataclasses.replace(prefix, **fields)
     if spec.table_capacity != cache.spec.table_capacity:
       lo, hi, pages, inserted = table.insert(

@@ -595,7 +595,7 @@ class CacheManager(RetentionMixin, ManagerCore):
 
   def resize(self, num_pages: int) -> None:
     """Grows the device pool to ``num_pages`` pages, or shrinks it to that when its live pages
-    fit (`jaxpaged.resize`: defragments first), so a server gives memory back or takes more
+    fit (`jaxpaged.resize`: defragments to shrink), so a server gives memory back or takes more
     without a restart. The manager's spec becomes `jaxpaged.resize`'s; a default
     ``max_pinned_pages`` (half the pool) follows. Jitted steps compile once for the new spec.
 
