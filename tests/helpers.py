@@ -136,6 +136,22 @@ def assert_usage_error(capsys, script: str, argv, message: str):
   assert err.startswith("usage: ") and f"error: {message}\n" in err and "Traceback" not in err
 
 
+def _cached_blocks(cache):
+  """Each cached page's block, page ids left out: hash, salt, tokens, depth, priority, last use,
+  written flags and, while the parent link holds (generations agree), the parent's block."""
+  p = jax.tree.map(np.asarray, cache.prefix)
+
+  def block(page):
+    parent = int(p.page_parent[page])
+    linked = parent >= 0 and p.page_parent_gen[page] == p.page_gen[parent]
+    return (tuple(p.page_hash[page]), tuple(p.page_salt[page]), tuple(p.page_tokens[page]),
+            int(p.page_depth[page]), int(p.page_last_use[page]), bool(p.page_written[page].all()),
+            int(np.where(p.page_priority_gen[page] == p.page_gen[page], p.page_priority[page], 0)),
+            block(parent) if linked else int(min(parent, 0)))
+
+  return [block(page) for page in np.flatnonzero(p.page_cached)]
+
+
 def check_defragmented(old, new, *, packed=True):
   """``new = jaxpaged.defragment(old)`` (or a `jaxpaged.resize` of it) against what that means:
   the live pages are exactly ``[0, num_live)`` and the free stack the rest (``packed``; else,
@@ -158,14 +174,12 @@ def check_defragmented(old, new, *, packed=True):
   pairs = set(zip(before[before >= 0].tolist(), after[after >= 0].tolist()))
   assert len({a for a, _ in pairs}) == len(pairs) == len({b for _, b in pairs})  # a bijection
   assert all(b < num_live for _, b in pairs) or not packed
-  new_of_old = dict(pairs)
   old_refs, new_refs = np.asarray(old.ref_counts), np.asarray(new.ref_counts)
   for a, b in pairs:
     assert old_refs[a] == new_refs[b]
   if old.prefix is not None:
-    keys = lambda c: sorted(jp.block_key(h) for h in np.asarray(c.prefix.page_hash)[
-        np.asarray(c.prefix.page_cached)])
-    assert keys(old) == keys(new)  # the same cached blocks
+    # The same cached blocks, each with its whole record and its chain of linked parents.
+    assert sorted(_cached_blocks(old)) == sorted(_cached_blocks(new))
     for a, b in pairs:
       assert bool(old.prefix.page_cached[a]) == bool(new.prefix.page_cached[b])
   lens = np.asarray(old.seq_lens)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxpaged as jp
-from jaxpaged.models import generation, gguf, llama
+from jaxpaged.models import gguf, llama
 from tests.helpers import check_defragmented, key_values, prefill_manager
 
 SMALL = dict(num_layers=2, num_kv_heads=1, head_dim=2, page_size=4, max_seqs=4,

@@ -50,6 +50,15 @@ def _distinct_ids(data, n, pool=range(SPEC.max_seqs)):
   return list(data.draw(st.permutations(list(pool)))[:n])
 
 
+def _defragmented(cache):
+  """`jaxpaged.defragment` of ``cache``, which it must leave as it was (`check_defragmented`)."""
+  before = jax.tree.map(np.asarray, cache)
+  new = jp.defragment(cache)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, cache), before)
+  check_defragmented(cache, new)
+  return new
+
+
 class Page:
   """A physical page as the model sees it: identity only."""
 
@@ -235,10 +244,7 @@ class PagedCacheMachine(RuleBasedStateMachine):
   @precondition(lambda self: len(self._used_pages()) >= SPEC.num_pages - 1)
   @rule()
   def defragment(self):
-    old, before = self.cache, self._snapshot()
-    self.cache = jp.defragment(old)
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, old), before)
-    check_defragmented(old, self.cache)
+    self.cache = _defragmented(self.cache)
 
   @rule()
   def release_everything_leaks_nothing(self):
@@ -465,10 +471,7 @@ class PrefixCacheMachine(RuleBasedStateMachine):
 
   @rule()
   def defragment(self):
-    old, before = self.cache, self._snapshot()
-    self.cache = jp.defragment(old)
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, old), before)
-    check_defragmented(old, self.cache)
+    self.cache = _defragmented(self.cache)
 
   @rule(bigger=st.booleans())
   def resize(self, bigger):

@@ -34,7 +34,7 @@ from jaxpaged._src import sharding
 from jaxpaged._src import table
 from jaxpaged._src.cache import PagedKVCache, check_cache, init_cache, pools, with_pools
 from jaxpaged._src.prefix_state import PAGE_FIELDS, PAGE_ID_FIELDS, UNLINKED
-from jaxpaged._src.spec import JaxPagedError, next_pow2
+from jaxpaged._src.spec import JaxPagedError
 
 # Pages copied per loop trip of a defragmentation: the extra memory it needs (a few MiB at
 # typical sizes), whatever the pool's size.
