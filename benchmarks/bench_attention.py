@@ -5,6 +5,8 @@ pages in random order: GB/s of K/V read; that as a fraction of this machine's st
 bandwidth (the faster of a NumPy and a jitted jnp sum over the same bytes, same run); and paged
 time over the best dense contiguous-cache attention in XLA (the fastest of three layouts /
 contractions, same tokens, same run). Repeated at bfloat16 and at 32k tokens for one sequence.
+Then one interleaved run of the paged contenders alone, for the ratios the issue's targets name:
+page_size 16 / 64, bfloat16 / float32 and int8 / float32 time for the same tokens.
 """
 
 from __future__ import annotations
@@ -39,6 +41,54 @@ def _dense_variants(batch):
           jnp.einsum("bhsd,bhgd->bhsg", k, q, **f32), -1, -2)),
       "dense K^T [B,H,D,S]": (True, lambda q, k: jnp.einsum("bhgd,bhds->bhgs", q, k, **f32)),
   }, attend
+
+
+def _paged_case(*, batch, tokens, dtype, page_size):
+  """A one-layer cache of ``batch`` sequences of ``tokens`` random K/V (written through
+  `write_kv`: 8-bit pools quantize per token) on pages in random order, a query and the ids."""
+  spec = jp.CacheSpec(num_layers=1, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                      page_size=page_size, num_pages=batch * tokens // page_size,
+                      max_seqs=batch, max_pages_per_seq=tokens // page_size, dtype=dtype)
+  rng = np.random.default_rng(0)
+  cache = jp.init_cache(spec)
+  cache = dataclasses.replace(cache, free_pages=jnp.asarray(  # pages in random order
+      rng.permutation(spec.num_pages).astype(np.int32)))
+  ids = jnp.arange(batch, dtype=jnp.int32)
+  cache, slots, ok = jp.extend(cache, ids, jnp.full((batch,), tokens, jnp.int32),
+                               num_slots=batch * tokens)
+  assert bool(ok)
+  key = jax.random.split(jax.random.key(0), 3)
+  store = jnp.float32 if spec.quantized else dtype
+  shape = (batch * tokens, KV_HEADS, HEAD_DIM)
+  cache = jax.jit(jp.write_kv, donate_argnums=0)(
+      cache, 0, jax.random.normal(key[0], shape, store), jax.random.normal(key[1], shape, store),
+      slots)
+  q = jax.random.normal(key[2], (batch, Q_HEADS, HEAD_DIM), store)
+  return cache, q, ids
+
+
+def _ratio_rows(*, batch, tokens, repeats) -> list[Row]:
+  """Paged decode attention alone, interleaved in one run: page_size 16 / 64 (float32), and
+  bfloat16 / float32 and int8 / float32 (page_size 64), the same tokens."""
+  paged = jax.jit(functools.partial(jp.paged_attention, impl="xla"))
+  cases = {"f32": (jnp.float32, 64), "f32 page_size 16": (jnp.float32, 16),
+           "bf16": (jnp.bfloat16, 64), "int8": (jnp.int8, 64)}
+  contenders = {}
+  for label, (dtype, page_size) in cases.items():
+    cache, q, ids = _paged_case(batch=batch, tokens=tokens, dtype=dtype, page_size=page_size)
+    contenders[label] = functools.partial(lambda c, q, i: block(paged(q, c, 0, i)), cache, q, ids)
+  times = median_times_interleaved(contenders, repeats=repeats)
+  where = f"B{batch} x {tokens // 1024}k tokens"
+  ratio = lambda a, b: times[a] / times[b]
+  return [
+      Row("decode-attention", f"{where}: page_size 16 / page_size 64 time (f32)",
+          ratio("f32 page_size 16", "f32"), "x", "<= 1.2",
+          ratio("f32 page_size 16", "f32") <= 1.2),
+      Row("decode-attention", f"{where}: bf16 / f32 time (page_size 64)", ratio("bf16", "f32"),
+          "x", "<= 1", ratio("bf16", "f32") <= 1),
+      Row("decode-attention", f"{where}: int8 / f32 time (page_size 64)", ratio("int8", "f32"),
+          "x", "<= 1", ratio("int8", "f32") <= 1),
+  ]
 
 
 def _decode_case(label, *, batch, tokens, dtype, page_size, repeats):
@@ -107,4 +157,5 @@ def run(quick: bool = False) -> list[Row]:
                        repeats=repeats)
   rows += _decode_case("f32 32k tokens, 1 sequence", batch=1, tokens=32768, dtype=jnp.float32,
                        page_size=64, repeats=repeats)
+  rows += _ratio_rows(batch=8, tokens=2048, repeats=repeats)
   return rows
