@@ -99,7 +99,7 @@ def test_resize_grows_and_shrinks_keeping_blocks_and_outputs():
 
 def test_resize_keeps_set_sizes_and_refuses_what_does_not_fit():
   spec = jp.CacheSpec(num_pages=16, table_capacity=256, max_cached_blocks=6, **SMALL)
-  manager = jp.CacheManager(spec)
+  manager = jp.CacheManager(spec, max_pinned_pages=10)
   prefill_manager(manager, list(range(20)))
   old, before = manager.cache, _snapshot(manager.cache)
   grown = jp.resize(old, 24)
@@ -113,6 +113,8 @@ def test_resize_keeps_set_sizes_and_refuses_what_does_not_fit():
   _assert_same(old, before)
   with pytest.raises(jp.JaxPagedError, match="PagedKVCache"):
     jp.defragment("not a cache")
+  manager.resize(5)  # a set pin bound is capped at the pool
+  assert (manager.spec.num_pages, manager.retention.max_pinned_pages) == (5, 5)
   mesh = jp.make_mesh(1, 1)
   with pytest.raises(jp.JaxPagedError, match="ShardedCache"):
     jp.resize(jp.init_sharded_cache(spec, mesh), 8)

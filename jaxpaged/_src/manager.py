@@ -597,7 +597,8 @@ class CacheManager(RetentionMixin, ManagerCore):
     """Grows the device pool to ``num_pages`` pages, or shrinks it to that when its live pages
     fit (`jaxpaged.resize`: defragments to shrink), so a server gives memory back or takes more
     without a restart. The manager's spec becomes `jaxpaged.resize`'s; a default
-    ``max_pinned_pages`` (half the pool) follows. Jitted steps compile once for the new spec.
+    ``max_pinned_pages`` (half the pool) follows, a set one is capped at the new size. Jitted
+    steps compile once for the new spec.
 
     Raises:
       JaxPagedError: the live pages do not fit in ``num_pages`` (nothing changed; `gc` first
@@ -614,8 +615,8 @@ class CacheManager(RetentionMixin, ManagerCore):
     new, new_of_old = defrag.resize_core(self.cache, num_pages)
     self.retention.rename_pages(new_of_old)
     r = self.retention
-    if r.max_pinned_pages == old // 2:
-      r.max_pinned_pages = new.spec.num_pages // 2
+    r.max_pinned_pages = (new.spec.num_pages // 2 if r.max_pinned_pages == old // 2
+                          else min(r.max_pinned_pages, new.spec.num_pages))
     self.spec = r.spec = new.spec
     self._cache = new
     self._update_pressure()
