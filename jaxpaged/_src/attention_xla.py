@@ -117,6 +117,19 @@ def _gather_view(pool: jax.Array, c) -> tuple[jax.Array, jnp.dtype | None]:
   return pool, None
 
 
+def _from_bits(bits: jax.Array, dtype) -> jax.Array:
+  """Gathered unsigned-int bits (`_gather_view`) as ``dtype``'s values; fp8 straight to float32
+  through float16 (exact; XLA:CPU converts fp8 elementwise in software, float16 in hardware)."""
+  if dtype == jnp.float8_e5m2:  # the top byte of a float16
+    return jax.lax.bitcast_convert_type(bits.astype(jnp.uint16) << 8,
+                                        jnp.float16).astype(jnp.float32)
+  if dtype == jnp.float8_e4m3fn:  # s.eeee.mmm -> float16 s.0eeee.mmm0000000, times 2^(15 - 7)
+    u = bits.astype(jnp.uint16)
+    half = jax.lax.bitcast_convert_type(((u & 0x80) << 8) | ((u & 0x7F) << 7), jnp.float16)
+    return jnp.where((u & 0x7F) == 0x7F, jnp.nan, half.astype(jnp.float32) * 256.0)
+  return jax.lax.bitcast_convert_type(bits, dtype)
+
+
 def _chunk_range(position: jax.Array, chunk: int,
                  sliding_window: int | None) -> tuple[jax.Array, jax.Array]:
   """``[lo, hi)``: the chunks that any block's queries see (empty when no block has a query)."""
@@ -146,7 +159,7 @@ def _gather_chunk(c, loop: _Loop):
     pool, pool_dtype = _gather_view(pool, c)
     x = pool[loop.layer][:, safe].reshape(shape + (head_dim,))
     if pool_dtype is not None:
-      x = jax.lax.bitcast_convert_type(x, pool_dtype)
+      x = _from_bits(x, pool_dtype)
     if scales is not None:
       scale = scales[loop.layer]
       x = quant.dequantize(x, scale[:, safe].reshape(shape) if scale.ndim else scale)
