@@ -92,22 +92,7 @@ def _ratio_rows(*, batch, tokens, repeats) -> list[Row]:
 
 
 def _decode_case(label, *, batch, tokens, dtype, page_size, repeats):
-  spec = jp.CacheSpec(num_layers=1, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
-                      page_size=page_size, num_pages=batch * tokens // page_size,
-                      max_seqs=batch, max_pages_per_seq=tokens // page_size, dtype=dtype)
-  rng = np.random.default_rng(0)
-  cache = jp.init_cache(spec)
-  cache = dataclasses.replace(cache, free_pages=jnp.asarray(  # pages in random order
-      rng.permutation(spec.num_pages).astype(np.int32)))
-  ids = jnp.arange(batch, dtype=jnp.int32)
-  cache, _, ok = jp.extend(cache, ids, jnp.full((batch,), tokens, jnp.int32),
-                           num_slots=batch * tokens)
-  assert bool(ok)
-  key = jax.random.split(jax.random.key(0), 3)
-  cache = dataclasses.replace(cache,
-                              k_pages=jax.random.normal(key[0], spec.pages_shape, dtype),
-                              v_pages=jax.random.normal(key[1], spec.pages_shape, dtype))
-  q = jax.random.normal(key[2], (batch, Q_HEADS, HEAD_DIM), dtype)
+  cache, q, ids = _paged_case(batch=batch, tokens=tokens, dtype=dtype, page_size=page_size)
   # The same tokens, contiguous: [B, Hkv, S, D] (and transposed K for the K^T variant).
   dense_k, dense_v = jax.vmap(lambda s: jp.gather_kv(cache, 0, s))(ids)  # [B, S, Hkv, D]
   dense_k, dense_v = (jnp.swapaxes(x, 1, 2) for x in (dense_k, dense_v))
