@@ -13,7 +13,8 @@ pages stay shared, and every sequence reads the very same K/V: attention over th
 bit-identical outputs.
 
 `resize` changes the pool's size: it grows the pool with free pages at its end (no page moves),
-or defragments and shrinks it when the live pages fit (else it refuses, changing nothing). The spec's derived sizes follow
+or shrinks it when the live pages fit, packing them as `defragment` would in one gather (else
+it refuses, changing nothing). The spec's derived sizes follow
 (``max_cached_blocks`` left at its default follows ``num_pages``; a default ``table_capacity``
 follows too, and the hash table is rebuilt). It changes array shapes, so it runs between steps,
 not inside a jitted loop: a server calls it to give memory back or to take more without a
@@ -87,9 +88,10 @@ def _move_pages(pool: jax.Array, src: jax.Array, dst: jax.Array, count: jax.Arra
   return jax.lax.fori_loop(0, (count + chunk - 1) // chunk, body, pool)
 
 
-def defragment_core(cache):
-  """`defragment` on a checked single-device cache: ``(cache, new_of_old int32[num_pages])``,
-  the page each old page id became. Traceable."""
+def _renamed(cache):
+  """``cache`` with every page reference renamed as `defragment` moves its pages (the pools
+  themselves not moved): ``(cache, new_of_old int32[num_pages], (src, dst, count))``, the
+  page each old page id becomes and `moves`. Traceable."""
   num_pages = cache.spec.num_pages
   src, dst, count = moves(cache)
   ids = jnp.arange(num_pages, dtype=jnp.int32)
@@ -97,7 +99,6 @@ def defragment_core(cache):
   new_of_old = ids.at[src].set(dst, mode="drop").at[dst].set(src, mode="drop")
   old_of_new = new_of_old  # a product of disjoint swaps is its own inverse
   rename = lambda x: jnp.where(x >= 0, new_of_old[jnp.clip(x, 0, num_pages - 1)], x)
-  moved = {name: _move_pages(pool, src, dst, count) for name, pool in pools(cache).items()}
   prefix = cache.prefix
   if prefix is not None:
     fields = {name: getattr(prefix, name)[old_of_new] for name in PAGE_FIELDS}
@@ -108,7 +109,15 @@ def defragment_core(cache):
       # The free pages are now the tail; the lowest is handed out first.
       free_pages=jnp.where(ids < cache.num_free, num_pages - 1 - ids, cache.free_pages),
       prefix=prefix)
-  return with_pools(cache, moved), new_of_old
+  return cache, new_of_old, (src, dst, count)
+
+
+def defragment_core(cache):
+  """`defragment` on a checked single-device cache: ``(cache, new_of_old int32[num_pages])``,
+  the page each old page id became. Traceable."""
+  renamed, new_of_old, (src, dst, count) = _renamed(cache)
+  moved = {name: _move_pages(pool, src, dst, count) for name, pool in pools(cache).items()}
+  return with_pools(renamed, moved), new_of_old
 
 
 _defragment_jit = jax.jit(defragment_core)
@@ -211,10 +220,11 @@ def resize_core(cache: PagedKVCache, num_pages: int) -> tuple[PagedKVCache, np.n
         f"first (e.g. CacheManager.gc()), or resize to at least {num_live}.")
   new_spec = resized_spec(spec, num_pages)
   if num_pages >= spec.num_pages:  # growing: no page moves, the new ones are free
-    packed, new_of_old = cache, np.arange(spec.num_pages, dtype=np.int32)
-  else:
-    packed, new_of_old = _defragment_jit(cache)
-  new, ok = _resize_jit(packed, new_spec)
+    renamed, new_of_old = cache, jnp.arange(spec.num_pages, dtype=jnp.int32)
+  else:  # the references renamed here; the pools are gathered once, into the smaller ones
+    renamed, new_of_old = _renamed_jit(_without_pools(cache))
+    renamed = with_pools(renamed, pools(cache))
+  new, ok = _resize_jit(renamed, new_of_old, new_spec)
   if not bool(ok):
     raise JaxPagedError(
         f"resize: the hash table of {new_spec.table_capacity} slots could not hold every cached "
@@ -222,11 +232,19 @@ def resize_core(cache: PagedKVCache, num_pages: int) -> tuple[PagedKVCache, np.n
   return new, np.asarray(new_of_old)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _resize_jit(cache, spec):
+_renamed_jit = jax.jit(lambda cache: _renamed(cache)[:2])
+
+
+def _without_pools(cache):
+  """``cache`` without its pools (None): what `_renamed` reads and changes."""
+  return dataclasses.replace(cache, **{name: None for name in pools(cache)})
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _resize_jit(cache, old_of_new, spec):
   """``cache`` moved into a pool of ``spec.num_pages`` pages: a larger one (the new pages free,
-  handed out after the old free ones), or a smaller one when ``cache`` is defragmented and its
-  live pages fit: ``(cache, ok)``, ``ok`` False if the rebuilt hash table could not take every cached
+  handed out after the old free ones), or a smaller one when ``cache``'s references are
+  `_renamed` (pages still at ``old_of_new[page]``) and its live pages fit: ``(cache, ok)``, ``ok`` False if the rebuilt hash table could not take every cached
   block."""
   old, new = cache.spec.num_pages, spec.num_pages
   keep = min(old, new)
@@ -239,7 +257,7 @@ def _resize_jit(cache, spec):
   def pool_of(pool):  # one pass over the new pool (a zero-fill then a copy would be two)
     if new >= old:
       return jnp.pad(pool, [(0, new - old) if axis == 2 else (0, 0) for axis in range(pool.ndim)])
-    return pool[:, :, :new]
+    return jnp.take(pool, old_of_new[:new], axis=2)  # the live pages, packed: one gather
 
   moved = {name: pool_of(pool) for name, pool in pools(cache).items()}
   num_live = old - cache.num_free

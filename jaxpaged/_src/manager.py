@@ -587,9 +587,10 @@ class CacheManager(RetentionMixin, ManagerCore):
     >>> manager.defragment()
     {'pages_moved': 1, 'live_pages': 1}
     """
-    moved = int(defrag.moves(self.cache)[2])
     self._cache, new_of_old = steps.defragment_step(self.cache)
-    self.retention.rename_pages(np.asarray(new_of_old))
+    new_of_old = np.asarray(new_of_old)
+    moved = int(np.sum(new_of_old != np.arange(new_of_old.size))) // 2  # each move is a swap
+    self.retention.rename_pages(new_of_old)
     self._update_pressure()
     return dict(pages_moved=moved, live_pages=self.spec.num_pages - int(self.cache.num_free))
 
